@@ -1,0 +1,32 @@
+"""Builds the compiled core; everything else is declared in pyproject.toml."""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+# CAF_SHARING_DEBUG=1 keeps bounds checks and line tracing for profiling.
+debug = os.environ.get("CAF_SHARING_DEBUG") == "1"
+
+extensions = [
+    Extension(
+        "caf_sharing._fastmap",
+        ["src/caf_sharing/_fastmap.pyx"],
+        extra_compile_args=["-O3"] if not debug else ["-O0", "-g"],
+        define_macros=[("CYTHON_TRACE", "1")] if debug else [],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level="3",
+        compiler_directives={
+            "boundscheck": debug,
+            "wraparound": debug,
+            "cdivision": True,
+            "embedsignature": True,
+            "linetrace": debug,
+        },
+    )
+)

@@ -1,0 +1,137 @@
+"""The storage backend contract every implementation honours.
+
+A backend persists maps, actor checkpoints and actor leases, and propagates
+change sets to subscribers. The sharing service is its only caller. All data
+crossing this boundary is plain JSON data: change sets and dumps use the wire
+format of :mod:`caf_sharing._fastmap` (``{"version", "remove", "add"}``).
+
+Semantics every backend must keep (the contract tests check them on each one):
+
+* ``commit`` is atomic: either the checkpoint, every map write and every map
+  creation of the transaction are stored and each change set is published on
+  its map's channel, or nothing is stored or published.
+* ``commit`` is fenced: it fails with :class:`LeaseLostError` unless
+  ``tx.node_id`` holds the lease of ``tx.actor``. A lease that vanished (the
+  backend lost its data) is taken back only when the stored checkpoint is
+  absent or carries ``tx.prev_txid``, so nobody else can have written since.
+* ``commit`` is idempotent by ``tx.txid``: when the stored checkpoint already
+  carries ``tx.txid`` the call stores nothing and returns ``False``.
+* Versions are integers compared as numbers. A write whose change set version
+  differs from the stored map version fails with
+  :class:`ConcurrentUpdateError`; a written map absent from the store fails
+  with :class:`MapMissingError` unless the write carries ``full`` (a dump of
+  the map after the write), which then re-creates it.
+* Handlers passed to ``subscribe`` receive the raw bytes published on the
+  map's channel (orjson-encoded change sets), are called from the event loop
+  and never from inside the ``commit`` call that published them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "Backend",
+    "ChangeSet",
+    "Checkpoint",
+    "MapCreate",
+    "MapWrite",
+    "MessageHandler",
+    "ReconnectListener",
+    "Transaction",
+]
+
+ChangeSet = dict[str, Any]
+"""``{"version": int, "remove": [key, ...], "add": [k1, v1, ...]}``."""
+
+Checkpoint = dict[str, Any]
+"""What an actor stores at each commit: ``{"txid", "state", "maps"}``."""
+
+MessageHandler = Callable[[bytes], None]
+ReconnectListener = Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
+class MapWrite:
+    """One map changed by a transaction."""
+
+    name: str
+    changes: ChangeSet
+    #: Dump of the map after ``changes``; lets the write re-create a map the
+    #: backend lost. ``None`` on the first attempt.
+    full: ChangeSet | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MapCreate:
+    """A map a transaction creates when absent (``add_writable_map``)."""
+
+    name: str
+    #: Dump to create it from (its initial value), or ``None`` for empty.
+    initial: ChangeSet | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """Everything one actor message makes durable, in one atomic step."""
+
+    actor: str
+    node_id: str
+    txid: str
+    prev_txid: str | None
+    checkpoint: Checkpoint
+    writes: Sequence[MapWrite] = field(default_factory=tuple)
+    creates: Sequence[MapCreate] = field(default_factory=tuple)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Async storage and propagation for maps, checkpoints and leases."""
+
+    #: The backend URL with any password removed, safe to log.
+    url: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create_map(self, name: str, initial: ChangeSet | None = None) -> ChangeSet:
+        """Create ``name`` from ``initial`` unless it exists; return its dump."""
+        ...
+
+    async def read_map(self, name: str) -> ChangeSet | None:
+        """The dump of ``name``, or ``None`` when it does not exist."""
+        ...
+
+    async def delete_map(self, name: str) -> bool:
+        """Delete ``name``; ``True`` if it existed."""
+        ...
+
+    async def subscribe(self, name: str, handler: MessageHandler) -> None:
+        """Deliver every change set later published on ``name`` to ``handler``."""
+        ...
+
+    async def unsubscribe(self, name: str, handler: MessageHandler) -> None: ...
+
+    def add_reconnect_listener(self, listener: ReconnectListener) -> None:
+        """Call ``listener`` after the subscription channel was lost and is back
+        (messages may have been missed in between)."""
+        ...
+
+    async def acquire_lease(self, actor: str, node_id: str, ttl: float) -> None:
+        """Take or extend the lease; :class:`LeaseHeldError` if another node has it."""
+        ...
+
+    async def renew_leases(self, actors: Sequence[str], node_id: str, ttl: float) -> list[str]:
+        """Extend the leases ``node_id`` holds; return the actors it no longer holds."""
+        ...
+
+    async def release_lease(self, actor: str, node_id: str) -> None: ...
+
+    async def load_checkpoint(self, actor: str) -> Checkpoint | None: ...
+
+    async def commit(self, tx: Transaction) -> bool:
+        """Apply ``tx`` atomically; ``False`` if ``tx.txid`` was already committed."""
+        ...

@@ -1,0 +1,160 @@
+"""Every error caf-sharing raises on purpose.
+
+All derive from :class:`SharingError`. Errors about bad input also derive from
+the matching builtin (``TypeError``/``ValueError``/``KeyError``) so that code
+written against plain Python containers keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "SharingError",
+    "ReadOnlyError",
+    "PrepareRequiredError",
+    "ConcurrentUpdateError",
+    "MissedUpdateError",
+    "InvalidChangeSetError",
+    "NoExecError",
+    "UnknownMethodError",
+    "MethodError",
+    "InvalidNameError",
+    "BackendError",
+    "BackendUnavailableError",
+    "MapNotFoundError",
+    "MapMissingError",
+    "LeaseHeldError",
+    "LeaseLostError",
+    "ActorError",
+    "UnknownActorMethodError",
+    "MailboxFullError",
+    "ActorStoppedError",
+    "ConfigError",
+]
+
+
+class SharingError(Exception):
+    """Base class of every error raised on purpose by caf-sharing."""
+
+
+class ReadOnlyError(SharingError):
+    """A write through a read-only (or already prepared) map reference."""
+
+
+class PrepareRequiredError(SharingError):
+    """``commit`` of a reference that was not prepared or has no changes."""
+
+
+class ConcurrentUpdateError(SharingError):
+    """The map moved past the version a reference (or change set) was based on."""
+
+    def __init__(self, message: str, *, name: str | None = None,
+                 expected: int | None = None, current: int | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.expected = expected
+        self.current = current
+
+
+class MissedUpdateError(SharingError):
+    """A change set is newer than the map: at least one update was missed."""
+
+    def __init__(self, message: str, *, version: int, current: int) -> None:
+        super().__init__(message)
+        self.version = version
+        self.current = current
+
+
+class InvalidChangeSetError(SharingError, ValueError):
+    """A change set (or wire message) that does not have the documented shape."""
+
+
+class NoExecError(SharingError):
+    """``apply_method`` on a map whose serialized methods are disabled."""
+
+
+class UnknownMethodError(SharingError, KeyError):
+    """``apply_method`` with a name that holds no serialized method."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MethodError(SharingError):
+    """A serialized method failed to compile or raised while running."""
+
+    def __init__(self, message: str, *, method: str) -> None:
+        super().__init__(message)
+        self.method = method
+
+
+class InvalidNameError(SharingError, ValueError):
+    """An actor, map or alias name that breaks the naming rules."""
+
+
+class BackendError(SharingError):
+    """Base class of errors reported by a storage backend."""
+
+
+class BackendUnavailableError(BackendError):
+    """The backend could not be reached after the configured retries."""
+
+
+class MapNotFoundError(BackendError, KeyError):
+    """A map that does not exist in the backend."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"map {name!r} does not exist")
+        self.name = name
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class MapMissingError(BackendError):
+    """A commit found written maps absent from the backend (it lost its data)."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"maps missing from the backend: {', '.join(names)}")
+        self.names = names
+
+
+class LeaseHeldError(BackendError):
+    """Another node holds the lease of an actor."""
+
+    def __init__(self, actor: str, holder: str | None) -> None:
+        super().__init__(f"actor {actor!r} is leased by node {holder!r}")
+        self.actor = actor
+        self.holder = holder
+
+
+class LeaseLostError(BackendError):
+    """This node no longer holds the lease of an actor: its writes are fenced off."""
+
+    def __init__(self, actor: str, node_id: str, holder: Any = None) -> None:
+        super().__init__(
+            f"node {node_id!r} lost the lease of actor {actor!r} (held by {holder!r})")
+        self.actor = actor
+        self.node_id = node_id
+        self.holder = holder
+
+
+class ActorError(SharingError):
+    """Base class of errors about hosting or calling actors."""
+
+
+class UnknownActorMethodError(ActorError, AttributeError):
+    """A call to a method the actor does not expose."""
+
+
+class MailboxFullError(ActorError):
+    """The actor's mailbox is at its bound; the message was not queued."""
+
+
+class ActorStoppedError(ActorError):
+    """The actor was stopped (or lost its lease) before the message ran."""
+
+
+class ConfigError(SharingError, ValueError):
+    """A configuration file or option that is missing, unknown or mistyped."""
