@@ -16,6 +16,9 @@ __all__ = [
     "ConcurrentUpdateError",
     "MissedUpdateError",
     "InvalidChangeSetError",
+    "InvalidTypeError",
+    "InvalidValueError",
+    "ChannelError",
     "NoExecError",
     "UnknownMethodError",
     "MethodError",
@@ -68,6 +71,20 @@ class MissedUpdateError(SharingError):
 
 class InvalidChangeSetError(SharingError, ValueError):
     """A change set (or wire message) that does not have the documented shape."""
+
+
+class InvalidTypeError(SharingError, TypeError):
+    """A key or value of a type a SharedMap cannot hold (the message names the
+    key and the path inside the value)."""
+
+
+class InvalidValueError(SharingError, ValueError):
+    """A key or value of an accepted type but not an accepted value: NaN or
+    infinity, an int outside 64 bits, nesting too deep, the reserved key."""
+
+
+class ChannelError(SharingError, ValueError):
+    """A reliable channel whose messages or acks are inconsistent."""
 
 
 class NoExecError(SharingError):

@@ -82,6 +82,8 @@ class Transaction:
     txid: str
     prev_txid: str | None
     checkpoint: Checkpoint
+    #: Seconds a lease taken back by this commit lasts (see ``commit``).
+    lease_ttl: float
     writes: Sequence[MapWrite] = field(default_factory=tuple)
     creates: Sequence[MapCreate] = field(default_factory=tuple)
 
