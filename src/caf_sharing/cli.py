@@ -1,0 +1,188 @@
+"""The ``caf-sharing`` command: ``demo``, ``inspect`` and ``watch``.
+
+Errors the user can act on (an unreachable backend, a map that does not
+exist, a bad option) print as one line on stderr with exit status 2; a demo
+that observed a violated guarantee exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from .backends import make_backend
+from .errors import MapNotFoundError, SharingError
+
+__all__ = ["main"]
+
+DEFAULT_BACKEND = "memory://"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caf-sharing",
+        description="Sharing Actors: replicated, versioned, single-writer maps.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="run the hello-world scenario and check the guarantees",
+        description="An admin actor increments a counter in its map; reader actors on "
+                    "another node replicate it. Prints propagation latency and checks "
+                    "monotonic reads, readers isolation and convergence.")
+    demo.add_argument("--backend", default=DEFAULT_BACKEND,
+                      help="backend URL (default: %(default)s, in-process, no server)")
+    demo.add_argument("--readers", type=_positive, default=4, help="reader actors (default 4)")
+    demo.add_argument("--commits", type=_positive, default=200,
+                      help="counter increments (default 200)")
+    demo.add_argument("--processes", type=_non_negative, default=0,
+                      help="run the readers in K child processes (needs redis://)")
+    demo.add_argument("--app", default=None, help="application namespace (default: random)")
+    demo.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds before giving up (default 60)")
+
+    inspect = sub.add_parser("inspect", help="print a map's version and contents",
+                             description="Print a map's version and contents as JSON.")
+    inspect.add_argument("name", help="full map name, owner-local-map")
+    _backend_args(inspect)
+
+    watch = sub.add_parser("watch", help="stream a map's change sets as they arrive",
+                           description="Print the map's version, then each change set "
+                                       "published for it, one JSON object a line.")
+    watch.add_argument("name", help="full map name, owner-local-map")
+    _backend_args(watch)
+    watch.add_argument("--count", type=_positive, default=None,
+                       help="stop after N change sets")
+    watch.add_argument("--timeout", type=float, default=None, help="stop after S seconds")
+
+    reader = sub.add_parser("_demo-reader")  # internal: a --processes child
+    reader.add_argument("--backend", required=True)
+    reader.add_argument("--app", required=True)
+    reader.add_argument("--last-version", type=int, required=True)
+    reader.add_argument("--timeout", type=float, required=True)
+    reader.add_argument("names", nargs="+")
+    return parser
+
+
+def _backend_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", required=True, help="backend URL, e.g. redis://host:6379/0")
+    parser.add_argument("--app", default="default", help="application namespace "
+                                                         "(default: %(default)s)")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _progress(done: int, total: int) -> None:
+    if sys.stderr.isatty():
+        width = 30
+        filled = width * done // total
+        sys.stderr.write(f"\rcommits [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done == total:
+            sys.stderr.write("\n")
+    elif done == total or done % max(1, total // 4) == 0:
+        sys.stderr.write(f"commits {done}/{total}\n")
+    sys.stderr.flush()
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    print(f"caf-sharing demo: 1 admin, {args.readers} readers, {args.commits} commits on "
+          f"{make_backend(args.backend).url}"
+          + (f", readers in {args.processes} processes" if args.processes else ""),
+          file=sys.stderr)
+    result = await run_demo(args.backend, readers=args.readers, commits=args.commits,
+                            processes=args.processes, app=args.app, timeout=args.timeout,
+                            progress=_progress)
+    print(result.table())
+    return 0 if result.ok else 1
+
+
+async def _inspect(args: argparse.Namespace) -> int:
+    backend = make_backend(args.backend, app=args.app)
+    await backend.start()
+    try:
+        dump = await backend.read_map(args.name)
+    finally:
+        await backend.close()
+    if dump is None:
+        raise MapNotFoundError(args.name)
+    add = dump["add"]
+    contents = {add[i]: add[i + 1] for i in range(0, len(add), 2)}
+    version = contents.pop("__ca_version__", 0)
+    print(json.dumps({"name": args.name, "version": version, "contents": contents},
+                     indent=2, sort_keys=True))
+    return 0
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    backend = make_backend(args.backend, app=args.app)
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    await backend.start()
+    try:
+        await backend.subscribe(args.name, queue.put_nowait)
+        dump = await backend.read_map(args.name)
+        if dump is None:
+            raise MapNotFoundError(args.name)
+        add = dump["add"]
+        version = next((add[i + 1] for i in range(0, len(add), 2)
+                        if add[i] == "__ca_version__"), 0)
+        print(json.dumps({"name": args.name, "version": version}), flush=True)
+        seen = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(args.timeout):
+                while args.count is None or seen < args.count:
+                    data = await queue.get()
+                    try:
+                        changes: Any = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        changes = {"malformed": data.decode("utf-8", "replace")}
+                    print(orjson.dumps(changes).decode(), flush=True)
+                    seen += 1
+    finally:
+        await backend.close()
+    return 0
+
+
+async def _reader(args: argparse.Namespace) -> int:
+    from .demo import run_reader_process
+
+    await run_reader_process(args.backend, args.app, args.names, args.last_version,
+                             args.timeout, sys.stdout)
+    return 0
+
+
+_COMMANDS = {"demo": _demo, "inspect": _inspect, "watch": _watch, "_demo-reader": _reader}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return asyncio.run(_COMMANDS[args.command](args))
+    except KeyboardInterrupt:
+        return 130
+    except (SharingError, ValueError, OSError) as exc:
+        print(f"caf-sharing {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

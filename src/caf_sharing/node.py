@@ -1,0 +1,430 @@
+"""Node: hosts Sharing Actors on one backend, one message at a time each.
+
+Every message an actor processes is a transaction (DESIGN.md section 6):
+
+1. *begin* — fresh snapshots of every map the actor uses (fairness);
+2. the actor's method runs, reading and writing ``self.sharing.maps`` and
+   ``self.state``; snapshots stay fixed across its ``await``\\ s (isolation);
+3. *prepare* — the change set of each written map;
+4. *commit* — one backend call, fenced by the actor's lease and idempotent
+   by transaction id, stores the checkpoint and the change sets and
+   publishes them; then the local primaries advance and the caller gets the
+   reply.
+
+An exception before the commit aborts: ``self.state`` and the maps stay as
+they were and the caller gets the exception. A commit whose outcome is
+unknown (the backend went away mid-call) makes the actor reload its
+checkpoint and maps before its next message, so it never works from a state
+the backend may have moved past.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import orjson
+
+from .backends import make_backend
+from .backends.base import Backend
+from .errors import (
+    ActorError,
+    ActorStoppedError,
+    BackendError,
+    ConcurrentUpdateError,
+    InvalidTypeError,
+    LeaseLostError,
+    MailboxFullError,
+    SharingError,
+    UnknownActorMethodError,
+)
+from .names import check_actor_name
+from .plug import ActorSharing
+from .proxy import SharingProxy
+from .service import SharingService
+
+__all__ = ["Actor", "ActorHandle", "Node"]
+
+A = TypeVar("A", bound="Actor")
+
+_LIFECYCLE = frozenset({"init", "resume"})
+
+
+class Actor:
+    """Base class of a Sharing Actor.
+
+    Public ``async def`` methods are the messages it accepts; ``init`` runs
+    once, at its first start, and ``resume`` after every restart from a
+    checkpoint. The node sets these attributes before either runs:
+
+    * ``name`` — ``owner-local``;
+    * ``state`` — a dict of JSON data, checkpointed with every commit;
+    * ``sharing`` — the :class:`~caf_sharing.proxy.SharingProxy`;
+    * ``log`` — a logger named after the actor.
+
+    Subclasses that define ``__init__`` must accept no arguments.
+    """
+
+    name: str
+    state: dict[str, Any]
+    sharing: SharingProxy
+    log: logging.Logger
+
+    async def init(self) -> None:
+        """First start only: register maps, set up ``state``."""
+
+    async def resume(self) -> None:
+        """After a restart: ``state`` and the maps are back from the checkpoint."""
+
+
+class ActorHandle:
+    """What ``Node.start`` returns: a way to send messages to one actor."""
+
+    __slots__ = ("_host",)
+
+    def __init__(self, host: _Host) -> None:
+        self._host = host
+
+    @property
+    def name(self) -> str:
+        return self._host.name
+
+    @property
+    def actor(self) -> Actor:
+        """The actor instance (for inspection; send it messages with ``call``)."""
+        return self._host.actor
+
+    @property
+    def running(self) -> bool:
+        return not self._host.stopping
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run one message; return what the method returned or raise what it raised."""
+        return await self._host.submit(method, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<ActorHandle {self.name}{'' if self.running else ' stopped'}>"
+
+
+_Message = tuple[Callable[[], Coroutine[Any, Any, Any]], "asyncio.Future[Any]"]
+
+
+class _Host:
+    """One hosted actor: its mailbox, its worker task and its transaction state."""
+
+    def __init__(self, node: Node, name: str, actor: Actor) -> None:
+        self.node = node
+        self.name = name
+        self.actor = actor
+        self.plug = ActorSharing(node.service, name, logger=actor.log)
+        self.mailbox: asyncio.Queue[_Message | None] = asyncio.Queue(node.mailbox_size)
+        self.txid: str | None = None
+        self.state_bytes = b"{}"
+        self.needs_reload = False
+        self.stopping = False
+        self.worker: asyncio.Task[None] | None = None
+
+    # -- messages ------------------------------------------------------------
+
+    def _method(self, method: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+        if not isinstance(method, str) or method.startswith("_") or method in _LIFECYCLE:
+            raise UnknownActorMethodError(
+                f"{method!r} is not a message of actor {self.name!r} "
+                "(names starting with '_' and init/resume cannot be called)")
+        func = getattr(self.actor, method, None)
+        if func is None or not inspect.iscoroutinefunction(func):
+            raise UnknownActorMethodError(
+                f"actor {self.name!r} ({type(self.actor).__name__}) has no async method "
+                f"{method!r}")
+        return func  # type: ignore[no-any-return]
+
+    async def submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.stopping:
+            raise ActorStoppedError(f"actor {self.name!r} is stopped")
+        func = self._method(method)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        try:
+            self.mailbox.put_nowait((lambda: func(*args, **kwargs), future))
+        except asyncio.QueueFull:
+            raise MailboxFullError(
+                f"mailbox of actor {self.name!r} is full ({self.node.mailbox_size} messages)"
+            ) from None
+        return await future
+
+    async def run(self) -> None:
+        while True:
+            item = await self.mailbox.get()
+            if item is None:
+                return
+            body, future = item
+            if future.cancelled():
+                continue
+            try:
+                result = await self.transaction(body)
+            except asyncio.CancelledError:
+                future.cancel()
+                raise
+            except BaseException as exc:  # handed to the caller, whatever it is
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                if not future.done():
+                    future.set_result(result)
+
+    # -- the transaction -------------------------------------------------------
+
+    async def transaction(self, body: Callable[[], Coroutine[Any, Any, Any]], *,
+                          force: bool = False) -> Any:
+        if self.needs_reload:
+            await self.reload()
+        await self.plug.begin()
+        try:
+            result = await body()
+            state = self.actor.state
+            if not isinstance(state, dict):
+                raise InvalidTypeError(
+                    f"state of actor {self.name!r} must be a dict, got {type(state).__name__}")
+            try:
+                state_bytes = orjson.dumps(state)
+            except TypeError as exc:
+                raise InvalidTypeError(
+                    f"state of actor {self.name!r} is not JSON data: {exc}") from None
+            prepared = await self.plug.prepare()
+            if not force and prepared.is_empty and state_bytes == self.state_bytes:
+                await self.plug.committed()
+                return result
+            txid = uuid.uuid4().hex
+            checkpoint = {"txid": txid, "state": orjson.loads(state_bytes),
+                          "maps": prepared.maps}
+            await self.commit(txid, checkpoint, prepared.refs, prepared.creates)
+        except BaseException:
+            self.actor.state = orjson.loads(self.state_bytes)
+            await self.plug.abort()
+            raise
+        self.state_bytes = state_bytes
+        self.txid = txid
+        await self.plug.committed()
+        return result
+
+    async def commit(self, txid: str, checkpoint: dict[str, Any], refs: Any,
+                     creates: Any) -> None:
+        node = self.node
+        try:
+            await node.service.commit(
+                actor=self.name, node_id=node.node_id, txid=txid, prev_txid=self.txid,
+                checkpoint=checkpoint, lease_ttl=node.lease_ttl, refs=refs, creates=creates)
+        except LeaseLostError:
+            self.node._lost(self.name)
+            raise
+        except (BackendError, ConcurrentUpdateError):
+            # The backend may hold this commit (or a newer state) after all.
+            self.needs_reload = True
+            raise
+
+    async def reload(self) -> None:
+        """Take state, registrations and primaries back from the backend."""
+        checkpoint = await self.node.service.load_checkpoint(self.name)
+        await self.plug.close()
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        await self.plug.reload()
+        self.needs_reload = False
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state")
+        if not isinstance(state, dict):
+            raise SharingError(f"checkpoint of actor {self.name!r} has no state dict")
+        self.plug.restore(checkpoint.get("maps") or {})
+        self.state_bytes = orjson.dumps(state)
+        self.actor.state = state
+        txid = checkpoint.get("txid")
+        self.txid = txid if isinstance(txid, str) else None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        checkpoint = await self.node.service.load_checkpoint(self.name)
+        if checkpoint is None:
+            self.actor.state = {}
+            await self.transaction(self.actor.init, force=True)
+        else:
+            self.restore(checkpoint)
+            await self.transaction(self.actor.resume)
+        self.worker = asyncio.get_running_loop().create_task(
+            self.run(), name=f"caf-sharing actor {self.name}")
+
+    async def stop(self) -> None:
+        """Finish the queued messages, then let go of the maps."""
+        self.stopping = True
+        if self.worker is not None and not self.worker.done():
+            await self.mailbox.put(None)
+        await self.finish()
+
+    async def finish(self) -> None:
+        if self.worker is not None:
+            await self.worker
+        await self.plug.close()
+
+    def kill(self) -> None:
+        """Stop at once (the lease is gone): queued messages fail."""
+        self.stopping = True
+        while not self.mailbox.empty():
+            item = self.mailbox.get_nowait()
+            if item is not None and not item[1].done():
+                item[1].set_exception(ActorStoppedError(
+                    f"actor {self.name!r} stopped: node {self.node.node_id!r} lost its lease"))
+        self.mailbox.put_nowait(None)
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class Node:
+    """Hosts actors on one backend (``memory://`` by default).
+
+    ::
+
+        async with Node("memory://") as node:
+            admin = await node.start(Hello, "alice-admin")
+            await admin.call("increment")
+
+    ``lease_ttl`` (seconds) bounds how long a crashed node keeps its actors
+    from starting elsewhere; leases renew every third of it. Backend options
+    (``coalescing_interval``, ``max_pending_updates``, ``max_retries``,
+    ``retry_delay``, ``password``...) pass through to :func:`make_backend`.
+    """
+
+    def __init__(self, url: str = "memory://", *, node_id: str | None = None,
+                 app: str = "default", lease_ttl: float = 10.0, mailbox_size: int = 1024,
+                 max_updates: int = 100, backend: Backend | None = None,
+                 logger: logging.Logger | None = None, **backend_options: Any) -> None:
+        if lease_ttl <= 0:
+            raise ValueError(f"lease_ttl must be > 0, got {lease_ttl!r}")
+        if mailbox_size < 1:
+            raise ValueError(f"mailbox_size must be >= 1, got {mailbox_size!r}")
+        self.node_id = node_id or _default_node_id()
+        self.app = app
+        self.lease_ttl = float(lease_ttl)
+        self.mailbox_size = mailbox_size
+        self.log = logger or logging.getLogger("caf_sharing.node")
+        self.backend = backend or make_backend(url, app=app, **backend_options)
+        self.service = SharingService(self.backend, max_updates=max_updates, logger=self.log)
+        self._hosts: dict[str, _Host] = {}
+        self._starting: set[str] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._open = False
+
+    async def __aenter__(self) -> Node:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Connect to the backend and start renewing leases."""
+        if self._open:
+            return
+        await self.backend.start()
+        self._open = True
+        self._renewer = asyncio.get_running_loop().create_task(
+            self._renew_leases(), name=f"caf-sharing leases {self.node_id}")
+
+    async def close(self) -> None:
+        """Stop every actor (finishing queued messages), release leases, disconnect."""
+        if not self._open:
+            return
+        for name in list(self._hosts):
+            await self.stop(name)
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        await asyncio.gather(*self._finishing, return_exceptions=True)
+        await self.service.close()
+        await self.backend.close()
+        self._open = False
+
+    async def start(self, actor_class: type[A], name: str) -> ActorHandle:
+        """Create ``name`` (running ``init``) or resume it from its checkpoint
+        (running ``resume``); the node takes the actor's lease first."""
+        if not self._open:
+            raise ActorError("node is not open: use 'async with Node(...)' or await node.open()")
+        check_actor_name(name)
+        if not (isinstance(actor_class, type) and issubclass(actor_class, Actor)):
+            raise ActorError(f"{actor_class!r} is not a subclass of caf_sharing.Actor")
+        if name in self._hosts or name in self._starting:
+            raise ActorError(f"actor {name!r} already runs on node {self.node_id!r}")
+        self._starting.add(name)
+        try:
+            await self.service.acquire_lease(name, self.node_id, self.lease_ttl)
+            actor = actor_class()
+            actor.name = name
+            actor.log = logging.getLogger(f"caf_sharing.actor.{name}")
+            host = _Host(self, name, actor)
+            actor.sharing = SharingProxy(host.plug)
+            try:
+                await host.start()
+            except BaseException:
+                await host.plug.close()
+                with contextlib.suppress(SharingError):
+                    await self.service.release_lease(name, self.node_id)
+                raise
+            self._hosts[name] = host
+        finally:
+            self._starting.discard(name)
+        return ActorHandle(host)
+
+    def actor(self, name: str) -> ActorHandle:
+        """The handle of a running actor."""
+        try:
+            return ActorHandle(self._hosts[name])
+        except KeyError:
+            raise ActorError(f"actor {name!r} does not run on node {self.node_id!r}") from None
+
+    @property
+    def actors(self) -> list[str]:
+        return list(self._hosts)
+
+    async def stop(self, name: str) -> None:
+        """Finish the actor's queued messages, release its maps and its lease."""
+        host = self._hosts.pop(name, None)
+        if host is None:
+            raise ActorError(f"actor {name!r} does not run on node {self.node_id!r}")
+        await host.stop()
+        try:
+            await self.service.release_lease(name, self.node_id)
+        except SharingError as exc:
+            self.log.warning("could not release the lease of %s: %s", name, exc)
+
+    def _lost(self, name: str) -> None:
+        host = self._hosts.pop(name, None)
+        if host is None:
+            return
+        self.log.error("node %s lost the lease of actor %s: stopping it", self.node_id, name)
+        host.kill()
+        self._finishing.add(asyncio.get_running_loop().create_task(host.finish()))
+
+    async def _renew_leases(self) -> None:
+        interval = self.lease_ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            names = list(self._hosts)
+            if not names:
+                continue
+            try:
+                lost = await self.service.renew_leases(names, self.node_id, self.lease_ttl)
+            except SharingError as exc:
+                self.log.warning("lease renewal failed (%s); retrying in %.1fs", exc, interval)
+                continue
+            for name in lost:
+                self._lost(name)

@@ -1,0 +1,311 @@
+"""ActorSharing: the transactional sharing plug of one actor.
+
+It keeps the actor's map registrations (alias -> map name and options) and,
+for each message, the snapshots the actor reads and writes:
+
+* ``begin`` takes a fresh ref of every map (fairness: the newest local
+  version) and assembles aggregates; those snapshots do not change until the
+  message ends (readers isolation), whatever replicas do meanwhile.
+* ``add_map`` / ``delete_map`` only record intent; ``prepare`` resolves it
+  (read-only maps are opened before anything is committed, so a missing map
+  fails the message cleanly) and computes the change set of every written map.
+* ``committed`` makes the registrations take effect; ``abort`` drops them
+  and any replica opened for them. Nothing reaches the backend from here: the
+  node hands what ``prepare`` returns to the sharing service's commit.
+
+The registrations are part of the actor's checkpoint (``maps``), so ``restore``
+plus the next ``begin`` reopens every map after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeAlias
+
+from ._fastmap import MapRef, SharedMap
+from .aggregate import AggregateMap, AggregateSnapshot
+from .backends.base import MapCreate
+from .errors import InvalidNameError, InvalidTypeError, SharingError
+from .names import SEPARATOR, check_map_name, check_part, map_owner
+from .service import SharingService
+
+__all__ = ["ActorSharing", "MapInfo", "PreparedSharing", "UnknownAliasError"]
+
+MapObject: TypeAlias = SharedMap | AggregateMap
+Snapshot: TypeAlias = MapRef | AggregateSnapshot
+
+
+class UnknownAliasError(SharingError, KeyError, AttributeError):
+    """``maps.<alias>`` for an alias the actor has not (yet) registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True, slots=True)
+class MapInfo:
+    """One registration: what ``alias`` refers to and how it was added."""
+
+    name: str
+    writable: bool
+    aggregate: bool = False
+    best_effort: bool = False
+    no_exec: bool = False
+    link_key: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, alias: str, data: object) -> MapInfo:
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            raise SharingError(f"checkpoint entry for map alias {alias!r} is malformed: {data!r}")
+        try:
+            info = cls(**data)
+        except TypeError as exc:
+            raise SharingError(
+                f"checkpoint entry for map alias {alias!r} is malformed: {exc}") from None
+        check_map_name(info.name)
+        return info
+
+
+@dataclass(slots=True)
+class PreparedSharing:
+    """What one message changed, ready for the service's commit."""
+
+    #: The registrations after this message, for the checkpoint.
+    maps: dict[str, dict[str, Any]]
+    #: Full map name -> prepared ref, for every map the message wrote.
+    refs: dict[str, MapRef] = field(default_factory=dict)
+    #: Writable maps this message registers, created in the backend if absent.
+    creates: list[MapCreate] = field(default_factory=list)
+    #: Whether the registrations differ from the committed ones.
+    registrations_changed: bool = False
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.refs and not self.creates and not self.registrations_changed
+
+
+@dataclass(slots=True)
+class _PendingAdd:
+    info: MapInfo
+    initial: dict[str, Any] | None
+
+
+class ActorSharing:
+    """Map registrations and per-message snapshots of one actor."""
+
+    def __init__(self, service: SharingService, actor: str, *,
+                 logger: logging.Logger | None = None) -> None:
+        self.actor = actor
+        self._service = service
+        self._log = logger or logging.getLogger("caf_sharing.plug")
+        self._info: dict[str, MapInfo] = {}
+        self._objects: dict[str, MapObject | None] = {}
+        self._refs: dict[str, Snapshot | None] = {}
+        self._pending: dict[str, _PendingAdd | None] = {}  # None marks a delete
+        self._staged: dict[str, MapObject | None] = {}
+
+    # -- what the proxy calls during a message -------------------------------
+
+    def full_name(self, name: str) -> str:
+        """``name`` under this actor: ``"x"`` -> ``"<actor>-x"``; a full name
+        must already start with the actor's name."""
+        if isinstance(name, str) and SEPARATOR in name:
+            check_map_name(name)
+            if map_owner(name) != self.actor:
+                raise InvalidNameError(
+                    f"map {name!r} belongs to actor {map_owner(name)!r}, not {self.actor!r}: "
+                    "an actor can only write its own maps")
+            return name
+        check_part(name, "map name")
+        return self.actor + SEPARATOR + name
+
+    def add_map(self, alias: str, info: MapInfo, initial: Mapping[str, Any] | None) -> None:
+        check_part(alias, "map alias")
+        if alias.startswith("_"):
+            raise InvalidNameError(f"map alias {alias!r} must not start with '_'")
+        current = self._pending[alias] if alias in self._pending else self._committed_add(alias)
+        if current is not None and current.info == info:
+            self._log.debug("alias %r already refers to %s: ignored", alias, info.name)
+            return
+        if current is not None:
+            raise InvalidNameError(
+                f"map alias {alias!r} already refers to {current.info.name!r}; "
+                "delete it first")
+        self._pending[alias] = _PendingAdd(info, _initial_dump(info.name, initial))
+
+    def _committed_add(self, alias: str) -> _PendingAdd | None:
+        info = self._info.get(alias)
+        return None if info is None else _PendingAdd(info, None)
+
+    def delete_map(self, alias: str) -> None:
+        known = alias in self._info or self._pending.get(alias) is not None
+        if not known:
+            raise UnknownAliasError(f"no map with alias {alias!r} to delete")
+        self._pending[alias] = None
+
+    def snapshot(self, alias: str) -> Snapshot | None:
+        """The snapshot ``alias`` refers to in the current message."""
+        try:
+            return self._refs[alias]
+        except KeyError:
+            pass
+        if self._pending.get(alias) is not None:
+            raise UnknownAliasError(
+                f"map alias {alias!r} is added when this message commits; "
+                "use it from the next message on")
+        known = ", ".join(sorted(self._refs)) or "none"
+        raise UnknownAliasError(f"no map with alias {alias!r} (aliases: {known})") from None
+
+    def read_only_ref(self, alias: str) -> MapRef:
+        """A read-only ref of the version ``alias`` had when the message began."""
+        snap = self.snapshot(alias)
+        if not isinstance(snap, MapRef):
+            raise SharingError(f"map alias {alias!r} is not a plain map")
+        info = self._info[alias]
+        if not info.writable:
+            return snap
+        shared = self._objects[alias]
+        assert isinstance(shared, SharedMap)
+        ref = shared.ref(read_only=True)
+        if ref.version != snap.version:  # pragma: no cover - single writer
+            raise SharingError(f"map {info.name!r} moved during the message")
+        return ref
+
+    @property
+    def aliases(self) -> list[str]:
+        return list(self._refs)
+
+    # -- transaction steps called by the node -------------------------------
+
+    async def begin(self) -> None:
+        self._pending.clear()
+        self._refs.clear()
+        for alias, info in self._info.items():
+            obj = self._objects.get(alias)
+            if obj is None:
+                obj = await self._open(info)
+                self._objects[alias] = obj
+            self._refs[alias] = await _snapshot(obj, info)
+
+    async def prepare(self) -> PreparedSharing:
+        """Resolve registrations and prepare the change sets of written maps."""
+        after = dict(self._info)
+        creates: list[MapCreate] = []
+        try:
+            for alias, pending in self._pending.items():
+                if pending is None:
+                    after.pop(alias, None)
+                    continue
+                after[alias] = pending.info
+                if pending.info.writable:
+                    creates.append(MapCreate(pending.info.name, pending.initial))
+                else:
+                    self._staged[alias] = await self._open(pending.info)
+        except BaseException:
+            await self.abort()
+            raise
+        refs: dict[str, MapRef] = {}
+        for alias, info in self._info.items():
+            ref = self._refs.get(alias)
+            if info.writable and isinstance(ref, MapRef) and ref.has_changed:
+                ref.prepare()
+                refs[info.name] = ref
+        return PreparedSharing(
+            maps={alias: info.to_json() for alias, info in after.items()},
+            refs=refs, creates=creates, registrations_changed=after != self._info)
+
+    async def committed(self) -> None:
+        """The message committed: registrations take effect."""
+        for alias, pending in self._pending.items():
+            old = self._objects.pop(alias, None)
+            old_info = self._info.pop(alias, None)
+            if old is not None and old_info is not None:
+                await self._release(old_info, old)
+            if pending is not None:
+                self._info[alias] = pending.info
+                staged = self._staged.pop(alias, None)
+                if staged is not None:
+                    self._objects[alias] = staged
+        self._pending.clear()
+        self._staged.clear()
+
+    async def abort(self) -> None:
+        """The message failed: forget its registrations and what they opened."""
+        pending, self._pending = self._pending, {}
+        staged, self._staged = self._staged, {}
+        for alias, obj in staged.items():
+            add = pending.get(alias)
+            if obj is not None and add is not None:
+                await self._release(add.info, obj)
+
+    def restore(self, maps: Mapping[str, Any]) -> None:
+        """Take registrations from a checkpoint; maps open at the next ``begin``."""
+        if not isinstance(maps, Mapping):
+            raise SharingError(f"checkpoint 'maps' is malformed: {maps!r}")
+        self._info = {alias: MapInfo.from_json(alias, data) for alias, data in maps.items()}
+        self._objects = {}
+
+    async def reload(self) -> None:
+        """Refresh every primary from the backend after a commit whose outcome
+        is unknown (a newer stored version wins; nothing rolls back)."""
+        for info in self._info.values():
+            if info.writable:
+                await self._service.refresh_primary(info.name)
+
+    async def close(self) -> None:
+        """Release every map this actor holds."""
+        await self.abort()
+        objects, self._objects = self._objects, {}
+        for alias, obj in objects.items():
+            info = self._info.get(alias)
+            if obj is not None and info is not None:
+                await self._release(info, obj)
+        self._refs.clear()
+
+    # -- helpers ---------------------------------------------------------------
+
+    async def _open(self, info: MapInfo) -> MapObject | None:
+        if info.writable:
+            return await self._service.primary(info.name)
+        if info.aggregate:
+            return await self._service.aggregate_of(info.name, link_key=info.link_key)
+        return await self._service.replica_of(
+            info.name, best_effort=info.best_effort, no_exec=info.no_exec)
+
+    async def _release(self, info: MapInfo, obj: MapObject) -> None:
+        if isinstance(obj, AggregateMap):
+            await self._service.release_aggregate(info.name, obj)
+        elif not info.writable:
+            await self._service.release_replica(info.name, obj)
+
+
+async def _snapshot(obj: MapObject | None, info: MapInfo) -> Snapshot | None:
+    if obj is None:
+        return None
+    if isinstance(obj, AggregateMap):
+        return await obj.assemble()
+    return obj.ref(read_only=not info.writable)
+
+
+def _initial_dump(name: str, initial: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Validate an initial value now (so a bad one fails at the call) and turn
+    it into the dump the backend creates the map from."""
+    if initial is None:
+        return None
+    if not isinstance(initial, Mapping):
+        raise InvalidTypeError(
+            f"initial value of map {name!r} must be a dict, got {type(initial).__name__}")
+    if not initial:
+        return None
+    shared = SharedMap()
+    ref = shared.ref()
+    for key, value in initial.items():
+        ref.set(key, value)
+    ref.prepare()
+    shared.commit(ref)
+    return dict(shared.ref(read_only=True).dump())

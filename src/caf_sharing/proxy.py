@@ -1,0 +1,165 @@
+"""SharingProxy: what actor code sees as ``self.sharing``.
+
+A thin, checked facade over the actor's :class:`~caf_sharing.plug.ActorSharing`:
+it validates arguments at the call (so a bad name or option fails where it was
+written) and hands out the snapshots of the current message through
+``maps.<alias>`` / ``maps[alias]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ._fastmap import FIRST_VERSION, FrozenDict, MapRef, SharedMap
+from .errors import InvalidChangeSetError, MissedUpdateError, SharingError
+from .names import check_map_name, check_part
+from .plug import ActorSharing, MapInfo
+
+__all__ = ["MapsView", "SharingProxy"]
+
+_VERSION_KEY = "__ca_version__"
+
+
+class MapsView:
+    """The current message's snapshots by alias: ``maps.admin`` or ``maps["admin"]``.
+
+    A best-effort read-only map that is not available yet reads as ``None``.
+    """
+
+    __slots__ = ("_plug",)
+
+    def __init__(self, plug: ActorSharing) -> None:
+        self._plug = plug
+
+    # Typed Any, not the union: actor code knows which kind each alias is.
+    def __getattr__(self, alias: str) -> Any:
+        if alias.startswith("__"):
+            raise AttributeError(alias)
+        return self._plug.snapshot(alias)
+
+    def __getitem__(self, alias: str) -> Any:
+        return self._plug.snapshot(alias)
+
+    def __contains__(self, alias: object) -> bool:
+        return alias in self._plug.aliases
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._plug.aliases)
+
+    def __len__(self) -> int:
+        return len(self._plug.aliases)
+
+    def __dir__(self) -> list[str]:
+        return self._plug.aliases
+
+    def __repr__(self) -> str:
+        return f"<maps {', '.join(self._plug.aliases) or '(none)'}>"
+
+
+class SharingProxy:
+    """The sharing API of one actor (``self.sharing``)."""
+
+    __slots__ = ("_plug", "maps")
+
+    def __init__(self, plug: ActorSharing) -> None:
+        self._plug = plug
+        self.maps = MapsView(plug)
+
+    def add_writable_map(self, alias: str, name: str, *,
+                         initial_value: Mapping[str, Any] | None = None,
+                         aggregate: bool = False) -> None:
+        """Register a map this actor owns and writes; effective at commit.
+
+        ``name`` is relative (``"x"`` -> ``"<actor>-x"``) or a full name under
+        this actor. The map is created with ``initial_value`` if it does not
+        exist yet.
+        """
+        if aggregate:
+            raise SharingError(f"aggregate map alias {alias!r} cannot be writable")
+        full = self._plug.full_name(name)
+        self._plug.add_map(alias, MapInfo(full, writable=True), initial_value)
+
+    def add_read_only_map(self, alias: str, full_name: str, *, aggregate: bool = False,
+                          best_effort: bool = False, no_exec: bool = False,
+                          link_key: str | None = None,
+                          initial_value: Mapping[str, Any] | None = None) -> None:
+        """Register a replica of any map (or an aggregate rooted at it); effective
+        at commit. Without ``best_effort`` a map that does not exist fails the
+        message."""
+        if initial_value is not None:
+            raise SharingError(f"read-only map alias {alias!r} cannot have an initial value")
+        check_map_name(full_name)
+        if link_key is not None and not aggregate:
+            raise SharingError(f"link_key is only for aggregates (alias {alias!r})")
+        if link_key is not None:
+            check_part(link_key, "link key")
+        info = MapInfo(full_name, writable=False, aggregate=aggregate,
+                       best_effort=best_effort, no_exec=no_exec, link_key=link_key)
+        self._plug.add_map(alias, info, None)
+
+    def delete_map(self, alias: str) -> None:
+        """Unregister ``alias``; effective at commit."""
+        self._plug.delete_map(alias)
+
+    def full_name(self, name: str) -> str:
+        """The full name of this actor's map ``name``."""
+        return self._plug.full_name(name)
+
+    def pull_update(self, alias: str,
+                    version: int | None = None) -> list[FrozenDict] | FrozenDict:
+        """What a remote client at ``version`` needs to catch up with ``alias``:
+        the change sets since then, or a full dump when they are not kept
+        (or ``version`` is None)."""
+        ref = self._plug.read_only_ref(alias)
+        if version is not None:
+            if isinstance(version, bool) or not isinstance(version, int):
+                raise InvalidChangeSetError(f"version must be an int, got {version!r}")
+            updates = ref.updates_slice(version)
+            if updates is not None:
+                return updates
+        return ref.dump()
+
+    def apply_delta(self, alias: str, changes: Mapping[str, Any]) -> None:
+        """Replay an external change set into the writable map ``alias``.
+
+        Same rules as ``SharedMap.apply_changes``: an older change set is
+        ignored, a newer one raises :class:`MissedUpdateError`.
+        """
+        ref = self._plug.snapshot(alias)
+        if not isinstance(ref, MapRef) or ref.is_read_only:
+            raise SharingError(f"map alias {alias!r} is not writable")
+        version, remove, add = _check_delta(changes)
+        if version > ref.version:
+            raise MissedUpdateError(
+                f"change set for version {version} but map alias {alias!r} is at "
+                f"{ref.version}: missed update", version=version, current=ref.version)
+        if version < ref.version:
+            return
+        # Freeze every value in a scratch ref first, so a bad delta changes nothing.
+        scratch = SharedMap().ref()
+        keys = [add[i] for i in range(0, len(add), 2) if add[i] != _VERSION_KEY]
+        for i in range(0, len(add), 2):
+            if add[i] != _VERSION_KEY:
+                scratch.set(add[i], add[i + 1])
+        for key in remove:
+            if key != _VERSION_KEY:
+                ref.delete(key)
+        for key in keys:
+            ref.set(key, scratch[key])
+
+
+def _check_delta(changes: Mapping[str, Any]) -> tuple[int, list[str], list[Any]]:
+    if not isinstance(changes, Mapping):
+        raise InvalidChangeSetError(f"change set must be a dict, got {type(changes).__name__}")
+    version, remove, add = changes.get("version"), changes.get("remove"), changes.get("add")
+    if isinstance(version, bool) or not isinstance(version, int) or version < FIRST_VERSION:
+        raise InvalidChangeSetError(f"change set 'version' must be an int >= 0, got {version!r}")
+    if not isinstance(remove, list | tuple) or not all(isinstance(k, str) for k in remove):
+        raise InvalidChangeSetError("change set 'remove' must be a list of str keys")
+    if not isinstance(add, list | tuple) or len(add) % 2:
+        raise InvalidChangeSetError("change set 'add' must be a list of key, value pairs")
+    if not all(isinstance(add[i], str) for i in range(0, len(add), 2)):
+        raise InvalidChangeSetError("change set 'add' has a key that is not a str")
+    return version, list(remove), list(add)
+
