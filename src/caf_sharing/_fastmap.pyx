@@ -1,0 +1,1712 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""Compiled core of caf-sharing: versioned persistent maps, snapshot refs and
+change sets. It knows nothing of I/O; everything above it is plain Python.
+
+Data structure
+--------------
+Every version of a :class:`SharedMap` is a hash array mapped trie (HAMT):
+bitmap nodes of up to 32 slots indexed by 5-bit chunks of the key's 64-bit
+``hash()`` (popcount of the bitmap gives the slot), and collision nodes for
+keys whose whole hash is equal. A change copies only the path from the root
+to the changed slot, so ``m.ref()`` is O(1), a commit of k keys is
+O(k log n), and any number of live versions share all untouched nodes.
+Edits inside one ref mutate the nodes that ref already copied (an owner id on
+each node, as in Clojure's transients), so ten edits under the same root copy
+the root once. The owner id is dropped whenever the ref's root escapes (views,
+iterators, prepare), so nothing that escaped is ever mutated.
+
+Nodes keep their items inside the node object (size classes of 4, 16 and 64
+slots) rather than in a separate list: at a million keys each trie level then
+costs one cache miss instead of three, which made lookups ~20% and cold path
+copies ~15% faster than the list-based first version.
+
+Hybrid reads
+------------
+The newest version also keeps a plain ``dict`` of its entries (the *index*),
+and refs of that version without edits of their own read through it; other
+refs read the trie. Measured (benchmarks/compare_core.py): the trie lookup
+alone is ~1.45x ``dict.get`` at 10k keys and ~1.1x at 1M, the index path
+~1.1x and ~1.05x. The P1 target is 1.5x, so the index stays for the margin.
+A commit or an applied change set moves the index to the new version by
+applying the same k edits to it (O(k)) and detaches it from the old version,
+whose holders fall back to the trie (same content, so isolation holds). Only
+one index exists per map, whatever the number of live versions.
+
+Versions and history
+--------------------
+The version is not stored in the trie: ``__ca_version__`` is reserved, the
+version is an int field of each snapshot, and ``dump()`` appends the pair.
+Committed and applied change sets are recorded, deep-frozen, in a bounded
+history (``max_updates``) kept as an append-only list plus a window
+``[lo, hi)`` per snapshot, so a ref captures the history of its version in
+O(1) and ``updates_slice`` can serve replicas. A change set with version 0
+is a full dump (the Caf.js wire format): it is loaded only if its version is
+newer than the map's, and it restarts the history instead of being recorded.
+
+Iteration order is trie order (by hash bits), not insertion order. String
+hashes are randomized per process (PYTHONHASHSEED), so the order differs
+between processes; compare contents, not sequences.
+
+Values are JSON data, validated and deep-frozen once when they enter a map
+(:class:`FrozenDict`, :class:`FrozenList`); reads hand out the stored object.
+"""
+
+cimport cython
+from cpython.dict cimport PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
+from cpython.list cimport PyList_Append, PyList_GET_ITEM, PyList_SetSlice
+from cpython.object cimport PyObject, PyObject_Hash
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.ref cimport Py_INCREF, Py_XDECREF, Py_XINCREF
+from cpython.unicode cimport PyUnicode_FromObject
+from libc.math cimport isfinite
+from libc.string cimport memcmp, memcpy, memmove
+
+from caf_sharing.errors import (
+    ConcurrentUpdateError,
+    InvalidChangeSetError,
+    InvalidTypeError,
+    InvalidValueError,
+    MissedUpdateError,
+    NoExecError,
+    PrepareRequiredError,
+    ReadOnlyError,
+    SharingError,
+    UnknownMethodError,
+)
+
+cdef extern from *:
+    int __builtin_popcount(unsigned int x) nogil
+    long long PyLong_AsLongLongAndOverflow(object v, int* overflow)
+    Py_ssize_t PyUnicode_GET_LENGTH(PyObject* s)
+    int PyUnicode_KIND_PTR "PyUnicode_KIND" (PyObject* s)
+    void* PyUnicode_DATA(PyObject* s)
+    int PyUnicode_KIND(object s)
+    int PyUnicode_1BYTE_KIND
+
+__all__ = [
+    "FIRST_VERSION",
+    "FUNCTION_MARKER",
+    "MAX_DEPTH",
+    "VERSION_KEY",
+    "FrozenDict",
+    "FrozenList",
+    "MapRef",
+    "SharedMap",
+]
+
+FIRST_VERSION = 0
+FUNCTION_MARKER = "function_PlkW02z*Z10"
+MAX_DEPTH = 64
+VERSION_KEY = "__ca_version__"
+
+cdef int _MAX_DEPTH = 64
+cdef str _VERSION_KEY = "__ca_version__"
+cdef str _FUNCTION_MARKER = "function_PlkW02z*Z10"
+cdef object _PY_INT64_MAX = 2 ** 63 - 1
+
+# Marks a missing entry in trie lookups (None is a valid value).
+cdef object _MISSING = object()
+# Marks a deleted key in a ref's pending edits.
+cdef object _TOMBSTONE = object()
+
+# Owner ids for in-place edits of freshly copied trie nodes; 0 = frozen.
+cdef unsigned long long _next_owner = 1
+
+cdef inline unsigned long long _new_owner():
+    global _next_owner
+    _next_owner += 1
+    return _next_owner
+
+
+# ---------------------------------------------------------------------------
+# Frozen JSON containers
+# ---------------------------------------------------------------------------
+
+cdef class _PathError(Exception):
+    """Internal: a bad value somewhere inside a container; `path` grows while
+    the error unwinds so only failing calls pay for building it."""
+    cdef public list path
+    cdef public bint is_type
+    cdef public str reason
+
+    def __init__(self, bint is_type, str reason):
+        self.path = []
+        self.is_type = is_type
+        self.reason = reason
+
+
+cdef str _format_path(list path):
+    cdef list parts = []
+    for p in reversed(path):
+        parts.append(f"[{p!r}]")
+    return "".join(parts)
+
+
+cdef object _public_error(_PathError err, str what):
+    """Turns an internal _PathError into InvalidTypeError/InvalidValueError."""
+    cdef str where = what
+    if err.path:
+        where = f"{what} at {_format_path(err.path)}"
+    cls = InvalidTypeError if err.is_type else InvalidValueError
+    return cls(f"{where}: {err.reason}")
+
+
+cdef inline int _height(object v):
+    cdef type t = type(v)
+    if t is FrozenDict:
+        return (<FrozenDict>v)._height
+    if t is FrozenList:
+        return (<FrozenList>v)._height
+    return 0
+
+
+cdef int _check_str(str s) except -1:
+    """Rejects lone surrogates (not encodable as UTF-8). Latin-1 strings (one
+    byte per char) cannot hold any, so the common case is one branch."""
+    cdef Py_UCS4 c
+    cdef Py_ssize_t i = 0
+    if PyUnicode_KIND(s) == PyUnicode_1BYTE_KIND:
+        return 0
+    for c in s:
+        if 0xD800 <= c <= 0xDFFF:
+            raise _PathError(False, f"str with a lone surrogate at index {i} "
+                                    "cannot be encoded as UTF-8")
+        i += 1
+    return 0
+
+
+cdef str _type_name(object v):
+    return type(v).__name__
+
+
+cdef object _freeze(object v, int level):
+    """Validates JSON data and returns it deep-frozen. `level` counts the
+    containers enclosing `v`. Frozen containers are valid by construction, so
+    they are returned as they are once their height fits."""
+    cdef type t = type(v)
+    cdef double d
+    cdef int overflow = 0
+    if t is str:
+        _check_str(<str>v)
+        return v
+    if t is int:
+        PyLong_AsLongLongAndOverflow(v, &overflow)
+        if overflow:
+            raise _PathError(False, f"int {v} is outside the 64-bit range")
+        return v
+    if v is None or t is bool:
+        return v
+    if t is float:
+        d = v
+        if not isfinite(d):
+            if d != d:
+                raise _PathError(False, "float nan is not allowed (JSON has no NaN)")
+            raise _PathError(False, f"float {v!r} is not allowed (JSON has no Infinity)")
+        return v
+    if t is FrozenDict or t is FrozenList:
+        if level + _height(v) > _MAX_DEPTH:
+            raise _PathError(False, f"nesting deeper than MAX_DEPTH={_MAX_DEPTH}")
+        return v
+    if t is list or t is tuple:
+        return _freeze_list(v, level)
+    if t is dict:
+        return _freeze_dict(v, level)
+    # Subclasses of the JSON types are stored as the plain type, so what is
+    # stored and sent never carries foreign behaviour.
+    if isinstance(v, str):
+        v = PyUnicode_FromObject(v)
+        _check_str(<str>v)
+        return v
+    if isinstance(v, int):
+        return _freeze(int(v), level)
+    if isinstance(v, float):
+        return _freeze(float(v), level)
+    if isinstance(v, (list, tuple)):
+        return _freeze_list(v, level)
+    if isinstance(v, dict):
+        return _freeze_dict(v, level)
+    raise _PathError(True, f"type {_type_name(v)} is not JSON data (allowed: None, bool, "
+                           "int, float, str, list, tuple, dict)")
+
+
+cdef FrozenList _freeze_list(object v, int level):
+    if level >= _MAX_DEPTH:
+        raise _PathError(False, f"nesting deeper than MAX_DEPTH={_MAX_DEPTH}")
+    cdef FrozenList out = FrozenList.__new__(FrozenList)
+    cdef int h = 0, ch
+    cdef Py_ssize_t i = 0
+    for item in v:
+        try:
+            item = _freeze(item, level + 1)
+        except _PathError as err:
+            (<_PathError>err).path.append(i)
+            raise
+        ch = _height(item)
+        if ch > h:
+            h = ch
+        PyList_Append(out, item)
+        i += 1
+    out._height = h + 1
+    return out
+
+
+cdef FrozenDict _freeze_dict(object v, int level):
+    if level >= _MAX_DEPTH:
+        raise _PathError(False, f"nesting deeper than MAX_DEPTH={_MAX_DEPTH}")
+    cdef FrozenDict out = FrozenDict.__new__(FrozenDict)
+    cdef int h = 0, ch
+    for key, item in v.items():
+        if type(key) is not str:
+            if not isinstance(key, str):
+                raise _PathError(True, f"dict key {key!r} ({_type_name(key)}) is not a str")
+            key = PyUnicode_FromObject(key)
+        try:
+            _check_str(<str>key)
+        except _PathError as err:
+            (<_PathError>err).reason = f"dict key {key!r}: {(<_PathError>err).reason}"
+            raise
+        try:
+            item = _freeze(item, level + 1)
+        except _PathError as err:
+            (<_PathError>err).path.append(key)
+            raise
+        ch = _height(item)
+        if ch > h:
+            h = ch
+        PyDict_SetItem(out, key, item)
+    out._height = h + 1
+    return out
+
+
+cdef object _thaw(object v):
+    """Plain mutable deep copy of frozen data."""
+    cdef type t = type(v)
+    if t is FrozenDict:
+        return {k: _thaw(x) for k, x in (<dict>v).items()}
+    if t is FrozenList:
+        return [_thaw(x) for x in <list>v]
+    return v
+
+
+cdef inline FrozenList _frozen_list_of(list items, int height):
+    """Wraps already frozen items without validating them again."""
+    cdef FrozenList out = FrozenList.__new__(FrozenList)
+    PyList_SetSlice(out, 0, 0, items)
+    out._height = height
+    return out
+
+
+cdef FrozenDict _frozen_change_set(long long version, FrozenList remove, FrozenList add):
+    cdef FrozenDict out = FrozenDict.__new__(FrozenDict)
+    PyDict_SetItem(out, "version", version)
+    PyDict_SetItem(out, "remove", remove)
+    PyDict_SetItem(out, "add", add)
+    out._height = max(remove._height, add._height) + 1
+    return out
+
+
+cdef int _pairs_height(list pairs):
+    """Height of a FrozenList holding the alternating keys/values `pairs`."""
+    cdef int h = 0, ch
+    cdef Py_ssize_t i
+    for i in range(1, len(pairs), 2):
+        ch = _height(pairs[i])
+        if ch > h:
+            h = ch
+    return h + 1
+
+
+cdef object _immutable(str name, str method):
+    raise TypeError(f"{name} is immutable: {method}() is not supported "
+                    "(build a new plain value and set it instead)")
+
+
+@cython.auto_pickle(False)
+cdef class FrozenDict(dict):
+    """A deep-frozen ``dict`` of JSON data (str keys).
+
+    It compares equal to plain dicts, is accepted wherever a dict is read,
+    serializes with orjson/json and pickles; every mutator raises TypeError.
+    The constructor takes what ``dict()`` takes and validates and freezes the
+    content (InvalidTypeError / InvalidValueError naming the path).
+    """
+    cdef int _height
+    cdef bint _sealed
+
+    def __init__(self, *args, **kwargs):
+        if self._sealed or len(self):
+            _immutable("FrozenDict", "__init__")
+        cdef dict plain = dict(*args, **kwargs)
+        cdef FrozenDict built
+        try:
+            built = _freeze_dict(plain, 0)
+        except _PathError as err:
+            raise _public_error(<_PathError>err, "FrozenDict value") from None
+        dict.update(self, built)
+        self._height = built._height
+        self._sealed = True
+
+    def __setitem__(self, key, value):
+        _immutable("FrozenDict", "__setitem__")
+
+    def __delitem__(self, key):
+        _immutable("FrozenDict", "__delitem__")
+
+    def clear(self):
+        _immutable("FrozenDict", "clear")
+
+    def pop(self, *args):
+        _immutable("FrozenDict", "pop")
+
+    def popitem(self):
+        _immutable("FrozenDict", "popitem")
+
+    def setdefault(self, *args):
+        _immutable("FrozenDict", "setdefault")
+
+    def update(self, *args, **kwargs):
+        _immutable("FrozenDict", "update")
+
+    def __ior__(self, other):
+        _immutable("FrozenDict", "__ior__")
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@cython.auto_pickle(False)
+cdef class FrozenList(list):
+    """A deep-frozen ``list`` of JSON data.
+
+    It compares equal to plain lists, serializes with orjson/json and pickles;
+    every mutator raises TypeError. The constructor takes an iterable and
+    validates and freezes its items (InvalidTypeError / InvalidValueError
+    naming the path).
+    """
+    cdef int _height
+    cdef bint _sealed
+
+    def __init__(self, iterable=()):
+        if self._sealed or len(self):
+            _immutable("FrozenList", "__init__")
+        cdef FrozenList built
+        try:
+            built = _freeze_list(list(iterable), 0)
+        except _PathError as err:
+            raise _public_error(<_PathError>err, "FrozenList item") from None
+        PyList_SetSlice(self, 0, 0, built)
+        self._height = built._height
+        self._sealed = True
+
+    def __setitem__(self, index, value):
+        _immutable("FrozenList", "__setitem__")
+
+    def __delitem__(self, index):
+        _immutable("FrozenList", "__delitem__")
+
+    def append(self, value):
+        _immutable("FrozenList", "append")
+
+    def extend(self, values):
+        _immutable("FrozenList", "extend")
+
+    def insert(self, index, value):
+        _immutable("FrozenList", "insert")
+
+    def pop(self, *args):
+        _immutable("FrozenList", "pop")
+
+    def remove(self, value):
+        _immutable("FrozenList", "remove")
+
+    def clear(self):
+        _immutable("FrozenList", "clear")
+
+    def sort(self, *args, **kwargs):
+        _immutable("FrozenList", "sort")
+
+    def reverse(self):
+        _immutable("FrozenList", "reverse")
+
+    def __iadd__(self, other):
+        _immutable("FrozenList", "__iadd__")
+
+    def __imul__(self, other):
+        _immutable("FrozenList", "__imul__")
+
+    def __reduce__(self):
+        return (FrozenList, (list(self),))
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+# ---------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------
+
+cdef str _check_key(object key, str action):
+    """Returns `key` as an exact str, or raises naming it."""
+    if type(key) is not str:
+        if not isinstance(key, str):
+            raise InvalidTypeError(
+                f"cannot {action} key {key!r}: keys must be str, not {_type_name(key)}")
+        key = PyUnicode_FromObject(key)
+    if key == _VERSION_KEY:
+        raise InvalidValueError(
+            f"cannot {action} key {key!r}: it is reserved for the map's version")
+    try:
+        _check_str(<str>key)
+    except _PathError as err:
+        raise InvalidValueError(
+            f"cannot {action} key {key!r}: {(<_PathError>err).reason}") from None
+    return key
+
+
+cdef object _freeze_value(str key, object value):
+    try:
+        return _freeze(value, 0)
+    except _PathError as err:
+        raise _public_error(<_PathError>err, f"value for key {key!r}") from None
+
+
+# ---------------------------------------------------------------------------
+# Hash array mapped trie
+# ---------------------------------------------------------------------------
+# A node's items alternate keys and values: k0, v0, k1, v1, ... In bitmap
+# nodes a NULL key marks a slot whose value is a child node. Collision nodes
+# hold only leaves, all with one hash. The items live inside the node object
+# (the size classes below), so each trie level costs one memory load, not the
+# three of a node pointing at a list pointing at its array; that is what
+# dominates lookups and path copies once a map outgrows the CPU caches.
+# Nodes hold only C fields, so the cycle GC never tracks them (a node cannot
+# be part of a cycle: values are frozen JSON data).
+
+cdef enum:
+    _BITS = 5
+    _FANOUT = 1 << _BITS
+    _FANOUT_MASK = _FANOUT - 1
+    # Bitmap levels for a 64-bit hash, plus a collision level, plus slack.
+    _STACK = 64 // _BITS + 3
+
+
+@cython.auto_pickle(False)
+cdef class _Node:
+    cdef PyObject** items       # points into the subclass's storage
+    cdef Py_ssize_t n           # item slots in use (two per entry)
+    cdef Py_ssize_t cap         # item slots available
+    cdef unsigned int bitmap
+    cdef bint collision
+    cdef Py_hash_t hash         # collision nodes: the hash all keys share
+    cdef unsigned long long owner
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            Py_XDECREF(self.items[i])
+        self.n = 0
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class _Node4(_Node):
+    cdef PyObject* store[4]
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class _Node16(_Node):
+    cdef PyObject* store[16]
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class _Node64(_Node):
+    cdef PyObject* store[_FANOUT * 2]
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class _NodeHeap(_Node):
+    """Collision nodes past 32 keys (practically only with truncated hashes)."""
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            Py_XDECREF(self.items[i])
+        self.n = 0
+        PyMem_Free(self.items)
+
+
+cdef _Node _alloc(Py_ssize_t cap, unsigned long long owner):
+    cdef _Node node
+    if cap <= 4:
+        node = _Node4.__new__(_Node4)
+        node.items = (<_Node4>node).store
+        node.cap = 4
+    elif cap <= 16:
+        node = _Node16.__new__(_Node16)
+        node.items = (<_Node16>node).store
+        node.cap = 16
+    elif cap <= _FANOUT * 2:
+        node = _Node64.__new__(_Node64)
+        node.items = (<_Node64>node).store
+        node.cap = _FANOUT * 2
+    else:
+        node = _NodeHeap.__new__(_NodeHeap)
+        node.items = <PyObject**>PyMem_Malloc(cap * sizeof(PyObject*))
+        if node.items == NULL:
+            raise MemoryError()
+        node.cap = cap
+    node.owner = owner
+    return node
+
+
+cdef inline void _set(_Node node, Py_ssize_t i, object o):
+    """Stores a new reference to `o` in an unused slot."""
+    Py_INCREF(o)
+    node.items[i] = <PyObject*>o
+
+
+cdef inline void _set_key(_Node node, Py_ssize_t i, object key):
+    """Like _set, for a key slot: None marks a child (NULL)."""
+    if key is None:
+        node.items[i] = NULL
+    else:
+        _set(node, i, key)
+
+
+cdef inline void _replace(_Node node, Py_ssize_t i, object o, bint is_key):
+    cdef PyObject* old = node.items[i]
+    if is_key:
+        _set_key(node, i, o)
+    else:
+        _set(node, i, o)
+    Py_XDECREF(old)
+
+
+cdef inline object _key_at(_Node node, Py_ssize_t i):
+    cdef PyObject* p = node.items[i]
+    return None if p == NULL else <object>p
+
+
+cdef inline void _copy_items(_Node dst, Py_ssize_t at, _Node src, Py_ssize_t lo,
+                             Py_ssize_t hi):
+    """Copies src.items[lo:hi] to dst.items[at:], adding references."""
+    cdef Py_ssize_t i
+    cdef PyObject* p
+    for i in range(lo, hi):
+        p = src.items[i]
+        Py_XINCREF(p)
+        dst.items[at + i - lo] = p
+
+
+cdef _Node _copy_node(_Node src, Py_ssize_t cap, unsigned long long owner):
+    cdef _Node dst = _alloc(cap, owner)
+    _copy_items(dst, 0, src, 0, src.n)
+    dst.n = src.n
+    dst.bitmap = src.bitmap
+    dst.collision = src.collision
+    dst.hash = src.hash
+    return dst
+
+
+cdef _Node _with_pair(_Node node, Py_ssize_t idx, str key, object val,
+                      unsigned long long owner):
+    """`node` with the pair (key, val) inserted at item `idx`; edits in place
+    when the node is owned and has room."""
+    cdef _Node out
+    cdef Py_ssize_t n = node.n
+    if owner and node.owner == owner and n + 2 <= node.cap:
+        memmove(&node.items[idx + 2], &node.items[idx], (n - idx) * sizeof(PyObject*))
+        out = node
+    else:
+        out = _alloc(n + 2, owner)
+        out.bitmap = node.bitmap
+        out.collision = node.collision
+        out.hash = node.hash
+        if owner and node.owner == owner:
+            # An owned node never escaped its ref, so its parent is its only
+            # holder and replaces it by `out`: move the references over.
+            memcpy(out.items, node.items, idx * sizeof(PyObject*))
+            memcpy(&out.items[idx + 2], &node.items[idx], (n - idx) * sizeof(PyObject*))
+            node.n = 0
+        else:
+            _copy_items(out, 0, node, 0, idx)
+            _copy_items(out, idx + 2, node, idx, n)
+    _set_key(out, idx, key)
+    _set(out, idx + 1, val)
+    out.n = n + 2
+    return out
+
+
+cdef _Node _without_pair(_Node node, Py_ssize_t idx, unsigned long long owner):
+    """`node` without the pair at item `idx`."""
+    cdef _Node out
+    cdef Py_ssize_t n = node.n
+    cdef PyObject* k
+    cdef PyObject* v
+    if owner and node.owner == owner:
+        k = node.items[idx]
+        v = node.items[idx + 1]
+        memmove(&node.items[idx], &node.items[idx + 2], (n - idx - 2) * sizeof(PyObject*))
+        node.n = n - 2
+        Py_XDECREF(k)
+        Py_XDECREF(v)
+        return node
+    out = _alloc(n - 2, owner)
+    out.bitmap = node.bitmap
+    out.collision = node.collision
+    out.hash = node.hash
+    _copy_items(out, 0, node, 0, idx)
+    _copy_items(out, idx, node, idx + 2, n)
+    out.n = n - 2
+    return out
+
+
+cdef _Node _with_slot(_Node node, Py_ssize_t idx, object key, object val,
+                      unsigned long long owner):
+    """`node` with the pair at item `idx` replaced (key None: a child)."""
+    if not (owner and node.owner == owner):
+        node = _copy_node(node, node.n, owner)
+    _replace(node, idx, key, True)
+    _replace(node, idx + 1, val, False)
+    return node
+
+
+cdef inline unsigned int _bit(Py_hash_t h, unsigned int shift):
+    return 1u << ((<unsigned long long>h >> shift) & _FANOUT_MASK)
+
+
+cdef inline Py_ssize_t _slot(unsigned int bitmap, unsigned int bit):
+    return 2 * __builtin_popcount(bitmap & (bit - 1))
+
+
+cdef inline bint _same_key(PyObject* a, str b):
+    return a == <PyObject*>b or (<str>a) == b
+
+
+cdef inline bint _str_eq(PyObject* a, PyObject* b) noexcept:
+    """Equality of two str objects (canonical PEP 393 forms compare by bytes)."""
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(a)
+    cdef int kind = PyUnicode_KIND_PTR(a)
+    return (n == PyUnicode_GET_LENGTH(b) and kind == PyUnicode_KIND_PTR(b)
+            and memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), n * kind) == 0)
+
+
+cdef PyObject* _find(PyObject* node, str key, Py_hash_t h) noexcept:
+    """The value of `key` (a borrowed reference), or NULL. Walks with raw
+    pointers: no reference counting on the way down."""
+    cdef unsigned int shift = 0, bit, bitmap
+    cdef Py_ssize_t idx, i, n
+    cdef PyObject** items
+    cdef PyObject* k
+    while node != NULL:
+        items = (<_Node>node).items
+        if not (<_Node>node).collision:
+            bitmap = (<_Node>node).bitmap
+            bit = _bit(h, shift)
+            if not (bitmap & bit):
+                return NULL
+            idx = _slot(bitmap, bit)
+            k = items[idx]
+            if k == NULL:
+                node = items[idx + 1]
+                shift += _BITS
+                continue
+            if k == <PyObject*>key or _str_eq(k, <PyObject*>key):
+                return items[idx + 1]
+            return NULL
+        if (<_Node>node).hash != h:
+            return NULL
+        n = (<_Node>node).n
+        for i in range(0, n, 2):
+            k = items[i]
+            if k == <PyObject*>key or _str_eq(k, <PyObject*>key):
+                return items[i + 1]
+        return NULL
+    return NULL
+
+
+cdef inline PyObject* _root_ptr(object root):
+    return NULL if root is None else <PyObject*>root
+
+
+cdef _Node _leaf_node(unsigned int bitmap, object k1, object v1, object k2, object v2,
+                      unsigned long long owner):
+    """A node of one pair (k2 is _MISSING) or two pairs, in the given order."""
+    cdef _Node node = _alloc(2 if k2 is _MISSING else 4, owner)
+    node.bitmap = bitmap
+    _set_key(node, 0, k1)
+    _set(node, 1, v1)
+    node.n = 2
+    if k2 is not _MISSING:
+        _set_key(node, 2, k2)
+        _set(node, 3, v2)
+        node.n = 4
+    return node
+
+
+cdef _Node _make_pair(unsigned int shift, Py_hash_t h1, str k1, object v1,
+                      Py_hash_t h2, str k2, object v2, unsigned long long owner):
+    """The smallest subtree at `shift` holding two distinct keys."""
+    cdef _Node node
+    if h1 == h2:
+        node = _leaf_node(0, k1, v1, k2, v2, owner)
+        node.collision = True
+        node.hash = h1
+        return node
+    cdef unsigned int b1 = _bit(h1, shift), b2 = _bit(h2, shift)
+    if b1 == b2:
+        return _leaf_node(b1, None, _make_pair(shift + _BITS, h1, k1, v1, h2, k2, v2, owner),
+                          _MISSING, None, owner)
+    if b1 < b2:
+        return _leaf_node(b1 | b2, k1, v1, k2, v2, owner)
+    return _leaf_node(b1 | b2, k2, v2, k1, v1, owner)
+
+
+cdef _Node _assoc(object root, unsigned int shift, Py_hash_t h, str key, object val,
+                  unsigned long long owner, Py_hash_t mask, int* added):
+    """`root` with key -> val. Nodes owned by `owner` are edited in place;
+    returns `root` itself when nothing had to be copied."""
+    cdef _Node node, sub
+    cdef unsigned int bit
+    cdef Py_ssize_t idx, i
+    cdef PyObject* k
+    cdef object child
+    if root is None:
+        added[0] = 1
+        return _leaf_node(_bit(h, shift), key, val, _MISSING, None, owner)
+    node = <_Node>root
+    if not node.collision:
+        bit = _bit(h, shift)
+        idx = _slot(node.bitmap, bit)
+        if not (node.bitmap & bit):
+            added[0] = 1
+            node = _with_pair(node, idx, key, val, owner)
+            node.bitmap |= bit
+            return node
+        k = node.items[idx]
+        if k == NULL:
+            child = <object>node.items[idx + 1]
+            sub = _assoc(child, shift + _BITS, h, key, val, owner, mask, added)
+            if sub is child:
+                return node
+            return _with_slot(node, idx, None, sub, owner)
+        if _same_key(k, key):
+            if node.items[idx + 1] == <PyObject*>val:
+                return node
+            return _with_slot(node, idx, key, val, owner)
+        added[0] = 1
+        sub = _make_pair(shift + _BITS, PyObject_Hash(<object>k) & mask, <str>k,
+                         <object>node.items[idx + 1], h, key, val, owner)
+        return _with_slot(node, idx, None, sub, owner)
+    if node.hash != h:
+        # A different hash reached a collision node: push it one level down.
+        sub = _leaf_node(_bit(node.hash, shift), None, node, _MISSING, None, owner)
+        return _assoc(sub, shift, h, key, val, owner, mask, added)
+    for i in range(0, node.n, 2):
+        if _same_key(node.items[i], key):
+            if node.items[i + 1] == <PyObject*>val:
+                return node
+            return _with_slot(node, i, key, val, owner)
+    added[0] = 1
+    return _with_pair(node, node.n, key, val, owner)
+
+
+cdef inline bint _is_single_leaf(_Node node):
+    """Whether `node` holds exactly one key and no child: its parent can
+    inline it, which keeps the trie as shallow as its content allows."""
+    return node.n == 2 and node.items[0] != NULL
+
+
+cdef object _without(object root, unsigned int shift, Py_hash_t h, str key,
+                     unsigned long long owner, int* removed):
+    """`root` without `key`; None when it becomes empty."""
+    cdef _Node node, sub
+    cdef unsigned int bit
+    cdef Py_ssize_t idx, i
+    cdef PyObject* k
+    cdef object child, res
+    if root is None:
+        return None
+    node = <_Node>root
+    if not node.collision:
+        bit = _bit(h, shift)
+        if not (node.bitmap & bit):
+            return node
+        idx = _slot(node.bitmap, bit)
+        k = node.items[idx]
+        if k == NULL:
+            child = <object>node.items[idx + 1]
+            res = _without(child, shift + _BITS, h, key, owner, removed)
+            # A child edited in place comes back as itself, maybe down to one key.
+            if res is child and not (removed[0] and _is_single_leaf(<_Node>res)):
+                return node
+            if res is not None:
+                sub = <_Node>res
+                if _is_single_leaf(sub):
+                    return _with_slot(node, idx, <object>sub.items[0], <object>sub.items[1],
+                                      owner)
+                return _with_slot(node, idx, None, sub, owner)
+        elif not _same_key(k, key):
+            return node
+        else:
+            removed[0] = 1
+        # The slot goes away: its key was removed or its child became empty.
+        if node.bitmap == bit:
+            return None
+        node = _without_pair(node, idx, owner)
+        node.bitmap &= ~bit
+        return node
+    if node.hash != h:
+        return node
+    for i in range(0, node.n, 2):
+        if _same_key(node.items[i], key):
+            removed[0] = 1
+            if node.n == 2:
+                return None
+            return _without_pair(node, i, owner)
+    return node
+
+
+cdef void _collect_pairs(object root, list out):
+    """Appends every key and value of the trie to `out`, alternating."""
+    cdef _Node node
+    cdef Py_ssize_t i
+    if root is None:
+        return
+    node = <_Node>root
+    for i in range(0, node.n, 2):
+        if node.items[i] == NULL:
+            _collect_pairs(<object>node.items[i + 1], out)
+        else:
+            PyList_Append(out, <object>node.items[i])
+            PyList_Append(out, <object>node.items[i + 1])
+
+
+cdef void _collect_dict(object root, dict out, bint thaw):
+    cdef _Node node
+    cdef Py_ssize_t i
+    if root is None:
+        return
+    node = <_Node>root
+    for i in range(0, node.n, 2):
+        if node.items[i] == NULL:
+            _collect_dict(<object>node.items[i + 1], out, thaw)
+        elif thaw:
+            PyDict_SetItem(out, <object>node.items[i], _thaw(<object>node.items[i + 1]))
+        else:
+            PyDict_SetItem(out, <object>node.items[i], <object>node.items[i + 1])
+
+
+def _trie_invariants(MapRef ref):
+    """Checks the shape of `ref`'s trie and returns its number of keys (for
+    tests): bitmaps match slots, every key sits where its hash bits say,
+    subtrees hold at least two keys (single keys are inlined in the parent),
+    collision nodes hold distinct keys of one hash."""
+    return _check_node(ref._root, 0, 0, ref._map._mask, True)
+
+
+cdef Py_ssize_t _check_node(object root, unsigned int shift, unsigned long long prefix,
+                            Py_hash_t mask, bint is_root) except -1:
+    cdef unsigned long long low = (1ULL << shift) - 1 if shift < 64 else <unsigned long long>-1
+    cdef unsigned long long h
+    cdef unsigned int b
+    cdef Py_ssize_t n = 0, j = 0
+    cdef _Node node
+    if root is None:
+        assert is_root, "empty subtree"
+        return 0
+    node = <_Node>root
+    assert node.n <= node.cap, "node overflow"
+    if node.collision:
+        assert node.n >= 4, "collision node with fewer than two keys"
+        keys = [_key_at(node, i) for i in range(0, node.n, 2)]
+        assert None not in keys, "child in a collision node"
+        assert len(set(keys)) == len(keys), "duplicate key in a collision node"
+        for k in keys:
+            assert PyObject_Hash(k) & mask == node.hash, "collision hash mismatch"
+        assert <unsigned long long>node.hash & low == prefix, "misplaced collision"
+        return len(keys)
+    assert node.n == 2 * __builtin_popcount(node.bitmap), "bitmap/slots mismatch"
+    assert is_root or not _is_single_leaf(node), "single key left in a subtree"
+    for b in range(<unsigned int>_FANOUT):
+        if not (node.bitmap & (1u << b)):
+            continue
+        k = _key_at(node, j)
+        v = <object>node.items[j + 1]
+        j += 2
+        if k is None:
+            assert isinstance(v, _Node), "child slot without a node"
+            n += _check_node(v, shift + _BITS, prefix | (<unsigned long long>b << shift), mask,
+                             False)
+        else:
+            h = <unsigned long long>(PyObject_Hash(k) & mask)
+            assert (h >> shift) & _FANOUT_MASK == b and h & low == prefix, f"key {k!r} misplaced"
+            n += 1
+    return n
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class _TrieIter:
+    """Iterator over a trie: keys (mode 0), values (1) or items (2)."""
+    cdef list _nodes            # the nodes on the current path (kept alive)
+    cdef Py_ssize_t _pos[_STACK]
+    cdef int _top
+    cdef int _mode
+    cdef Py_ssize_t _left
+
+    def __init__(self):
+        raise TypeError("cannot create this iterator directly")
+
+    def __iter__(self):
+        return self
+
+    def __length_hint__(self):
+        return self._left
+
+    def __next__(self):
+        cdef _Node node
+        cdef Py_ssize_t i
+        cdef object v
+        while self._top >= 0:
+            node = <_Node>PyList_GET_ITEM(self._nodes, self._top)
+            i = self._pos[self._top]
+            if i >= node.n:
+                self._nodes.pop()
+                self._top -= 1
+                continue
+            self._pos[self._top] = i + 2
+            v = <object>node.items[i + 1]
+            if node.items[i] == NULL:
+                self._top += 1
+                self._pos[self._top] = 0
+                self._nodes.append(v)
+                continue
+            self._left -= 1
+            if self._mode == 0:
+                return <object>node.items[i]
+            if self._mode == 1:
+                return v
+            return (<object>node.items[i], v)
+        raise StopIteration
+
+
+cdef _TrieIter _iter_trie(object root, Py_ssize_t count, int mode):
+    cdef _TrieIter it = _TrieIter.__new__(_TrieIter)
+    it._mode = mode
+    it._left = count
+    it._nodes = []
+    if root is None:
+        it._top = -1
+    else:
+        it._top = 0
+        it._pos[0] = 0
+        it._nodes.append(root)
+    return it
+
+
+# ---------------------------------------------------------------------------
+# Snapshots, history
+# ---------------------------------------------------------------------------
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class _Snapshot:
+    """One committed version: its trie, size, version and history window.
+    `index` is the plain dict of the newest version (None once superseded)."""
+    cdef object root
+    cdef Py_ssize_t count
+    cdef long long version
+    cdef dict index
+    cdef list hist
+    cdef Py_ssize_t hist_lo
+    cdef Py_ssize_t hist_hi
+
+
+cdef _Snapshot _empty_snapshot():
+    cdef _Snapshot s = _Snapshot.__new__(_Snapshot)
+    s.root = None
+    s.count = 0
+    s.version = 0
+    s.index = {}
+    s.hist = []
+    s.hist_lo = 0
+    s.hist_hi = 0
+    return s
+
+
+cdef void _apply_to_index(dict index, list removes, list adds):
+    cdef Py_ssize_t i
+    for k in removes:
+        if PyDict_GetItem(index, k) != NULL:
+            PyDict_DelItem(index, k)
+    for i in range(0, len(adds), 2):
+        PyDict_SetItem(index, adds[i], adds[i + 1])
+
+
+# ---------------------------------------------------------------------------
+# Change sets
+# ---------------------------------------------------------------------------
+
+cdef long long _parse_version(object v, str what) except? -2:
+    if type(v) is not int:
+        raise InvalidChangeSetError(
+            f"{what} must be an int, got {v!r} ({_type_name(v)})")
+    if v < 0 or v > _PY_INT64_MAX:
+        raise InvalidChangeSetError(f"{what} must be in [0, 2**63-1], got {v!r}")
+    return v
+
+
+cdef str _change_key(object key, str where):
+    if type(key) is not str:
+        if not isinstance(key, str):
+            raise InvalidChangeSetError(
+                f"{where} must be a str key, got {key!r} ({_type_name(key)})")
+        key = PyUnicode_FromObject(key)
+    try:
+        _check_str(<str>key)
+    except _PathError as err:
+        raise InvalidChangeSetError(
+            f"{where} key {key!r}: {(<_PathError>err).reason}") from None
+    return key
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class _Parsed:
+    """A validated change set: keys are exact str, values deep-frozen, the
+    version pair taken out of `adds`."""
+    cdef long long version
+    cdef long long new_version  # -1: absent (base + 1)
+    cdef list removes
+    cdef list adds
+    cdef object record
+
+
+cdef _Parsed _parse_change_set(object c, str where):
+    if not isinstance(c, dict):
+        raise InvalidChangeSetError(
+            f"{where} must be a dict, got {_type_name(c)}")
+    for field in c:
+        if field not in ("version", "remove", "add"):
+            raise InvalidChangeSetError(f"{where} has an unknown field {field!r}")
+    for field in ("version", "remove", "add"):
+        if field not in c:
+            raise InvalidChangeSetError(f"{where} has no {field!r} field")
+    cdef _Parsed p = _Parsed.__new__(_Parsed)
+    p.version = _parse_version(c["version"], f"{where} 'version'")
+    remove = c["remove"]
+    add = c["add"]
+    if not isinstance(remove, (list, tuple)):
+        raise InvalidChangeSetError(
+            f"{where} 'remove' must be a list, got {_type_name(remove)}")
+    if not isinstance(add, (list, tuple)):
+        raise InvalidChangeSetError(f"{where} 'add' must be a list, got {_type_name(add)}")
+    if len(add) % 2:
+        raise InvalidChangeSetError(
+            f"{where} 'add' must alternate keys and values (even length), got {len(add)} items")
+    cdef list removes = []
+    cdef list adds = []
+    cdef Py_ssize_t i, n = len(add)
+    cdef long long nv = -1
+    cdef str key
+    for i, key_obj in enumerate(remove):
+        key = _change_key(key_obj, f"{where} 'remove'[{i}]")
+        if key == _VERSION_KEY:
+            raise InvalidChangeSetError(f"{where} 'remove'[{i}] removes the reserved key "
+                                        f"{_VERSION_KEY!r}")
+        removes.append(key)
+    for i in range(0, n, 2):
+        key = _change_key(add[i], f"{where} 'add'[{i}]")
+        value = add[i + 1]
+        if key == _VERSION_KEY:
+            if type(value) is not int:
+                raise InvalidChangeSetError(
+                    f"{where} {_VERSION_KEY!r} must be an int, got {value!r} "
+                    f"({_type_name(value)})")
+            if p.version == 0:
+                if value < 0 or value > _PY_INT64_MAX:
+                    raise InvalidChangeSetError(
+                        f"{where} {_VERSION_KEY!r} of a dump must be in [0, 2**63-1], "
+                        f"got {value!r}")
+            elif value <= p.version or value > _PY_INT64_MAX:
+                raise InvalidChangeSetError(
+                    f"{where} {_VERSION_KEY!r} must be an int > the base version "
+                    f"{p.version}, got {value!r}")
+            nv = value
+            continue
+        try:
+            value = _freeze(value, 0)
+        except _PathError as err:
+            raise InvalidChangeSetError(
+                str(_public_error(<_PathError>err, f"{where} 'add'[{i + 1}] value for key {key!r}"))
+            ) from None
+        adds.append(key)
+        adds.append(value)
+    p.new_version = nv
+    p.removes = removes
+    p.adds = adds
+    # A FrozenDict of the right shape is already deep-frozen: record it as is.
+    p.record = c if type(c) is FrozenDict else None
+    return p
+
+
+cdef FrozenDict _record_of(_Parsed p):
+    if p.record is not None:
+        return <FrozenDict>p.record
+    cdef list add = list(p.adds)
+    if p.new_version >= 0:
+        add.append(_VERSION_KEY)
+        add.append(p.new_version)
+    return _frozen_change_set(p.version, _frozen_list_of(p.removes, 1),
+                              _frozen_list_of(add, _pairs_height(add)))
+
+
+# ---------------------------------------------------------------------------
+# SharedMap
+# ---------------------------------------------------------------------------
+
+@cython.auto_pickle(False)
+cdef class SharedMap:
+    """A versioned, single-writer map of JSON data with snapshot refs.
+
+    ``SharedMap(*, no_exec=False, max_updates=100, logger=None)``: `no_exec`
+    disables serialized methods, `max_updates` bounds the change sets kept for
+    ``updates_slice`` (0 keeps none), `logger` gets ``debug()`` calls for
+    ignored replays.
+    """
+    cdef _Snapshot _cur
+    cdef bint _no_exec
+    cdef Py_ssize_t _max_updates
+    cdef object _logger
+    cdef Py_hash_t _mask  # bits of hash() the trie uses: all but in collision tests
+
+    def __init__(self, *, bint no_exec=False, max_updates=100, logger=None):
+        self._max_updates = _check_max_updates(max_updates)
+        self._no_exec = no_exec
+        self._logger = logger
+        self._mask = -1
+        self._cur = _empty_snapshot()
+
+    @property
+    def version(self) -> int:
+        return self._cur.version
+
+    @property
+    def no_exec(self) -> bool:
+        return self._no_exec
+
+    @property
+    def max_updates(self) -> int:
+        return self._max_updates
+
+    @max_updates.setter
+    def max_updates(self, value):
+        # Takes effect when the next change set is recorded.
+        self._max_updates = _check_max_updates(value)
+
+    def __repr__(self):
+        return (f"SharedMap(version={self._cur.version}, keys={self._cur.count}, "
+                f"no_exec={bool(self._no_exec)}, max_updates={self._max_updates})")
+
+    @cython.binding(False)
+    def ref(self, bint read_only=False):
+        """An O(1) snapshot of the current version."""
+        cdef MapRef r = MapRef.__new__(MapRef)
+        r._map = self
+        r._mask = self._mask
+        r._base = self._cur
+        r._root = self._cur.root
+        r._count = self._cur.count
+        r._read_only = read_only
+        r._replica = read_only
+        return r
+
+    def commit(self, MapRef ref not None):
+        """Makes the prepared `ref` the current version (its version + 1)."""
+        if ref._map is not self:
+            raise ValueError("commit(): the ref belongs to another SharedMap")
+        if ref._changes is None or ref._edits is None:
+            raise PrepareRequiredError(
+                "commit() needs a ref that was prepared with changes "
+                f"(prepared: {ref._changes is not None}, changed: {ref._edits is not None})")
+        cdef _Snapshot cur = self._cur
+        if ref._base is not cur:
+            if ref._base.version == cur.version:
+                msg = (f"the map was reset since the ref was taken at version "
+                       f"{ref._base.version}")
+            else:
+                msg = (f"the map moved from version {ref._base.version} to {cur.version} "
+                       "since the ref was taken")
+            raise ConcurrentUpdateError(msg, expected=ref._base.version, current=cur.version)
+        cdef FrozenDict changes = <FrozenDict>ref._changes
+        cdef _Snapshot nxt = self._successor(ref._root, ref._count, cur.version + 1)
+        _apply_to_index(nxt.index, <list>dict.__getitem__(changes, "remove"),
+                        ref._prepared_adds)
+        self._record(nxt, changes)
+        self._cur = nxt
+
+    cdef _Snapshot _successor(self, object root, Py_ssize_t count, long long version):
+        """A new current snapshot; the index moves over from the old one."""
+        cdef _Snapshot cur = self._cur
+        cdef _Snapshot nxt = _Snapshot.__new__(_Snapshot)
+        nxt.root = root
+        nxt.count = count
+        nxt.version = version
+        nxt.index = cur.index
+        cur.index = None
+        nxt.hist = cur.hist
+        nxt.hist_lo = cur.hist_lo
+        nxt.hist_hi = cur.hist_hi
+        return nxt
+
+    cdef void _record(self, _Snapshot s, FrozenDict entry):
+        cdef list hist = s.hist
+        cdef Py_ssize_t lo = s.hist_lo, hi = s.hist_hi
+        if self._max_updates == 0:
+            s.hist_lo = s.hist_hi
+            return
+        hist.append(entry)
+        hi += 1
+        if hi - lo > self._max_updates:
+            lo = hi - self._max_updates
+        if lo > 64 and lo > hi - lo:
+            # Older windows keep the old list; the new one drops the dead prefix.
+            hist = hist[lo:hi]
+            hi -= lo
+            lo = 0
+        s.hist = hist
+        s.hist_lo = lo
+        s.hist_hi = hi
+
+    def apply_changes(self, changes):
+        """Applies one change set (dict) or a list of them, in order."""
+        if isinstance(changes, (list, tuple)):
+            for i, c in enumerate(changes):
+                self._apply_one(c, f"change set [{i}]")
+        else:
+            self._apply_one(changes, "change set")
+
+    cdef _apply_one(self, object changes, str where):
+        cdef _Parsed p = _parse_change_set(changes, where)
+        cdef _Snapshot cur = self._cur
+        if p.version == 0:
+            if p.new_version > cur.version:
+                self._load_dump(p)
+            elif self._logger is not None:
+                self._logger.debug(
+                    "SharedMap: ignoring a dump of version %d (map at version %d)",
+                    max(p.new_version, 0), cur.version)
+            return
+        if p.version < cur.version:
+            if self._logger is not None:
+                self._logger.debug(
+                    "SharedMap: ignoring an old change set of version %d (map at version %d)",
+                    p.version, cur.version)
+            return
+        if p.version > cur.version:
+            raise MissedUpdateError(
+                f"{where} has version {p.version} but the map is at version {cur.version}: "
+                "updates were missed (resync from a dump)",
+                version=p.version, current=cur.version)
+        cdef unsigned long long owner = _new_owner()
+        cdef object root = cur.root
+        cdef Py_ssize_t count = cur.count, i
+        cdef int flag
+        cdef str k
+        for k in p.removes:
+            flag = 0
+            root = _without(root, 0, PyObject_Hash(k) & self._mask, k, owner, &flag)
+            count -= flag
+        for i in range(0, len(p.adds), 2):
+            k = <str>p.adds[i]
+            flag = 0
+            root = _assoc(root, 0, PyObject_Hash(k) & self._mask, k, p.adds[i + 1], owner,
+                          self._mask, &flag)
+            count += flag
+        cdef _Snapshot nxt = self._successor(
+            root, count, p.new_version if p.new_version >= 0 else p.version + 1)
+        _apply_to_index(nxt.index, p.removes, p.adds)
+        self._record(nxt, _record_of(p))
+        self._cur = nxt
+
+    cdef void _load_dump(self, _Parsed p):
+        """Replaces the content by a newer dump. History cannot bridge the
+        jump, so it restarts empty."""
+        cdef unsigned long long owner = _new_owner()
+        cdef object root = None
+        cdef Py_ssize_t count = 0, i
+        cdef int flag
+        cdef str k
+        cdef dict index = {}
+        for i in range(0, len(p.adds), 2):
+            k = <str>p.adds[i]
+            flag = 0
+            root = _assoc(root, 0, PyObject_Hash(k) & self._mask, k, p.adds[i + 1], owner,
+                          self._mask, &flag)
+            count += flag
+            PyDict_SetItem(index, k, p.adds[i + 1])
+        cdef _Snapshot nxt = _empty_snapshot()
+        nxt.root = root
+        nxt.count = count
+        nxt.version = p.new_version
+        nxt.index = index
+        self._cur.index = None
+        self._cur = nxt
+
+    def reset(self):
+        """Back to an empty version-0 map with no history. Refs taken before
+        keep their snapshot but can no longer commit."""
+        self._cur.index = None
+        self._cur = _empty_snapshot()
+
+
+def _map_with_hash_bits(int bits, **kwargs):
+    """A SharedMap whose trie uses only the low `bits` bits of each key's
+    hash. Tests use it to force full-hash collisions and deep paths, which
+    real 64-bit str hashes practically never produce."""
+    if not 0 <= bits <= 64:
+        raise ValueError(f"bits must be in [0, 64], got {bits}")
+    cdef SharedMap m = SharedMap(**kwargs)
+    m._mask = -1 if bits == 64 else <Py_hash_t>((1ULL << bits) - 1)
+    return m
+
+
+cdef Py_ssize_t _check_max_updates(object value) except -1:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"max_updates must be an int >= 0, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# MapRef
+# ---------------------------------------------------------------------------
+
+@cython.auto_pickle(False)
+cdef class MapRef:
+    """A snapshot of one version of a SharedMap, with read-your-writes edits.
+
+    Made by :meth:`SharedMap.ref`; not constructible directly.
+    """
+    cdef SharedMap _map
+    cdef _Snapshot _base
+    cdef object _root
+    cdef Py_ssize_t _count
+    cdef Py_hash_t _mask        # the map's, copied for the read path
+    cdef dict _edits           # key -> value or _TOMBSTONE; None until the first edit
+    cdef bint _read_only
+    cdef bint _replica         # taken with read_only=True
+    cdef object _changes       # the prepared change set
+    cdef list _prepared_adds   # the adds of _changes without the version pair
+    cdef unsigned long long _owner
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("MapRef cannot be created directly: use SharedMap.ref()")
+
+    # -- reads ---------------------------------------------------------------
+
+    cdef inline object _lookup(self, object key):
+        """The value of `key` or _MISSING; non-str keys are never present
+        (but must be hashable, like dict keys)."""
+        cdef dict index
+        cdef PyObject* p
+        if type(key) is not str:
+            if not isinstance(key, str):
+                PyObject_Hash(key)
+                return _MISSING
+            key = PyUnicode_FromObject(key)
+        elif self._edits is None:
+            index = self._base.index
+            if index is not None:
+                p = PyDict_GetItem(index, key)
+                return <object>p if p != NULL else _MISSING
+        p = _find(_root_ptr(self._root), <str>key, PyObject_Hash(key) & self._mask)
+        return <object>p if p != NULL else _MISSING
+
+    # binding(False): a plain method descriptor, so `ref.get` binds and calls
+    # like `dict.get` (a bound cyfunction costs an extra call layer).
+    @cython.binding(False)
+    def get(self, key, default=None, /):
+        """The value of `key`, or `default`."""
+        cdef dict index
+        cdef PyObject* p
+        if type(key) is str:
+            # An unedited ref of the newest version reads the index.
+            if self._edits is None:
+                index = self._base.index
+                if index is not None:
+                    p = PyDict_GetItem(index, key)
+                    return <object>p if p != NULL else default
+            p = _find(_root_ptr(self._root), <str>key, PyObject_Hash(key) & self._mask)
+            return <object>p if p != NULL else default
+        v = self._lookup(key)
+        return default if v is _MISSING else v
+
+    def __getitem__(self, key):
+        v = self._lookup(key)
+        if v is _MISSING:
+            raise KeyError(key)
+        return v
+
+    def __contains__(self, key):
+        return self._lookup(key) is not _MISSING
+
+    def __len__(self):
+        return self._count
+
+    cdef object _escape_root(self):
+        """The root, for something that reads it later (iterators, views):
+        edits from now on must copy nodes rather than mutate them."""
+        self._owner = 0
+        return self._root
+
+    def __iter__(self):
+        return _iter_trie(self._escape_root(), self._count, 0)
+
+    def keys(self):
+        """A view of the keys (trie order)."""
+        return _make_view(_KeysView, self)
+
+    def values(self):
+        """A view of the values (trie order)."""
+        return _make_view(_ValuesView, self)
+
+    def items(self):
+        """A view of the (key, value) pairs (trie order)."""
+        return _make_view(_ItemsView, self)
+
+    def to_dict(self):
+        """A plain, mutable deep copy of the user keys."""
+        cdef dict out = {}
+        _collect_dict(self._root, out, True)
+        return out
+
+    @property
+    def version(self) -> int:
+        """The version this ref was taken at."""
+        return self._base.version
+
+    @property
+    def is_read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def has_changed(self) -> bool:
+        return self._edits is not None
+
+    @property
+    def changes(self):
+        """The change set made by prepare(), or None before it."""
+        return self._changes
+
+    def __repr__(self):
+        return (f"<MapRef version={self._base.version} keys={self._count} "
+                f"read_only={bool(self._read_only)} changed={self._edits is not None}>")
+
+    # -- writes --------------------------------------------------------------
+
+    cdef int _check_writable(self, object key, str action) except -1:
+        if self._read_only:
+            why = "it was already prepared" if self._changes is not None else "it is read-only"
+            raise ReadOnlyError(f"cannot {action} {key!r}: {why}")
+        return 0
+
+    cdef void _put(self, str key, object value):
+        cdef int flag = 0
+        if self._owner == 0:
+            self._owner = _new_owner()
+        if value is _TOMBSTONE:
+            self._root = _without(self._root, 0, PyObject_Hash(key) & self._map._mask, key,
+                                  self._owner, &flag)
+            self._count -= flag
+        else:
+            self._root = _assoc(self._root, 0, PyObject_Hash(key) & self._map._mask, key, value,
+                                self._owner, self._map._mask, &flag)
+            self._count += flag
+        if self._edits is None:
+            self._edits = {}
+        self._edits[key] = value
+
+    @cython.binding(False)
+    def set(self, key, value):
+        """Sets `key` to a deep-frozen copy of `value`; returns this ref."""
+        self._check_writable(key, "set")
+        cdef str k = _check_key(key, "set")
+        self._put(k, _freeze_value(k, value))
+        return self
+
+    @cython.binding(False)
+    def delete(self, key):
+        """Deletes `key` (absent keys too: the delete is still sent)."""
+        self._check_writable(key, "delete")
+        cdef str k = _check_key(key, "delete")
+        self._put(k, _TOMBSTONE)
+        return self
+
+    def set_fun(self, name, args, body):
+        """Stores a serialized method `name(self, *args)` with source `body`."""
+        self._check_writable(name, "set")
+        cdef str k = _check_key(name, "set")
+        from caf_sharing import methods
+        methods.check_method(k, args, body)
+        desc = {"type": _FUNCTION_MARKER, "args": list(args), "body": body}
+        self._put(k, _freeze_value(k, desc))
+        return self
+
+    def apply_method(self, name, args):
+        """Runs the serialized method stored under `name` with `args`."""
+        if self._map._no_exec:
+            raise NoExecError(
+                f"cannot apply method {name!r}: serialized methods are disabled (no_exec)")
+        desc = self._lookup(name)
+        if type(desc) is not FrozenDict or dict.get(desc, "type") != _FUNCTION_MARKER:
+            raise UnknownMethodError(f"unknown method {name!r}: no serialized method there")
+        from caf_sharing import methods
+        return methods.call_method(self, name, desc, args)
+
+    def prepare(self):
+        """The normalised change set of this ref's edits; the ref becomes
+        read-only. Also available afterwards as `changes`."""
+        if self._read_only:
+            why = "it was already prepared" if self._changes is not None else "it is read-only"
+            raise ReadOnlyError(f"cannot prepare: {why}")
+        cdef list remove = []
+        cdef list add = []
+        if self._edits is not None:
+            for k, v in self._edits.items():
+                if v is _TOMBSTONE:
+                    remove.append(k)
+                else:
+                    add.append(k)
+                    add.append(v)
+        self._prepared_adds = add
+        cdef list wire_add = list(add)
+        wire_add.append(_VERSION_KEY)
+        wire_add.append(self._base.version + 1)
+        self._changes = _frozen_change_set(self._base.version, _frozen_list_of(remove, 1),
+                                           _frozen_list_of(wire_add, _pairs_height(wire_add)))
+        self._read_only = True
+        self._owner = 0
+        return self._changes
+
+    def dump(self):
+        """The full change set (version 0) of this snapshot."""
+        cdef list add = []
+        _collect_pairs(self._root, add)
+        add.append(_VERSION_KEY)
+        add.append(self._base.version + 1 if self._changes is not None else self._base.version)
+        return _frozen_change_set(0, _frozen_list_of([], 1),
+                                  _frozen_list_of(add, _pairs_height(add)))
+
+    def updates_slice(self, first_version):
+        """The recorded change sets from `first_version` on: [] when up to
+        date, None when a full dump is needed. Read-only refs only."""
+        if not self._replica:
+            raise SharingError(
+                "updates_slice() needs a ref taken with read_only=True: only those "
+                "stand for a replica's view of the history")
+        if type(first_version) is not int:
+            raise InvalidTypeError(
+                f"updates_slice(): first_version must be an int, got {_type_name(first_version)}")
+        cdef _Snapshot b = self._base
+        if first_version == 0:
+            return None
+        if first_version == b.version:
+            return []
+        if first_version > b.version or b.hist_lo == b.hist_hi:
+            return None
+        cdef list hist = b.hist
+        if first_version < dict.__getitem__(hist[b.hist_lo], "version"):
+            return None
+        cdef Py_ssize_t i = b.hist_hi
+        while i > b.hist_lo and dict.__getitem__(hist[i - 1], "version") >= first_version:
+            i -= 1
+        return hist[i:b.hist_hi]
+
+
+# ---------------------------------------------------------------------------
+# Views
+# ---------------------------------------------------------------------------
+
+@cython.auto_pickle(False)
+cdef class _View:
+    cdef object _root
+    cdef Py_ssize_t _count
+    cdef Py_hash_t _mask
+
+    def __init__(self):
+        raise TypeError("views are made by MapRef.keys(), values() and items()")
+
+    def __len__(self):
+        return self._count
+
+    def __repr__(self):
+        return f"{type(self).__name__.lstrip('_')}({list(self)!r})"
+
+
+cdef _View _make_view(type cls, MapRef ref):
+    cdef _View v = cls.__new__(cls)
+    v._mask = ref._map._mask
+    v._root = ref._escape_root()
+    v._count = ref._count
+    return v
+
+
+@cython.final
+cdef class _KeysView(_View):
+    def __iter__(self):
+        return _iter_trie(self._root, self._count, 0)
+
+    def __contains__(self, key):
+        if type(key) is not str:
+            if not isinstance(key, str):
+                PyObject_Hash(key)
+                return False
+            key = PyUnicode_FromObject(key)
+        return _find(_root_ptr(self._root), <str>key, PyObject_Hash(key) & self._mask) != NULL
+
+
+@cython.final
+cdef class _ValuesView(_View):
+    def __iter__(self):
+        return _iter_trie(self._root, self._count, 1)
+
+    def __contains__(self, value):
+        for v in _iter_trie(self._root, self._count, 1):
+            if v is value or v == value:
+                return True
+        return False
+
+
+@cython.final
+cdef class _ItemsView(_View):
+    def __iter__(self):
+        return _iter_trie(self._root, self._count, 2)
+
+    def __contains__(self, item):
+        if type(item) is not tuple or len(item) != 2:
+            return False
+        key, value = item
+        if not isinstance(key, str):
+            return False
+        key = PyUnicode_FromObject(key)
+        cdef PyObject* p = _find(_root_ptr(self._root), <str>key,
+                                 PyObject_Hash(key) & self._mask)
+        if p == NULL:
+            return False
+        v = <object>p
+        return v is value or v == value
+
+
