@@ -1,0 +1,395 @@
+"""The embedded backend: ``memory://`` and ``memory://NAME``.
+
+A real backend that keeps maps, checkpoints and leases in this process, with
+the same semantics as Redis: atomic, fenced, idempotent commits, numeric
+version checks, leases that expire, and asynchronous delivery of published
+change sets.
+
+Stores
+    ``memory://NAME`` backends with the same NAME share one :class:`MemoryStore`
+    from a process-wide registry, so several nodes in one process replicate to
+    each other. A bare ``memory://`` gets a private store of its own (nothing
+    is shared, nothing outlives the backend's last reference). Named stores
+    live as long as the process; tests free them with :meth:`MemoryStore.drop`
+    and :meth:`MemoryStore.drop_all`. A backend keeps using the store it
+    started with even after that store was dropped from the registry.
+
+Data is copied at the boundary: map fields and checkpoints are stored as
+orjson bytes, so no caller object is ever aliased by the store.
+
+Delivery
+    A commit schedules each change set on every subscriber's event loop
+    (``call_soon``, or ``call_soon_threadsafe`` for another loop) while it
+    holds the store lock, so subscribers see the messages of one channel in
+    commit order and never from inside the ``commit`` call. A handler that was
+    unsubscribed before its turn comes is not called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import (
+    BackendUnavailableError,
+    ConcurrentUpdateError,
+    LeaseHeldError,
+    LeaseLostError,
+    MapMissingError,
+)
+from ..names import check_actor_name, check_map_name
+from .base import ChangeSet, Checkpoint, MessageHandler, ReconnectListener, Transaction
+from .wire import (
+    EncodedTransaction,
+    chain_broken,
+    check_app,
+    decode_checkpoint,
+    decode_value,
+    encode_dump,
+    encode_transaction,
+    make_dump,
+    ttl_to_ms,
+)
+
+__all__ = ["MemoryBackend", "MemoryStore"]
+
+_log = logging.getLogger("caf_sharing.backends.memory")
+
+
+@dataclass(slots=True)
+class _Map:
+    version: int
+    fields: dict[str, bytes]
+
+
+@dataclass(slots=True)
+class _Lease:
+    node_id: str
+    expires: float  # time.monotonic()
+
+
+@dataclass(eq=False, slots=True)
+class _Subscription:
+    handler: MessageHandler
+    loop: asyncio.AbstractEventLoop
+    active: bool = True
+
+    def deliver(self, payload: bytes) -> None:
+        if not self.active:
+            return
+        try:
+            self.handler(payload)
+        except Exception:
+            _log.exception("subscription handler %r failed", self.handler)
+
+
+@dataclass(slots=True)
+class _Space:
+    """Everything one application namespace (``app``) holds in a store."""
+
+    maps: dict[str, _Map] = field(default_factory=dict)
+    checkpoints: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    leases: dict[str, _Lease] = field(default_factory=dict)
+    channels: dict[str, list[_Subscription]] = field(default_factory=dict)
+
+    def lease_holder(self, actor: str, now: float) -> str | None:
+        lease = self.leases.get(actor)
+        if lease is None:
+            return None
+        if lease.expires <= now:
+            del self.leases[actor]
+            return None
+        return lease.node_id
+
+
+class MemoryStore:
+    """One in-process store, shared by the backends opened on the same name."""
+
+    _registry: dict[str, MemoryStore] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
+        #: Held for every read and write, so a commit is atomic even when
+        #: backends on several threads' event loops share this store.
+        self.lock = threading.Lock()
+        self._spaces: dict[str, _Space] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({self.name!r})"
+
+    def space(self, app: str) -> _Space:
+        space = self._spaces.get(app)
+        if space is None:
+            space = self._spaces[app] = _Space()
+        return space
+
+    @classmethod
+    def named(cls, name: str) -> MemoryStore:
+        """The registry's store called ``name``, created on first use."""
+        with cls._registry_lock:
+            store = cls._registry.get(name)
+            if store is None:
+                store = cls._registry[name] = cls(name)
+            return store
+
+    @classmethod
+    def drop(cls, name: str) -> bool:
+        """Forget the store called ``name``; the next ``memory://NAME`` starts
+        empty. ``True`` if it existed. Backends already open keep theirs."""
+        with cls._registry_lock:
+            return cls._registry.pop(name, None) is not None
+
+    @classmethod
+    def drop_all(cls) -> None:
+        """Forget every named store (see :meth:`drop`)."""
+        with cls._registry_lock:
+            cls._registry.clear()
+
+
+class MemoryBackend:
+    """The in-process implementation of :class:`~caf_sharing.backends.base.Backend`."""
+
+    def __init__(self, name: str = "", *, app: str = "default") -> None:
+        self.store = MemoryStore.named(name) if name else MemoryStore()
+        self.app = check_app(app)
+        self.url = f"memory://{name}"
+        self._space = self.store.space(app)
+        self._started = False
+        self._closed = False
+        self._subscriptions: dict[tuple[str, MessageHandler], list[_Subscription]] = {}
+        self._reconnect_listeners: list[ReconnectListener] = []
+
+    def __repr__(self) -> str:
+        return f"MemoryBackend({self.url!r}, app={self.app!r})"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendUnavailableError(f"backend {self.url} (app {self.app!r}) is closed")
+        if not self._started:
+            raise BackendUnavailableError(
+                f"backend {self.url} (app {self.app!r}) is not started: await start() first")
+
+    async def start(self) -> None:
+        if self._closed:
+            raise BackendUnavailableError(f"backend {self.url} was closed; make a new one")
+        self._started = True
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self.store.lock:
+            for (name, _), subs in self._subscriptions.items():
+                channel = self._space.channels.get(name, [])
+                for sub in subs:
+                    sub.active = False
+                    if sub in channel:
+                        channel.remove(sub)
+                if not channel:
+                    self._space.channels.pop(name, None)
+        self._subscriptions.clear()
+
+    # -- maps -------------------------------------------------------------
+
+    async def create_map(self, name: str, initial: ChangeSet | None = None) -> ChangeSet:
+        check_map_name(name)
+        version, fields = (0, []) if initial is None else encode_dump(name, initial,
+                                                                      "initial value")
+        self._check_open()
+        with self.store.lock:
+            stored = self._space.maps.get(name)
+            if stored is None:
+                stored = self._space.maps[name] = _Map(version, dict(fields))
+            return self._dump(name, stored)
+
+    @staticmethod
+    def _dump(name: str, stored: _Map) -> ChangeSet:
+        items: list[object] = []
+        for key, raw in stored.fields.items():
+            items.append(key)
+            items.append(decode_value(name, key, raw))
+        return make_dump(stored.version, items)
+
+    async def read_map(self, name: str) -> ChangeSet | None:
+        check_map_name(name)
+        self._check_open()
+        with self.store.lock:
+            stored = self._space.maps.get(name)
+            if stored is None:
+                return None
+            # Decoding outside the lock would need a copy of the fields anyway.
+            return self._dump(name, stored)
+
+    async def delete_map(self, name: str) -> bool:
+        check_map_name(name)
+        self._check_open()
+        with self.store.lock:
+            return self._space.maps.pop(name, None) is not None
+
+    # -- subscriptions ----------------------------------------------------
+
+    async def subscribe(self, name: str, handler: MessageHandler) -> None:
+        check_map_name(name)
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, got {type(handler).__name__}")
+        self._check_open()
+        sub = _Subscription(handler, asyncio.get_running_loop())
+        with self.store.lock:
+            self._space.channels.setdefault(name, []).append(sub)
+        self._subscriptions.setdefault((name, handler), []).append(sub)
+
+    async def unsubscribe(self, name: str, handler: MessageHandler) -> None:
+        check_map_name(name)
+        self._check_open()
+        subs = self._subscriptions.get((name, handler))
+        if not subs:
+            return
+        sub = subs.pop()
+        if not subs:
+            del self._subscriptions[(name, handler)]
+        sub.active = False
+        with self.store.lock:
+            channel = self._space.channels.get(name)
+            if channel is not None:
+                if sub in channel:
+                    channel.remove(sub)
+                if not channel:
+                    del self._space.channels[name]
+
+    def add_reconnect_listener(self, listener: ReconnectListener) -> None:
+        # An in-process store never loses its subscribers, so the listeners are
+        # kept only to honour the protocol; they are never called.
+        self._reconnect_listeners.append(listener)
+
+    def _publish(self, name: str, payload: bytes) -> None:
+        """Schedule ``payload`` for every subscriber of ``name``; lock held."""
+        subs = self._space.channels.get(name)
+        if not subs:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for sub in tuple(subs):
+            if sub.loop is running:
+                sub.loop.call_soon(sub.deliver, payload)
+            elif sub.loop.is_closed():
+                # Its backend was never closed and its loop is gone.
+                _log.warning("dropping a subscriber of %s whose event loop is closed", name)
+                sub.active = False
+                subs.remove(sub)
+            else:
+                sub.loop.call_soon_threadsafe(sub.deliver, payload)
+
+    # -- leases -----------------------------------------------------------
+
+    async def acquire_lease(self, actor: str, node_id: str, ttl: float) -> None:
+        check_actor_name(actor)
+        ms = ttl_to_ms(ttl)
+        self._check_open()
+        with self.store.lock:
+            now = time.monotonic()
+            holder = self._space.lease_holder(actor, now)
+            if holder is not None and holder != node_id:
+                raise LeaseHeldError(actor, holder)
+            self._space.leases[actor] = _Lease(node_id, now + ms / 1000)
+
+    async def renew_leases(self, actors: Sequence[str], node_id: str, ttl: float) -> list[str]:
+        for actor in actors:
+            check_actor_name(actor)
+        ms = ttl_to_ms(ttl)
+        self._check_open()
+        lost: list[str] = []
+        with self.store.lock:
+            now = time.monotonic()
+            for actor in actors:
+                # A vanished lease is taken back; commits stay fenced by the txid chain.
+                if self._space.lease_holder(actor, now) in (node_id, None):
+                    self._space.leases[actor] = _Lease(node_id, now + ms / 1000)
+                else:
+                    lost.append(actor)
+        return lost
+
+    async def release_lease(self, actor: str, node_id: str) -> None:
+        check_actor_name(actor)
+        self._check_open()
+        with self.store.lock:
+            if self._space.lease_holder(actor, time.monotonic()) == node_id:
+                del self._space.leases[actor]
+
+    # -- checkpoints and commits -------------------------------------------
+
+    async def load_checkpoint(self, actor: str) -> Checkpoint | None:
+        check_actor_name(actor)
+        self._check_open()
+        with self.store.lock:
+            stored = self._space.checkpoints.get(actor)
+        return None if stored is None else decode_checkpoint(actor, stored[1])
+
+    async def commit(self, tx: Transaction) -> bool:
+        enc = encode_transaction(tx)
+        self._check_open()
+        # A commit is a round trip on any real backend: yield once, so that a
+        # busy writer cannot starve the other tasks of the loop.
+        await asyncio.sleep(0)
+        self._check_open()
+        with self.store.lock:
+            return self._commit_locked(enc)
+
+    def _commit_locked(self, tx: EncodedTransaction) -> bool:
+        space = self._space
+        stored_cp = space.checkpoints.get(tx.actor)
+        stored_txid = None if stored_cp is None else stored_cp[0]
+        if stored_txid == tx.txid:
+            return False
+        now = time.monotonic()
+        holder = space.lease_holder(tx.actor, now)
+        if holder is not None and holder != tx.node_id:
+            raise LeaseLostError(tx.actor, tx.node_id, holder)
+        if stored_txid is not None and stored_txid != tx.prev_txid:
+            raise chain_broken(tx, stored_txid)
+        take_lease = holder is None
+        created = {c.name: c.version for c in tx.creates if c.name not in space.maps}
+        recreate: set[str] = set()
+        missing: list[str] = []
+        for write in tx.writes:
+            stored = space.maps.get(write.name)
+            current = stored.version if stored is not None else created.get(write.name)
+            if current == write.base:
+                continue
+            if stored is None and write.full is not None:
+                recreate.add(write.name)
+            elif current is None:
+                missing.append(write.name)
+            else:
+                raise ConcurrentUpdateError(
+                    f"map {write.name!r} is at version {current}, the change set expects "
+                    f"{write.base}", name=write.name, expected=write.base, current=current)
+        if missing:
+            raise MapMissingError(missing)
+        # Every check passed: from here on nothing can fail.
+        if take_lease:
+            space.leases[tx.actor] = _Lease(tx.node_id, now + tx.lease_ttl_ms / 1000)
+        for create in tx.creates:
+            if create.name not in space.maps:
+                space.maps[create.name] = _Map(create.version, dict(create.fields))
+        for write in tx.writes:
+            if write.name in recreate:
+                assert write.full is not None
+                space.maps[write.name] = _Map(write.new_version, dict(write.full))
+                continue
+            target = space.maps[write.name]
+            for key in write.remove:
+                target.fields.pop(key, None)
+            target.fields.update(write.add)
+            target.version = write.new_version
+        space.checkpoints[tx.actor] = (tx.txid, tx.checkpoint)
+        for write in tx.writes:
+            self._publish(write.name, write.payload)
+        return True
+

@@ -1,0 +1,101 @@
+"""Shared fixtures: a real redis-server and started backends of every kind.
+
+* ``redis_server`` (session): a :class:`tests.redisserver.RedisServer` on a
+  free port. Without a redis-server binary the tests that need it are
+  skipped — or fail when the environment variable CI is "true", so CI never
+  passes by skipping them.
+* ``backend_kind``: parametrizes a test over ``"memory"`` and ``"redis"``.
+* ``backend_factory``: ``await backend_factory(kind, **options)`` returns a
+  new started backend; all backends of one test share one store (a unique
+  ``memory://`` name, or a unique ``app`` namespace on the shared Redis), so
+  two of them act as two nodes. They are closed, and the memory store
+  dropped, at teardown.
+* ``backend``: one started backend of ``backend_kind``.
+* ``backend_url``: the URL the factory uses for ``backend_kind``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from caf_sharing.backends import Backend, MemoryStore, make_backend
+from redisserver import RedisServer, find_redis_server
+
+BACKEND_KINDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+def require_redis_server() -> None:
+    """Skip the calling test when redis-server is missing (fail under CI)."""
+    if find_redis_server() is None:
+        reason = "redis-server is not on PATH (Debian: apt-get install redis-server)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI must run the Redis tests")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    require_redis_server()
+    server = RedisServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(params=BACKEND_KINDS)
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+class BackendFactory:
+    """Makes started backends that share one store; closes them all."""
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        self._request = request
+        unique = uuid.uuid4().hex[:12]
+        self.store_name = f"test-{unique}"
+        self.app = f"t{unique}"
+        self.backends: list[Backend] = []
+
+    def url(self, kind: str) -> str:
+        if kind == "memory":
+            return f"memory://{self.store_name}"
+        if kind == "redis":
+            server: RedisServer = self._request.getfixturevalue("redis_server")
+            return server.url
+        raise ValueError(f"unknown backend kind {kind!r}")
+
+    async def __call__(self, kind: str, **options: Any) -> Backend:
+        backend = make_backend(self.url(kind), app=self.app, **options)
+        await backend.start()
+        self.backends.append(backend)
+        return backend
+
+    async def close(self) -> None:
+        for backend in reversed(self.backends):
+            await backend.close()
+        self.backends.clear()
+        MemoryStore.drop(self.store_name)
+
+
+@pytest.fixture
+async def backend_factory(request: pytest.FixtureRequest) -> AsyncIterator[BackendFactory]:
+    factory = BackendFactory(request)
+    yield factory
+    await factory.close()
+
+
+@pytest.fixture
+async def backend(backend_factory: BackendFactory, backend_kind: str) -> Backend:
+    return await backend_factory(backend_kind)
+
+
+@pytest.fixture
+def backend_url(backend_factory: BackendFactory, backend_kind: str) -> str:
+    return backend_factory.url(backend_kind)
