@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="counter increments (default 200)")
     demo.add_argument("--processes", type=_non_negative, default=0,
                       help="run the readers in K child processes (needs redis://)")
+    demo.add_argument("--interval", type=float, default=1.0,
+                      help="milliseconds between commits (default 1)")
     demo.add_argument("--app", default=None, help="application namespace (default: random)")
     demo.add_argument("--timeout", type=float, default=60.0,
                       help="seconds before giving up (default 60)")
@@ -111,6 +113,7 @@ async def _demo(args: argparse.Namespace) -> int:
           file=sys.stderr)
     result = await run_demo(args.backend, readers=args.readers, commits=args.commits,
                             processes=args.processes, app=args.app, timeout=args.timeout,
+                            interval=args.interval / 1000.0,
                             progress=_progress)
     print(result.table())
     return 0 if result.ok else 1

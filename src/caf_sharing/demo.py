@@ -178,7 +178,7 @@ async def _read_until(node: Node, names: list[str], last_version: Callable[[], i
             final = last_version()
             if final is not None and version >= final:
                 return
-            await asyncio.sleep(0.0005)
+            await asyncio.sleep(0)
 
     await asyncio.gather(*(poll(h, r) for h, r in zip(handles, reports, strict=True)))
     return reports
@@ -186,6 +186,7 @@ async def _read_until(node: Node, names: list[str], last_version: Callable[[], i
 
 async def run_demo(backend: str = "memory://", *, readers: int = 4, commits: int = 200,
                    processes: int = 0, app: str | None = None, timeout: float = 60.0,
+                   interval: float = 0.001,
                    progress: Callable[[int, int], None] | None = None) -> DemoResult:
     """Run the scenario and check its histories; see the module docstring."""
     if readers < 1 or commits < 1:
@@ -220,7 +221,7 @@ async def run_demo(backend: str = "memory://", *, readers: int = 4, commits: int
                 values[version] = counter
                 if progress:
                     progress(i + 1, commits)
-                await asyncio.sleep(0)
+                await asyncio.sleep(interval)
             seconds = time.monotonic() - start
             done["last"] = max(values)
             reports = await reader_task

@@ -195,16 +195,17 @@ class ActorSharing:
     async def prepare(self) -> PreparedSharing:
         """Resolve registrations and prepare the change sets of written maps."""
         after = dict(self._info)
-        creates: list[MapCreate] = []
+        creates = [MapCreate(p.info.name, p.initial) for p in self._pending.values()
+                   if p is not None and p.info.writable]
+        created = {c.name for c in creates}
         try:
             for alias, pending in self._pending.items():
                 if pending is None:
                     after.pop(alias, None)
                     continue
                 after[alias] = pending.info
-                if pending.info.writable:
-                    creates.append(MapCreate(pending.info.name, pending.initial))
-                else:
+                # A replica of a map this very commit creates opens at the next begin.
+                if not pending.info.writable and pending.info.name not in created:
                     self._staged[alias] = await self._open(pending.info)
         except BaseException:
             await self.abort()
