@@ -201,3 +201,32 @@ async def test_maps_view_hands_out_refs(url) -> None:
     async with Node(url) as node:
         peek = await node.start(Peek, "bob-peek")
         assert await peek.call("peek")
+
+
+async def test_cancellation_inside_a_message_does_not_kill_the_actor(url) -> None:
+    class Canceller(Owner):
+        async def cancel_inner(self) -> None:
+            self.state["n"] = 99
+            task = asyncio.ensure_future(asyncio.sleep(10))
+            task.cancel()
+            await task
+
+    async with Node(url) as node:
+        actor = await node.start(Canceller, "bob-cancel")
+        with pytest.raises(asyncio.CancelledError):
+            await actor.call("cancel_inner")
+        assert actor.actor.state == {"n": 0}  # aborted
+        assert await actor.call("get", "mine", "k") == 1  # and still serving
+
+
+async def test_caller_cancelling_does_not_half_commit(url) -> None:
+    async with Node(url) as node:
+        owner = await node.start(Owner, "bob-owner")
+        gate = asyncio.Event()
+        slow = asyncio.ensure_future(owner.call("slow", gate))
+        queued = asyncio.ensure_future(owner.call("set", "mine", "k", 2))
+        await asyncio.sleep(0.01)
+        queued.cancel()  # the caller gives up before the message runs
+        gate.set()
+        assert await slow == "done"
+        assert await owner.call("get", "mine", "k") == 1

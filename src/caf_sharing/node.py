@@ -168,9 +168,13 @@ class _Host:
                 continue
             try:
                 result = await self.transaction(body)
-            except asyncio.CancelledError:
-                future.cancel()
-                raise
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # the worker itself is cancelled
+                    future.cancel()
+                    raise
+                if not future.done():  # the actor's own code was cancelled
+                    future.set_exception(exc)
             except BaseException as exc:  # handed to the caller, whatever it is
                 if not future.done():
                     future.set_exception(exc)
