@@ -50,7 +50,9 @@ class PrepareRequiredError(SharingError):
 
 
 class ConcurrentUpdateError(SharingError):
-    """The map moved past the version a reference (or change set) was based on."""
+    """The map moved past the version a reference (or change set) was based on,
+    or (``name`` is then an actor) another node committed for the actor since
+    this node's last commit."""
 
     def __init__(self, message: str, *, name: str | None = None,
                  expected: int | None = None, current: int | None = None) -> None:

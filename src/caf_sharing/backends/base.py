@@ -10,10 +10,14 @@ Semantics every backend must keep (the contract tests check them on each one):
 * ``commit`` is atomic: either the checkpoint, every map write and every map
   creation of the transaction are stored and each change set is published on
   its map's channel, or nothing is stored or published.
-* ``commit`` is fenced: it fails with :class:`LeaseLostError` unless
-  ``tx.node_id`` holds the lease of ``tx.actor``. A lease that vanished (the
-  backend lost its data) is taken back only when the stored checkpoint is
-  absent or carries ``tx.prev_txid``, so nobody else can have written since.
+* ``commit`` is fenced twice. It fails with :class:`LeaseLostError` when
+  another node holds the lease of ``tx.actor``. And the commits of an actor
+  form a chain of transaction ids: unless the stored checkpoint is absent or
+  carries ``tx.prev_txid``, the commit fails with
+  :class:`ConcurrentUpdateError` (``name`` is the actor), so a node that
+  missed another node's commit for the actor can never overwrite it. A lease
+  that vanished (expired, or the backend lost its data) is taken back by a
+  commit that passes both checks.
 * ``commit`` is idempotent by ``tx.txid``: when the stored checkpoint already
   carries ``tx.txid`` the call stores nothing and returns ``False``.
 * Versions are integers compared as numbers. A write whose change set version
@@ -127,7 +131,8 @@ class Backend(Protocol):
         ...
 
     async def renew_leases(self, actors: Sequence[str], node_id: str, ttl: float) -> list[str]:
-        """Extend the leases ``node_id`` holds; return the actors it no longer holds."""
+        """Extend the leases ``node_id`` holds and take back vanished ones;
+        return the actors whose lease another node holds."""
         ...
 
     async def release_lease(self, actor: str, node_id: str) -> None: ...

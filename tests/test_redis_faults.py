@@ -1,0 +1,514 @@
+"""The Redis backend under faults, against real redis-server processes.
+
+These tests stop, restart, freeze (SIGSTOP) and cut the connections of a
+server of their own, so they never disturb the session's shared server.
+Retry settings are kept small so that failures are reported quickly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from caf_sharing.backends import MapCreate, MapWrite, make_backend
+from caf_sharing.backends.redis import RedisBackend
+from caf_sharing.errors import (
+    BackendError,
+    BackendUnavailableError,
+    ConcurrentUpdateError,
+    LeaseHeldError,
+    MapMissingError,
+)
+from redisserver import RedisServer
+from test_backend_contract import (
+    ACTOR,
+    MAP,
+    NODE,
+    OTHER,
+    Inbox,
+    V,
+    as_dict,
+    changes,
+    dump,
+    tx,
+)
+
+pytestmark = pytest.mark.redis
+
+FAST = {"max_retries": 2, "retry_delay": 0.05, "connect_timeout": 1.0, "socket_timeout": 1.0}
+
+
+@pytest.fixture(scope="module")
+def own_server(redis_server: RedisServer) -> Iterator[RedisServer]:
+    # redis_server first: it skips (or fails under CI) without a binary.
+    server = RedisServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def fresh_server(own_server: RedisServer) -> RedisServer:
+    """The module's server, running and unfrozen whatever the last test did."""
+    if not own_server.running:
+        own_server.start()
+    own_server.thaw()
+    return own_server
+
+
+class Backends:
+    def __init__(self, server: RedisServer) -> None:
+        self.server = server
+        self.app = f"f{uuid.uuid4().hex[:12]}"
+        self.opened: list[RedisBackend] = []
+
+    async def __call__(self, **options: Any) -> RedisBackend:
+        backend = make_backend(self.server.url, app=self.app, **{**FAST, **options})
+        assert isinstance(backend, RedisBackend)
+        await backend.start()
+        self.opened.append(backend)
+        return backend
+
+    def key(self, what: str, name: str) -> str:
+        owner = "-".join(name.split("-")[:2])
+        return f"caf:{self.app}:{{{owner}}}:{what}:{name}"
+
+
+@pytest.fixture
+async def backends(fresh_server: RedisServer) -> AsyncIterator[Backends]:
+    made = Backends(fresh_server)
+    yield made
+    fresh_server.thaw()
+    if not fresh_server.running:
+        fresh_server.start()
+    for backend in made.opened:
+        await backend.close()
+
+
+async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_pubsub_connection_killed_while_commits_continue(backends: Backends) -> None:
+    writer = await backends()
+    reader = await backends()
+    await writer.acquire_lease(ACTOR, NODE, 30.0)
+    await writer.create_map(MAP)
+    reconnects: list[float] = []
+    reader.add_reconnect_listener(lambda: reconnects.append(time.monotonic()))
+    inbox = Inbox()
+    await reader.subscribe(MAP, inbox)
+    stop = asyncio.Event()
+    committed = 0
+
+    async def write() -> None:
+        nonlocal committed
+        while not stop.is_set():
+            assert await writer.commit(tx(
+                f"t{committed}", prev=f"t{committed - 1}" if committed else None,
+                writes=[MapWrite(MAP, changes(committed, {"n": committed}))]))
+            committed += 1
+            await asyncio.sleep(0.002)
+
+    writing = asyncio.create_task(write())
+    await inbox.wait_for(5)
+    assert backends.server.kill_pubsub_clients() == 1
+    await wait_until(lambda: reconnects)
+    after = committed
+    await wait_until(lambda: inbox.versions()[-1] > after + 5)
+    stop.set()
+    await writing
+    assert len(reconnects) == 1
+    received = inbox.versions()
+    assert received == sorted(received)
+    # Messages published after the resubscription all arrived.
+    assert set(range(after + 1, received[-1] + 1)) <= set(received)
+
+
+async def test_restarted_empty_server(backends: Backends) -> None:
+    backend = await backends()
+    reader = await backends()
+    await backend.acquire_lease(ACTOR, NODE, 30.0)
+    await backend.create_map(MAP, dump(0, {"a": 1}))
+    assert await backend.commit(tx("t0", writes=[MapWrite(MAP, changes(0, {"b": 2}))]))
+    reconnected = asyncio.Event()
+    reader.add_reconnect_listener(reconnected.set)
+    inbox = Inbox()
+    await reader.subscribe(MAP, inbox)
+
+    backends.server.restart()
+    assert await backend.read_map(MAP) is None
+    assert await backend.load_checkpoint(ACTOR) is None
+    write = MapWrite(MAP, changes(1, {"c": 3}))
+    with pytest.raises(MapMissingError) as info:
+        await backend.commit(tx("t1", prev="t0", writes=[write]))
+    assert info.value.names == [MAP]
+    # The writer re-creates the map from its own state; the lease, gone with
+    # the data, is taken back because no checkpoint contradicts it.
+    full = dump(2, {"a": 1, "b": 2, "c": 3})
+    assert await backend.commit(tx("t1", prev="t0", writes=[MapWrite(MAP, write.changes, full)]))
+    assert as_dict(await backend.read_map(MAP)) == {"a": 1, "b": 2, "c": 3, V: 2}
+    with pytest.raises(LeaseHeldError) as held:
+        await reader.acquire_lease(ACTOR, OTHER, 1.0)
+    assert held.value.holder == NODE
+    async with asyncio.timeout(5):
+        await reconnected.wait()
+    assert await backend.commit(tx("t2", prev="t1", writes=[MapWrite(MAP, changes(2))]))
+    # t1 may have been published before the reader's resubscription; t2 not.
+    await wait_until(lambda: inbox.messages and inbox.versions()[-1] == 3)
+
+
+async def test_after_data_loss_the_first_commit_wins_and_fences_the_other_node(
+        backends: Backends) -> None:
+    a = await backends()
+    b = await backends()
+    await a.acquire_lease(ACTOR, NODE, 30.0)
+    await a.create_map(MAP)
+    assert await a.commit(tx("a0", state="a", writes=[MapWrite(MAP, changes(0, {"by": "a"}))]))
+    backends.server.restart()
+    # Leases, checkpoints and maps are gone. B gets the actor first: with no
+    # checkpoint left, nothing contradicts its commit.
+    await b.acquire_lease(ACTOR, OTHER, 30.0)
+    assert await b.commit(tx("b0", node=OTHER, state="b", creates=[MapCreate(MAP)], writes=[
+        MapWrite(MAP, changes(0, {"by": "b"}))]))
+    await b.release_lease(ACTOR, OTHER)
+    # A's renewal (its script is sent again to the restarted server) takes
+    # the missing lease back...
+    assert await a.renew_leases([ACTOR], NODE, 30.0) == []
+    with pytest.raises(LeaseHeldError) as held:
+        await b.acquire_lease(ACTOR, OTHER, 1.0)
+    assert held.value.holder == NODE
+    # ... but A's commit follows a0, not B's b0. Its write is at the version
+    # the map is at now: only the chain tells it missed b0.
+    with pytest.raises(ConcurrentUpdateError) as info:
+        await a.commit(tx("a1", prev="a0", state="a", writes=[
+            MapWrite(MAP, changes(1, {"by": "a"}), dump(2, {"by": "a"}))]))
+    assert info.value.name == ACTOR
+    assert await b.load_checkpoint(ACTOR) == {"txid": "b0", "state": "b", "maps": [MAP]}
+    assert as_dict(await b.read_map(MAP)) == {"by": "b", V: 1}
+
+
+async def test_garbage_on_a_channel_reaches_the_handler_as_bytes(backends: Backends) -> None:
+    backend = await backends()
+    await backend.acquire_lease(ACTOR, NODE, 30.0)
+    await backend.create_map(MAP)
+    inbox = Inbox()
+    await backend.subscribe(MAP, inbox)
+    garbage = [b"\xff\x00not json", b'{"version": "x"}', b"[]", b""]
+    with backends.server.client() as client:
+        for raw in garbage:
+            client.publish(backends.key("chan", MAP), raw)
+    await inbox.wait_for(len(garbage))
+    assert inbox.messages == garbage
+    assert await backend.commit(tx("t0", writes=[MapWrite(MAP, changes(0))]))
+    await inbox.wait_for(len(garbage) + 1)
+    assert orjson.loads(inbox.messages[-1]) == changes(0)
+
+
+async def test_malformed_map_data_is_reported_with_map_and_field(backends: Backends) -> None:
+    backend = await backends()
+    await backend.create_map(MAP, dump(0, {"ok": 1}))
+    with backends.server.client() as client:
+        client.hset(backends.key("map", MAP), "broken", b"{nope")
+        with pytest.raises(BackendError, match=r"alice-admin-x.*'broken'"):
+            await backend.read_map(MAP)
+        client.hset(backends.key("map", MAP), "broken", b"2")
+        client.hset(backends.key("map", MAP), V, b"ten")
+        with pytest.raises(BackendError, match=r"alice-admin-x.*__ca_version__"):
+            await backend.read_map(MAP)
+
+
+async def test_commit_while_redis_is_down(backends: Backends) -> None:
+    backend = await backends()
+    await backend.acquire_lease(ACTOR, NODE, 30.0)
+    await backend.create_map(MAP)
+    backends.server.stop()
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailableError) as info:
+        await backend.commit(tx("t0", writes=[MapWrite(MAP, changes(0))]))
+    assert time.monotonic() - started < 5
+    message = str(info.value)
+    assert backends.server.url.split("/0")[0] in message and "3 attempts" in message
+    backends.server.start()
+    # Back, empty: the backend reconnects by itself.
+    assert await backend.read_map(MAP) is None
+    with pytest.raises(MapMissingError):
+        await backend.commit(tx("t0", writes=[MapWrite(MAP, changes(0))]))
+
+
+async def test_commit_timing_out_on_a_frozen_server_applies_once(backends: Backends) -> None:
+    backend = await backends(socket_timeout=0.3, max_retries=1)
+    await backend.acquire_lease(ACTOR, NODE, 30.0)
+    await backend.create_map(MAP)
+    commit = tx("t0", writes=[MapWrite(MAP, changes(0, {"a": 1}))])
+    backends.server.freeze()
+    try:
+        with pytest.raises(BackendUnavailableError):
+            await backend.commit(commit)
+    finally:
+        backends.server.thaw()
+    # The frozen server may still run the attempts it had received. Whatever
+    # happened, sending the commit again neither fails its version check
+    # (ConcurrentUpdateError, if the first attempt landed) nor applies it
+    # twice: the checkpoint's txid answers the retry.
+    await backend.commit(commit)
+    assert as_dict(await backend.read_map(MAP)) == {"a": 1, V: 1}
+    checkpoint = await backend.load_checkpoint(ACTOR)
+    assert checkpoint is not None and checkpoint["txid"] == "t0"
+    assert await backend.commit(commit) is False
+
+
+async def test_group_commit_batches_and_never_delays_an_idle_writer(
+        backends: Backends) -> None:
+    backend = await backends(coalescing_interval=5.0, max_pending_updates=30)
+    actors = [f"w{i}-a" for i in range(100)]
+    for actor in actors:
+        await backend.acquire_lease(actor, NODE, 30.0)
+        await backend.create_map(f"{actor}-m")
+    with backends.server.client() as client:
+        def evalsha_calls() -> int:
+            stats = client.info("commandstats").get("cmdstat_evalsha", {"calls": 0})
+            calls: int = stats["calls"]
+            return calls
+
+        base_stats = (backend.stats.round_trips, backend.stats.commits)
+        before = evalsha_calls()
+        started = time.monotonic()
+        assert await backend.commit(tx("idle", actor=actors[0], writes=[
+            MapWrite(f"{actors[0]}-m", changes(0))]))
+        # An idle commit goes at once, not after coalescing_interval (5 s).
+        assert time.monotonic() - started < 1.0
+        assert (backend.stats.round_trips, backend.stats.commits) == (base_stats[0] + 1,
+                                                                      base_stats[1] + 1)
+        started = time.monotonic()
+        results = await asyncio.gather(*(
+            backend.commit(tx(f"g{i}", actor=a, prev="idle" if i == 0 else None, writes=[
+                MapWrite(f"{a}-m", changes(1 if i == 0 else 0, {"i": i}))]))
+            for i, a in enumerate(actors)))
+        assert time.monotonic() - started < 2.0
+        assert all(results)
+        trips = backend.stats.round_trips - base_stats[0] - 1
+        assert backend.stats.commits - base_stats[1] == 101
+        assert trips <= 100 // 30 + 2
+        assert backend.stats.largest_batch == 30
+        # Exactly one script call per transaction.
+        assert evalsha_calls() - before == 101
+
+
+async def test_queued_commit_waits_at_most_the_coalescing_interval(
+        backends: Backends) -> None:
+    backend = await backends(coalescing_interval=0.2, socket_timeout=5.0)
+    for actor in ("a-a", "b-b"):
+        await backend.acquire_lease(actor, NODE, 30.0)
+        await backend.create_map(f"{actor}-m")
+    trips = backend.stats.round_trips
+    backends.server.freeze()
+    try:
+        first = asyncio.create_task(backend.commit(tx("1", actor="a-a", writes=[
+            MapWrite("a-a-m", changes(0))])))
+        await wait_until(lambda: backend.stats.round_trips == trips + 1)
+        second = asyncio.create_task(backend.commit(tx("2", actor="b-b", writes=[
+            MapWrite("b-b-m", changes(0))])))
+        await asyncio.sleep(0.02)
+        assert backend.stats.round_trips == trips + 1  # queued behind the first
+        # The first is still stuck in the frozen server; the interval sends it anyway.
+        await wait_until(lambda: backend.stats.round_trips == trips + 2, timeout=2.0)
+        assert not first.done()
+    finally:
+        backends.server.thaw()
+    assert await first and await second
+
+
+async def test_large_maps_are_read_in_consistent_chunks(backends: Backends) -> None:
+    writer = await backends()
+    reader = await backends(read_chunk_size=500)
+    await writer.acquire_lease(ACTOR, NODE, 30.0)
+    filler = {f"f{i}": i for i in range(3000)}
+    await writer.create_map(MAP, dump(0, {**filler, "first": 0, "last": 0}))
+    assert as_dict(await reader.read_map(MAP)) == {**filler, "first": 0, "last": 0, V: 0}
+    assert reader.stats.chunked_reads == 1
+    pause = 0.005
+    stop = asyncio.Event()
+
+    async def write() -> None:
+        v = 0
+        while not stop.is_set():
+            # "first" and "last" land in different HSCAN chunks; a read that
+            # mixed two versions would see them differ.
+            assert await writer.commit(tx(f"t{v}", prev=f"t{v - 1}" if v else None, writes=[
+                MapWrite(MAP, changes(v, {"first": v + 1, "last": v + 1}))]))
+            v += 1
+            await asyncio.sleep(pause)
+
+    writing = asyncio.create_task(write())
+    try:
+        for round_ in range(40):
+            if round_ == 20:
+                pause = 0  # now it moves faster than a chunked read
+            seen = as_dict(await reader.read_map(MAP))
+            assert len(seen) == 3003
+            assert seen["first"] == seen["last"] == seen[V], "a mixed view"
+    finally:
+        stop.set()
+        await writing
+    stats = reader.stats
+    assert stats.chunked_reads > 1 and stats.chunked_read_retries > 0 and stats.whole_reads > 0
+
+
+CHILD = r"""
+import asyncio, sys
+from caf_sharing.backends import MapWrite, Transaction, make_backend
+
+async def main(url, app, count):
+    backend = make_backend(url, app=app)
+    await backend.start()
+    inbox = asyncio.Queue()
+    await backend.subscribe("alice-admin-x", inbox.put_nowait)
+    print("ready", flush=True)
+    for _ in range(count):
+        print((await asyncio.wait_for(inbox.get(), 10)).decode(), flush=True)
+    # Then write, as another actor, for the parent to receive.
+    await backend.create_map("bob-admin-y")
+    for v in range(count):
+        prev = f"c{v - 1}" if v else None
+        tx = Transaction("bob-admin", "child", f"c{v}", prev, {}, 30.0,
+                         (MapWrite("bob-admin-y", {"version": v, "remove": [],
+                                                   "add": ["v", v, "__ca_version__", v + 1]}),))
+        assert await backend.commit(tx)
+    await backend.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def test_two_processes_replicate_through_one_server(backends: Backends) -> None:
+    backend = await backends()
+    await backend.acquire_lease(ACTOR, NODE, 30.0)
+    await backend.create_map(MAP)
+    from_child = Inbox()
+    await backend.subscribe("bob-admin-y", from_child)
+    count = 20
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, backends.server.url, backends.app, str(count),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        async with asyncio.timeout(30):
+            assert (await child.stdout.readline()).strip() == b"ready"
+            sent = [changes(v, {"v": v, "l": [v, str(v)]}) for v in range(count)]
+            for v, c in enumerate(sent):
+                assert await backend.commit(tx(f"t{v}", prev=f"t{v - 1}" if v else None,
+                                               writes=[MapWrite(MAP, c)]))
+            lines = [orjson.loads(await child.stdout.readline()) for _ in range(count)]
+            assert lines == sent
+            await from_child.wait_for(count, timeout=20)
+            _, stderr = await child.communicate()
+        assert child.returncode == 0, stderr.decode()
+        assert from_child.versions() == list(range(1, count + 1))
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+
+
+async def numsub(server: RedisServer, channel: str) -> int:
+    with server.client() as client:
+        count: int = client.pubsub_numsub(channel)[0][1]
+        return count
+
+
+async def test_redis_channel_is_dropped_with_its_last_handler(backends: Backends) -> None:
+    backend = await backends()
+    channel = backends.key("chan", MAP)
+    first, second = Inbox(), Inbox()
+    await backend.subscribe(MAP, first)
+    await backend.subscribe(MAP, second)
+    assert await numsub(backends.server, channel) == 1
+    await backend.unsubscribe(MAP, first)
+    assert await numsub(backends.server, channel) == 1
+    await backend.unsubscribe(MAP, second)
+    async with asyncio.timeout(5):
+        while await numsub(backends.server, channel):
+            await asyncio.sleep(0.01)
+    # Leaving and coming back at once leaves one live subscription.
+    await backend.subscribe(MAP, first)
+    await backend.unsubscribe(MAP, first)
+    await backend.subscribe(MAP, second)
+    assert await numsub(backends.server, channel) == 1
+    await backend.acquire_lease(ACTOR, NODE, 30.0)
+    await backend.create_map(MAP)
+    await backend.commit(tx("t0", writes=[MapWrite(MAP, changes(0))]))
+    await second.wait_for(1)
+
+
+async def test_subscribe_while_redis_is_down(backends: Backends) -> None:
+    backend = await backends()
+    reconnected = asyncio.Event()
+    backend.add_reconnect_listener(reconnected.set)
+    inbox = Inbox()
+    await backend.subscribe("bob-admin-y", inbox)
+    backends.server.stop()
+    with pytest.raises(BackendUnavailableError, match="subscribe"):
+        await backend.subscribe(MAP, inbox)
+    backends.server.start()
+    async with asyncio.timeout(10):
+        await reconnected.wait()
+    # The failed subscription left nothing behind to resubscribe.
+    assert await numsub(backends.server, backends.key("chan", MAP)) == 0
+    assert await numsub(backends.server, backends.key("chan", "bob-admin-y")) == 1
+    await backend.subscribe(MAP, inbox)
+    await backend.acquire_lease(ACTOR, NODE, 30.0)
+    await backend.create_map(MAP)
+    await backend.commit(tx("t0", writes=[MapWrite(MAP, changes(0))]))
+    await inbox.wait_for(1)
+
+
+async def test_silent_pubsub_connection_is_detected(backends: Backends) -> None:
+    backend = await backends(health_check_interval=0.2)
+    reconnected = asyncio.Event()
+    backend.add_reconnect_listener(reconnected.set)
+    inbox = Inbox()
+    await backend.subscribe(MAP, inbox)
+    backends.server.freeze()  # no RST, no FIN: only the PING can tell
+    await asyncio.sleep(0.8)
+    backends.server.thaw()
+    async with asyncio.timeout(10):
+        await reconnected.wait()
+    writer = await backends()
+    await writer.acquire_lease(ACTOR, NODE, 30.0)
+    await writer.create_map(MAP)
+    await writer.commit(tx("t0", writes=[MapWrite(MAP, changes(0))]))
+    await inbox.wait_for(1)
+
+
+async def test_cancelled_queued_commit_is_never_sent(backends: Backends) -> None:
+    backend = await backends(coalescing_interval=5.0, socket_timeout=5.0)
+    for actor in ("a-a", "b-b"):
+        await backend.acquire_lease(actor, NODE, 30.0)
+        await backend.create_map(f"{actor}-m")
+    backends.server.freeze()
+    try:
+        first = asyncio.create_task(backend.commit(tx("1", actor="a-a", writes=[
+            MapWrite("a-a-m", changes(0))])))
+        await wait_until(lambda: backend.stats.commits >= 1)
+        queued = asyncio.create_task(backend.commit(tx("2", actor="b-b", writes=[
+            MapWrite("b-b-m", changes(0))])))
+        await asyncio.sleep(0.01)
+        queued.cancel()
+    finally:
+        backends.server.thaw()
+    assert await first
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    await asyncio.sleep(0.05)
+    assert as_dict(await backend.read_map("b-b-m")) == {V: 0}
+    assert await backend.load_checkpoint("b-b") is None
