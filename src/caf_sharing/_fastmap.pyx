@@ -76,12 +76,90 @@ from caf_sharing.errors import (
 
 cdef extern from *:
     int __builtin_popcount(unsigned int x) nogil
+    void __builtin_prefetch(const void* addr, int rw, int locality) nogil
     long long PyLong_AsLongLongAndOverflow(object v, int* overflow)
     Py_ssize_t PyUnicode_GET_LENGTH(PyObject* s)
     int PyUnicode_KIND_PTR "PyUnicode_KIND" (PyObject* s)
     void* PyUnicode_DATA(PyObject* s)
     int PyUnicode_KIND(object s)
     int PyUnicode_1BYTE_KIND
+
+cdef extern from *:
+    """
+    /* Prefetch of the slot a dict lookup of `hash` will touch, in two
+       stages: 0 = the hash-table index, 1 = the entry that index names
+       (stage 1 reads the index, so it should come after stage 0 landed).
+       The layout mirrors CPython 3.11/3.12 Objects/dict-common.h
+       (struct _dictkeysobject); other versions get a no-op. */
+    #if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+    typedef struct {
+        Py_ssize_t dk_refcnt;
+        uint8_t dk_log2_size;
+        uint8_t dk_log2_index_bytes;
+        uint8_t dk_kind;
+        uint32_t dk_version;
+        Py_ssize_t dk_usable;
+        Py_ssize_t dk_nentries;
+        char dk_indices[];
+    } caf_dict_keys;
+
+    static inline void caf_prefetch_dict_slot(PyObject *d, Py_hash_t hash, int stage) {
+        PyDictObject *mp = (PyDictObject *)d;
+        caf_dict_keys *dk = (caf_dict_keys *)mp->ma_keys;
+        size_t mask, i;
+        int width;
+        char *slot, *entries;
+        Py_ssize_t ix;
+        if (mp->ma_values != NULL)
+            return;
+        mask = ((size_t)1 << dk->dk_log2_size) - 1;
+        i = (size_t)hash & mask;
+        width = dk->dk_log2_index_bytes - dk->dk_log2_size;
+        slot = dk->dk_indices + (i << width);
+        if (stage == 0) {
+            __builtin_prefetch(slot, 0, 3);
+            return;
+        }
+        switch (width) {
+            case 0: ix = *(int8_t *)slot; break;
+            case 1: ix = *(int16_t *)slot; break;
+            case 2: ix = *(int32_t *)slot; break;
+            default: ix = (Py_ssize_t)*(int64_t *)slot; break;
+        }
+        if (ix < 0 || ix >= dk->dk_nentries)
+            return;
+        entries = dk->dk_indices + ((size_t)1 << dk->dk_log2_index_bytes);
+        __builtin_prefetch(entries + (size_t)ix * (dk->dk_kind == 0 ? 3 : 2) * sizeof(void *),
+                           1, 3);
+    }
+    static PyObject* caf_debug_entry_key(PyObject *d, Py_hash_t hash) {
+        PyDictObject *mp = (PyDictObject *)d;
+        caf_dict_keys *dk = (caf_dict_keys *)mp->ma_keys;
+        size_t mask = ((size_t)1 << dk->dk_log2_size) - 1, i = (size_t)hash & mask;
+        int width = dk->dk_log2_index_bytes - dk->dk_log2_size;
+        char *slot = dk->dk_indices + (i << width);
+        Py_ssize_t ix;
+        switch (width) {
+            case 0: ix = *(int8_t *)slot; break;
+            case 1: ix = *(int16_t *)slot; break;
+            case 2: ix = *(int32_t *)slot; break;
+            default: ix = (Py_ssize_t)*(int64_t *)slot; break;
+        }
+        if (ix < 0) return Py_None;
+        char *entries = dk->dk_indices + ((size_t)1 << dk->dk_log2_index_bytes);
+        return *(PyObject**)(entries + (size_t)ix * (dk->dk_kind == 0 ? 3 : 2) * sizeof(void *) + (dk->dk_kind == 0 ? 8 : 0));
+    }
+    #else
+    static inline void caf_prefetch_dict_slot(PyObject *d, Py_hash_t hash, int stage) {
+        (void)d; (void)hash; (void)stage;
+    }
+    #endif
+    """
+    void caf_prefetch_dict_slot(PyObject* d, Py_hash_t hash, int stage) nogil
+    PyObject* caf_debug_entry_key(PyObject* d, Py_hash_t hash)
+
+def _dbg(dict d, k):
+    return <object>caf_debug_entry_key(<PyObject*>d, hash(k))
 
 __all__ = [
     "FIRST_VERSION",
@@ -492,7 +570,7 @@ cdef object _freeze_value(str key, object value):
 # be part of a cycle: values are frozen JSON data).
 
 cdef enum:
-    _BITS = 5
+    _BITS = 4
     _FANOUT = 1 << _BITS
     _FANOUT_MASK = _FANOUT - 1
     # Bitmap levels for a 64-bit hash, plus a collision level, plus slack.
@@ -604,6 +682,10 @@ cdef inline void _copy_items(_Node dst, Py_ssize_t at, _Node src, Py_ssize_t lo,
     """Copies src.items[lo:hi] to dst.items[at:], adding references."""
     cdef Py_ssize_t i
     cdef PyObject* p
+    # The referents are scattered cache misses: request them all before the
+    # first increment so they overlap instead of stalling one by one.
+    for i in range(lo, hi):
+        __builtin_prefetch(src.items[i], 1, 3)
     for i in range(lo, hi):
         p = src.items[i]
         Py_XINCREF(p)
@@ -735,6 +817,71 @@ cdef PyObject* _find(PyObject* node, str key, Py_hash_t h) noexcept:
                 return items[i + 1]
         return NULL
     return NULL
+
+
+cdef enum:
+    # Keys whose paths are fetched together; more would evict each other's
+    # lines from L1 before the edits reach them.
+    _BATCH = 16
+
+
+cdef inline void _prefetch_node(PyObject* node) noexcept:
+    """Requests the cache lines of a node (header and items)."""
+    cdef char* p = <char*>node
+    cdef Py_ssize_t off
+    for off in range(0, sizeof(PyObject*) * (_FANOUT * 2 + 8), 64):
+        __builtin_prefetch(p + off, 1, 3)
+
+
+cdef void _prefetch_paths(PyObject* root, Py_hash_t* hashes, Py_ssize_t n,
+                          PyObject* index) noexcept:
+    """Brings into the cache, for the `n` hashes, the trie path of each and
+    what copying it will touch (every referent of every node on it), and the
+    slots of `index` (a dict, or NULL) that the edits will update. Walking
+    all the paths level by level keeps one miss per key in flight at once
+    instead of the serial chain of misses a lone descent costs."""
+    cdef PyObject* nodes[_BATCH]
+    cdef unsigned int shift = 0, bit, bitmap
+    cdef Py_ssize_t j, i, idx, live = n
+    cdef PyObject** items
+    cdef PyObject* k
+    if index != NULL:
+        for j in range(n):
+            caf_prefetch_dict_slot(index, hashes[j], 0)
+    if root == NULL:
+        return
+    for j in range(n):
+        nodes[j] = root
+    _prefetch_node(root)
+    while live:
+        live = 0
+        for j in range(n):
+            if nodes[j] == NULL:
+                continue
+            items = (<_Node>nodes[j]).items
+            for i in range((<_Node>nodes[j]).n):
+                __builtin_prefetch(items[i], 1, 3)
+            if (<_Node>nodes[j]).collision:
+                nodes[j] = NULL
+                continue
+            bitmap = (<_Node>nodes[j]).bitmap
+            bit = _bit(hashes[j], shift)
+            if not (bitmap & bit):
+                nodes[j] = NULL
+                continue
+            idx = _slot(bitmap, bit)
+            k = items[idx]
+            if k != NULL:
+                nodes[j] = NULL
+                continue
+            nodes[j] = items[idx + 1]
+            _prefetch_node(nodes[j])
+            live += 1
+        shift += _BITS
+    # The index slots requested first have landed during the walk.
+    if index != NULL:
+        for j in range(n):
+            caf_prefetch_dict_slot(index, hashes[j], 1)
 
 
 cdef inline PyObject* _root_ptr(object root):
@@ -914,6 +1061,7 @@ def _trie_invariants(MapRef ref):
     tests): bitmaps match slots, every key sits where its hash bits say,
     subtrees hold at least two keys (single keys are inlined in the parent),
     collision nodes hold distinct keys of one hash."""
+    ref._sync()
     return _check_node(ref._root, 0, 0, ref._map._mask, True)
 
 
@@ -1081,6 +1229,28 @@ cdef str _change_key(object key, str where):
         raise InvalidChangeSetError(
             f"{where} key {key!r}: {(<_PathError>err).reason}") from None
     return key
+
+
+cdef void _prefetch_edits(PyObject* root, list removes, list adds, Py_hash_t mask,
+                          dict index):
+    """_prefetch_paths for the keys of a change set, a batch at a time."""
+    cdef Py_hash_t hashes[_BATCH]
+    cdef Py_ssize_t n = 0, i
+    cdef PyObject* ix = NULL if index is None else <PyObject*>index
+    for k in removes:
+        hashes[n] = PyObject_Hash(k) & mask
+        n += 1
+        if n == _BATCH:
+            _prefetch_paths(root, hashes, n, ix)
+            n = 0
+    for i in range(0, len(adds), 2):
+        hashes[n] = PyObject_Hash(adds[i]) & mask
+        n += 1
+        if n == _BATCH:
+            _prefetch_paths(root, hashes, n, ix)
+            n = 0
+    if n:
+        _prefetch_paths(root, hashes, n, ix)
 
 
 @cython.final
@@ -1326,6 +1496,7 @@ cdef class SharedMap:
         cdef Py_ssize_t count = cur.count, i
         cdef int flag
         cdef str k
+        _prefetch_edits(_root_ptr(root), p.removes, p.adds, self._mask, cur.index)
         for k in p.removes:
             flag = 0
             root = _without(root, 0, PyObject_Hash(k) & self._mask, k, owner, &flag)
@@ -1402,10 +1573,11 @@ cdef class MapRef:
     """
     cdef SharedMap _map
     cdef _Snapshot _base
-    cdef object _root
-    cdef Py_ssize_t _count
+    cdef object _root          # the trie of base + edits, once _pending is synced
+    cdef Py_ssize_t _count     # its size, likewise
     cdef Py_hash_t _mask        # the map's, copied for the read path
     cdef dict _edits           # key -> value or _TOMBSTONE; None until the first edit
+    cdef list _pending         # edited keys not yet in _root; None when synced
     cdef bint _read_only
     cdef bint _replica         # taken with read_only=True
     cdef object _changes       # the prepared change set
@@ -1427,12 +1599,15 @@ cdef class MapRef:
                 PyObject_Hash(key)
                 return _MISSING
             key = PyUnicode_FromObject(key)
-        elif self._edits is None:
-            index = self._base.index
-            if index is not None:
-                p = PyDict_GetItem(index, key)
-                return <object>p if p != NULL else _MISSING
-        p = _find(_root_ptr(self._root), <str>key, PyObject_Hash(key) & self._mask)
+        if self._edits is not None:
+            p = PyDict_GetItem(self._edits, key)
+            if p != NULL:
+                return _MISSING if p == <PyObject*>_TOMBSTONE else <object>p
+        index = self._base.index
+        if index is not None:
+            p = PyDict_GetItem(index, key)
+        else:
+            p = _find(_root_ptr(self._base.root), <str>key, PyObject_Hash(key) & self._mask)
         return <object>p if p != NULL else _MISSING
 
     # binding(False): a plain method descriptor, so `ref.get` binds and calls
@@ -1443,13 +1618,17 @@ cdef class MapRef:
         cdef dict index
         cdef PyObject* p
         if type(key) is str:
-            # An unedited ref of the newest version reads the index.
-            if self._edits is None:
-                index = self._base.index
-                if index is not None:
-                    p = PyDict_GetItem(index, key)
-                    return <object>p if p != NULL else default
-            p = _find(_root_ptr(self._root), <str>key, PyObject_Hash(key) & self._mask)
+            # The ref's own edits first; the rest is the base version's
+            # content, in the index while that version is the newest.
+            if self._edits is not None:
+                p = PyDict_GetItem(self._edits, key)
+                if p != NULL:
+                    return default if p == <PyObject*>_TOMBSTONE else <object>p
+            index = self._base.index
+            if index is not None:
+                p = PyDict_GetItem(index, key)
+                return <object>p if p != NULL else default
+            p = _find(_root_ptr(self._base.root), <str>key, PyObject_Hash(key) & self._mask)
             return <object>p if p != NULL else default
         v = self._lookup(key)
         return default if v is _MISSING else v
@@ -1464,16 +1643,55 @@ cdef class MapRef:
         return self._lookup(key) is not _MISSING
 
     def __len__(self):
+        self._sync()
         return self._count
+
+    cdef int _sync(self) except -1:
+        """Brings the pending edits into the ref's trie. Edits wait for this
+        (len, iteration, views, dump, prepare) so that their paths are
+        fetched together, see _prefetch_paths; reads do not need the trie."""
+        cdef list pending = self._pending
+        cdef Py_hash_t hashes[_BATCH]
+        cdef Py_ssize_t i, j, n, lo
+        cdef int flag
+        cdef str key
+        # The index the commit of these edits will update, while it may.
+        cdef dict index = self._base.index
+        if pending is None:
+            return 0
+        if self._owner == 0:
+            self._owner = _new_owner()
+        n = len(pending)
+        for lo in range(0, n, _BATCH):
+            for j in range(lo, min(lo + _BATCH, n)):
+                hashes[j - lo] = PyObject_Hash(<str>PyList_GET_ITEM(pending, j)) & self._mask
+            _prefetch_paths(_root_ptr(self._root), hashes, min(lo + _BATCH, n) - lo,
+                            NULL if index is None else <PyObject*>index)
+            for j in range(lo, min(lo + _BATCH, n)):
+                key = <str>PyList_GET_ITEM(pending, j)
+                value = <object>PyDict_GetItem(self._edits, key)
+                flag = 0
+                if value is _TOMBSTONE:
+                    self._root = _without(self._root, 0, hashes[j - lo], key, self._owner,
+                                          &flag)
+                    self._count -= flag
+                else:
+                    self._root = _assoc(self._root, 0, hashes[j - lo], key, value,
+                                        self._owner, self._mask, &flag)
+                    self._count += flag
+        self._pending = None
+        return 0
 
     cdef object _escape_root(self):
         """The root, for something that reads it later (iterators, views):
         edits from now on must copy nodes rather than mutate them."""
+        self._sync()
         self._owner = 0
         return self._root
 
     def __iter__(self):
-        return _iter_trie(self._escape_root(), self._count, 0)
+        root = self._escape_root()
+        return _iter_trie(root, self._count, 0)
 
     def keys(self):
         """A view of the keys (trie order)."""
@@ -1490,6 +1708,7 @@ cdef class MapRef:
     def to_dict(self):
         """A plain, mutable deep copy of the user keys."""
         cdef dict out = {}
+        self._sync()
         _collect_dict(self._root, out, True)
         return out
 
@@ -1512,6 +1731,7 @@ cdef class MapRef:
         return self._changes
 
     def __repr__(self):
+        self._sync()
         return (f"<MapRef version={self._base.version} keys={self._count} "
                 f"read_only={bool(self._read_only)} changed={self._edits is not None}>")
 
@@ -1523,21 +1743,14 @@ cdef class MapRef:
             raise ReadOnlyError(f"cannot {action} {key!r}: {why}")
         return 0
 
-    cdef void _put(self, str key, object value):
-        cdef int flag = 0
-        if self._owner == 0:
-            self._owner = _new_owner()
-        if value is _TOMBSTONE:
-            self._root = _without(self._root, 0, PyObject_Hash(key) & self._map._mask, key,
-                                  self._owner, &flag)
-            self._count -= flag
-        else:
-            self._root = _assoc(self._root, 0, PyObject_Hash(key) & self._map._mask, key, value,
-                                self._owner, self._map._mask, &flag)
-            self._count += flag
+    cdef int _put(self, str key, object value) except -1:
         if self._edits is None:
             self._edits = {}
-        self._edits[key] = value
+        if self._pending is None:
+            self._pending = []
+        PyDict_SetItem(self._edits, key, value)
+        PyList_Append(self._pending, key)
+        return 0
 
     @cython.binding(False)
     def set(self, key, value):
@@ -1584,6 +1797,7 @@ cdef class MapRef:
             raise ReadOnlyError(f"cannot prepare: {why}")
         cdef list remove = []
         cdef list add = []
+        self._sync()
         if self._edits is not None:
             for k, v in self._edits.items():
                 if v is _TOMBSTONE:
@@ -1604,6 +1818,7 @@ cdef class MapRef:
     def dump(self):
         """The full change set (version 0) of this snapshot."""
         cdef list add = []
+        self._sync()
         _collect_pairs(self._root, add)
         add.append(_VERSION_KEY)
         add.append(self._base.version + 1 if self._changes is not None else self._base.version)
