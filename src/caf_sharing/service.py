@@ -24,6 +24,7 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
@@ -77,8 +78,17 @@ class _Replica:
 
 @dataclass(eq=False, slots=True)
 class _Aggregate:
-    agg: AggregateMap
+    map: AggregateMap
     count: int = 1
+
+
+class _Counted(Protocol):
+    map: Any
+    count: int
+
+
+_K = TypeVar("_K")
+_E = TypeVar("_E", bound=_Counted)
 
 
 class SharingService:
@@ -176,18 +186,24 @@ class SharingService:
 
     async def release_replica(self, name: str, shared: SharedMap) -> None:
         """Drop one reference; unsubscribe when it was the last one."""
-        key = (name, shared.no_exec)
-        replica = self._replicas.get(key)
-        if replica is None or replica.map is not shared:
-            self._log.debug("ignoring release of unknown replica %s", name)
+        replica = self._drop_reference(self._replicas, (name, shared.no_exec), shared)
+        if replica is None:
             return
-        replica.count -= 1
-        if replica.count > 0:
-            return
-        del self._replicas[key]
         if replica.resync_task is not None:
             replica.resync_task.cancel()
         await self.backend.unsubscribe(name, replica.handle)
+
+    def _drop_reference(self, table: dict[_K, _E], key: _K, held: object) -> _E | None:
+        """Count one reference to ``held`` less; the entry once none is left."""
+        entry = table.get(key)
+        if entry is None or entry.map is not held:
+            self._log.debug("ignoring release of unknown map %s", key)
+            return None
+        entry.count -= 1
+        if entry.count > 0:
+            return None
+        del table[key]
+        return entry
 
     def _on_message(self, replica: _Replica, data: bytes) -> None:
         if replica.buffer is not None:
@@ -266,7 +282,7 @@ class SharingService:
         entry = self._aggregates.get(key)
         if entry is not None:
             entry.count += 1
-            return entry.agg
+            return entry.map
 
         async def find_map(map_name: str) -> SharedMap | None:
             return await self.replica_of(map_name, best_effort=True)
@@ -276,15 +292,9 @@ class SharingService:
         return agg
 
     async def release_aggregate(self, name: str, agg: AggregateMap) -> None:
-        key = (name, agg.link_key)
-        entry = self._aggregates.get(key)
-        if entry is None or entry.agg is not agg:
-            self._log.debug("ignoring release of unknown aggregate %s", name)
+        """Drop one reference; release its replicas when it was the last one."""
+        if self._drop_reference(self._aggregates, (name, agg.link_key), agg) is None:
             return
-        entry.count -= 1
-        if entry.count > 0:
-            return
-        del self._aggregates[key]
         for map_name, shared in list(agg.maps.items()):
             await self.release_replica(map_name, shared)
 

@@ -47,6 +47,7 @@ from .wire import (
     EncodedTransaction,
     chain_broken,
     check_app,
+    check_open,
     decode_checkpoint,
     decode_value,
     encode_dump,
@@ -168,11 +169,7 @@ class MemoryBackend:
         return f"MemoryBackend({self.url!r}, app={self.app!r})"
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise BackendUnavailableError(f"backend {self.url} (app {self.app!r}) is closed")
-        if not self._started:
-            raise BackendUnavailableError(
-                f"backend {self.url} (app {self.app!r}) is not started: await start() first")
+        check_open(self.url, self.app, self._started, self._closed)
 
     async def start(self) -> None:
         if self._closed:

@@ -85,6 +85,7 @@ from .wire import (
     EncodedTransaction,
     chain_broken,
     check_app,
+    check_open,
     decode_checkpoint,
     decode_version,
     encode_dump,
@@ -426,11 +427,7 @@ class RedisBackend:
     # -- round trips ----------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise BackendUnavailableError(f"backend {self.url} (app {self.app!r}) is closed")
-        if not self._started:
-            raise BackendUnavailableError(
-                f"backend {self.url} (app {self.app!r}) is not started: await start() first")
+        check_open(self.url, self.app, self._started, self._closed)
 
     async def _exchange(self, commands: Sequence[Command], what: str) -> list[Any]:
         attempt = 0

@@ -22,6 +22,7 @@ import orjson
 
 from ..errors import (
     BackendError,
+    BackendUnavailableError,
     ConcurrentUpdateError,
     ConfigError,
     InvalidChangeSetError,
@@ -259,6 +260,15 @@ def encode_transaction(tx: Transaction) -> EncodedTransaction:
         _no_duplicates("writes", (w.name for w in writes))
     return EncodedTransaction(actor, node_id, txid, tx.prev_txid, checkpoint,
                               ttl_to_ms(tx.lease_ttl), creates, writes)
+
+
+def check_open(url: str, app: str, started: bool, closed: bool) -> None:
+    """Refuse use of a backend before ``start()`` or after ``close()``."""
+    if closed:
+        raise BackendUnavailableError(f"backend {url} (app {app!r}) is closed")
+    if not started:
+        raise BackendUnavailableError(
+            f"backend {url} (app {app!r}) is not started: await start() first")
 
 
 def chain_broken(tx: EncodedTransaction, stored_txid: str) -> ConcurrentUpdateError:
