@@ -131,3 +131,21 @@ async def test_inspect_and_watch_on_redis(redis_server, capsys) -> None:
     shown = json.loads(capsys.readouterr().out)
     assert shown == {"name": "carol-owner-m", "version": 3,
                      "contents": {"a": 1, "b": 2, "c": 3}}
+
+
+def test_unreachable_redis_is_one_line(capsys) -> None:
+    from redisserver import free_port
+
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    assert main(["inspect", "alice-admin-m", "--backend", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unavailable" in err
+    assert "hunter2" not in err  # secrets never printed
+
+
+def test_demo_across_processes_on_redis(redis_server) -> None:
+    done = cli("demo", "--backend", redis_server.url, "--processes", "2", "--readers", "4",
+               "--commits", "60")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all guarantees held" in done.stdout
+    assert done.stdout.count("yes        yes") == 4
