@@ -176,3 +176,39 @@ async def test_restart_resumes_from_checkpoint(backend_url, app) -> None:
 @pytest.fixture
 def app(backend_factory) -> str:
     return backend_factory.app
+
+
+class AclOwner(Actor):
+    async def init(self) -> None:
+        self.sharing.add_writable_map("acl", "acl", initial_value={"bob": "read"})
+
+    async def link(self, *names: str) -> None:
+        self.sharing.maps.acl.set("__link_key__", list(names))
+
+    async def grant(self, who: str, right: str) -> None:
+        self.sharing.maps.acl.set(who, right)
+
+
+class AclChecker(Actor):
+    async def init(self) -> None:
+        self.sharing.add_read_only_map("acl", "alice-acl-acl", aggregate=True)
+
+    async def rights(self, who: str) -> list[str]:
+        return sorted(self.sharing.maps.acl.get_all(who))
+
+
+async def test_aggregate_maps_follow_links(backend_url, app) -> None:
+    async with Node(backend_url, app=app) as wnode, Node(backend_url, app=app) as rnode:
+        alice = await wnode.start(AclOwner, "alice-acl")
+        group = await wnode.start(AclOwner, "team-acl")
+        await alice.call("link", "team-acl-acl", "nobody-acl-acl")  # one link missing
+        checker = await rnode.start(AclChecker, "carol-check")
+        async with asyncio.timeout(10):
+            while await checker.call("rights", "bob") != ["read", "read"]:
+                await asyncio.sleep(0.01)
+        await group.call("grant", "bob", "write")
+        async with asyncio.timeout(10):
+            while await checker.call("rights", "bob") != ["read", "write"]:
+                await asyncio.sleep(0.01)
+        await rnode.stop("carol-check")
+        assert not rnode.service._replicas  # every linked replica released

@@ -27,13 +27,14 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 import orjson
 
+from ._fastmap import MapRef
 from .backends import make_backend
-from .backends.base import Backend
+from .backends.base import Backend, MapCreate
 from .errors import (
     ActorError,
     ActorStoppedError,
@@ -217,8 +218,8 @@ class _Host:
         await self.plug.committed()
         return result
 
-    async def commit(self, txid: str, checkpoint: dict[str, Any], refs: Any,
-                     creates: Any) -> None:
+    async def commit(self, txid: str, checkpoint: dict[str, Any],
+                     refs: Mapping[str, MapRef], creates: Sequence[MapCreate]) -> None:
         node = self.node
         try:
             await node.service.commit(

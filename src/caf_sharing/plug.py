@@ -279,10 +279,15 @@ class ActorSharing:
             info.name, best_effort=info.best_effort, no_exec=info.no_exec)
 
     async def _release(self, info: MapInfo, obj: MapObject) -> None:
-        if isinstance(obj, AggregateMap):
-            await self._service.release_aggregate(info.name, obj)
-        elif not info.writable:
-            await self._service.release_replica(info.name, obj)
+        # Releasing only drops a subscription; a failure must not turn a
+        # committed message (or a clean shutdown) into an error.
+        try:
+            if isinstance(obj, AggregateMap):
+                await self._service.release_aggregate(info.name, obj)
+            elif not info.writable:
+                await self._service.release_replica(info.name, obj)
+        except SharingError as exc:
+            self._log.warning("could not release map %s: %s", info.name, exc)
 
 
 async def _snapshot(obj: MapObject | None, info: MapInfo) -> Snapshot | None:
