@@ -52,7 +52,8 @@ def change_set(version: int, key: str, value: Any) -> dict[str, Any]:
 
 def transaction(actor: str, version: int, key: str = "k", value: Any = None) -> Transaction:
     txid = f"{actor}:{version}"
-    return Transaction(actor=actor, node_id="bench", txid=txid, prev_txid=None,
+    prev = f"{actor}:{version - 1}" if version else None  # commits of an actor chain
+    return Transaction(actor=actor, node_id="bench", txid=txid, prev_txid=prev,
                        checkpoint={"txid": txid, "state": None, "maps": []}, lease_ttl=600.0,
                        writes=(MapWrite(f"{actor}-m", change_set(version, key,
                                                                  value or version)),))
