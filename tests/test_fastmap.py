@@ -309,6 +309,48 @@ def test_set_and_delete_chain_and_read_your_writes() -> None:
     assert ref.has_changed and not other.has_changed
 
 
+@pytest.mark.parametrize("hash_bits", [64, 4])
+def test_pending_edits_read_like_applied_ones(hash_bits: int) -> None:
+    """A ref's edits reach its trie in batches, when something needs the trie
+    (len, iteration, views, dump, prepare); reads must not depend on when.
+    More edits than one batch (16), repeats, deletes, and a base version the
+    map has since left (its index moved on) are all covered; 4 hash bits
+    force collision nodes onto the batched paths."""
+    m = _map_with_hash_bits(hash_bits)
+    base = {f"k{i}": i for i in range(300)}
+    commit(m, **base)
+    ref = m.ref()
+    rnd = random.Random(7)
+    model = dict(base)
+    for step in range(120):
+        key = f"k{rnd.randrange(400)}"
+        if rnd.random() < 0.3:
+            ref.delete(key)
+            model.pop(key, None)
+        else:
+            ref.set(key, step)
+            model[key] = step
+        if step == 40:
+            # The map moves on: the ref's base loses the index.
+            commit(m, k0=-1, k399=-1)
+        probe = f"k{rnd.randrange(400)}"
+        assert ref.get(probe) == model.get(probe)
+        assert (probe in ref) == (probe in model)
+        if step % 25 == 0:
+            assert len(ref) == len(model)
+            assert _trie_invariants(ref) == len(model)
+        if step % 37 == 0:
+            assert dict(ref.items()) == model
+    assert ref.to_dict() == model
+    assert sorted(ref) == sorted(model)
+    changes = ref.prepare()
+    assert _trie_invariants(ref) == len(model) == len(ref)
+    assert changes["version"] == ref.version
+    copy = SharedMap()
+    copy.apply_changes(ref.dump())
+    assert copy.ref().to_dict() == model
+
+
 def test_delete_of_an_absent_key_is_a_change() -> None:
     m = SharedMap()
     ref = m.ref()

@@ -5,7 +5,7 @@ change sets. It knows nothing of I/O; everything above it is plain Python.
 Data structure
 --------------
 Every version of a :class:`SharedMap` is a hash array mapped trie (HAMT):
-bitmap nodes of up to 32 slots indexed by 5-bit chunks of the key's 64-bit
+bitmap nodes of up to 8 slots indexed by 3-bit chunks of the key's 64-bit
 ``hash()`` (popcount of the bitmap gives the slot), and collision nodes for
 keys whose whole hash is equal. A change copies only the path from the root
 to the changed slot, so ``m.ref()`` is O(1), a commit of k keys is
@@ -15,18 +15,44 @@ each node, as in Clojure's transients), so ten edits under the same root copy
 the root once. The owner id is dropped whenever the ref's root escapes (views,
 iterators, prepare), so nothing that escaped is ever mutated.
 
-Nodes keep their items inside the node object (size classes of 4, 16 and 64
-slots) rather than in a separate list: at a million keys each trie level then
-costs one cache miss instead of three, which made lookups ~20% and cold path
-copies ~15% faster than the list-based first version.
+Nodes keep their items inside the node object (size classes of 4, 8 and 16
+item slots) rather than in a separate list: at a million keys each trie level
+then costs one cache miss instead of three.
+
+Writes are memory-bound
+-----------------------
+At a million keys a write to a random key is all cache misses: the path
+nodes, every neighbour a copied node must add a reference to, the dict index
+slot, and (when the old version goes) the pymalloc pool headers of the nodes
+it frees. So a ref's ``set``/``delete`` only record the edit in a small dict;
+the trie edits wait until something needs the trie (``prepare``, ``len``,
+iteration, ``dump``), and an applied change set arrives whole. Then the paths
+of up to 16 keys are walked level by level with software prefetches for all
+of them (``_prefetch_paths``) before any node is copied, so the misses
+overlap instead of forming one serial chain per key; the 8-way fanout keeps
+the neighbours per copied node few. Reads of an edited ref look in its edit
+dict, then in its base version, and never need the trie.
+
+Measured with benchmarks/compare_core.py (1M keys, 10 random keys per
+write, min of interleaved rounds, 2-core VM shared with other jobs): 10 sets
++ prepare + commit went from 32.0 us to 20.7-21.2 us (P3 target 20 us: not
+met yet) and apply_changes of 10 keys from 26.0 us to 16.2-16.6 us, against
+19.4-22.7 us for ``immutables.Map`` mutate + finish in the same runs.
+Deferring and batching the trie edits gave ~6 us of that, prefetching the
+index slots and pool headers ~2.5 us, the fanout of 8 instead of 32 ~3 us. What is left is mostly the misses
+themselves (neighbours, TLB), freeing the replaced nodes, ~2.4 us for the 10
+index updates (dict probe chains that collide read other keys, which no
+prefetch of the first slot covers), and ~1 us for freeing history entries
+that fell out of ``max_updates``.
 
 Hybrid reads
 ------------
 The newest version also keeps a plain ``dict`` of its entries (the *index*),
-and refs of that version without edits of their own read through it; other
-refs read the trie. Measured (benchmarks/compare_core.py): the trie lookup
-alone is ~1.45x ``dict.get`` at 10k keys and ~1.1x at 1M, the index path
-~1.1x and ~1.05x. The P1 target is 1.5x, so the index stays for the margin.
+and refs of that version read through it (after their own edits, if any);
+refs of older versions read the trie. Measured (benchmarks/compare_core.py): the trie lookup
+alone is ~2.1x ``dict.get`` at 10k keys and ~1.4x at 1M (8-way nodes make
+it deeper than a 32-way trie, which was ~1.45x and ~1.1x), the index path
+~1.15x and ~1.0x. The P1 target is 1.5x, so the index is what meets it.
 A commit or an applied change set moves the index to the new version by
 applying the same k edits to it (O(k)) and detaches it from the old version,
 whose holders fall back to the trie (same content, so isolation holds). Only
@@ -86,11 +112,11 @@ cdef extern from *:
 
 cdef extern from *:
     """
-    /* Prefetch of the slot a dict lookup of `hash` will touch, in two
-       stages: 0 = the hash-table index, 1 = the entry that index names
-       (stage 1 reads the index, so it should come after stage 0 landed).
-       The layout mirrors CPython 3.11/3.12 Objects/dict-common.h
-       (struct _dictkeysobject); other versions get a no-op. */
+    /* Prefetch of the hash-table index slot a dict lookup of `hash` reads
+       first (the entries are found in time without help). The layout
+       mirrors CPython 3.11/3.12 Include/internal/pycore_dict.h (struct
+       _dictkeysobject); other versions get a no-op. Only header fields are
+       read, and a prefetch never faults. */
     #if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
     typedef struct {
         Py_ssize_t dk_refcnt;
@@ -103,63 +129,21 @@ cdef extern from *:
         char dk_indices[];
     } caf_dict_keys;
 
-    static inline void caf_prefetch_dict_slot(PyObject *d, Py_hash_t hash, int stage) {
+    static inline void caf_prefetch_dict_slot(PyObject *d, Py_hash_t hash) {
         PyDictObject *mp = (PyDictObject *)d;
         caf_dict_keys *dk = (caf_dict_keys *)mp->ma_keys;
-        size_t mask, i;
-        int width;
-        char *slot, *entries;
-        Py_ssize_t ix;
-        if (mp->ma_values != NULL)
-            return;
-        mask = ((size_t)1 << dk->dk_log2_size) - 1;
-        i = (size_t)hash & mask;
-        width = dk->dk_log2_index_bytes - dk->dk_log2_size;
-        slot = dk->dk_indices + (i << width);
-        if (stage == 0) {
-            __builtin_prefetch(slot, 0, 3);
-            return;
-        }
-        switch (width) {
-            case 0: ix = *(int8_t *)slot; break;
-            case 1: ix = *(int16_t *)slot; break;
-            case 2: ix = *(int32_t *)slot; break;
-            default: ix = (Py_ssize_t)*(int64_t *)slot; break;
-        }
-        if (ix < 0 || ix >= dk->dk_nentries)
-            return;
-        entries = dk->dk_indices + ((size_t)1 << dk->dk_log2_index_bytes);
-        __builtin_prefetch(entries + (size_t)ix * (dk->dk_kind == 0 ? 3 : 2) * sizeof(void *),
-                           1, 3);
-    }
-    static PyObject* caf_debug_entry_key(PyObject *d, Py_hash_t hash) {
-        PyDictObject *mp = (PyDictObject *)d;
-        caf_dict_keys *dk = (caf_dict_keys *)mp->ma_keys;
-        size_t mask = ((size_t)1 << dk->dk_log2_size) - 1, i = (size_t)hash & mask;
-        int width = dk->dk_log2_index_bytes - dk->dk_log2_size;
-        char *slot = dk->dk_indices + (i << width);
-        Py_ssize_t ix;
-        switch (width) {
-            case 0: ix = *(int8_t *)slot; break;
-            case 1: ix = *(int16_t *)slot; break;
-            case 2: ix = *(int32_t *)slot; break;
-            default: ix = (Py_ssize_t)*(int64_t *)slot; break;
-        }
-        if (ix < 0) return Py_None;
-        char *entries = dk->dk_indices + ((size_t)1 << dk->dk_log2_index_bytes);
-        return *(PyObject**)(entries + (size_t)ix * (dk->dk_kind == 0 ? 3 : 2) * sizeof(void *) + (dk->dk_kind == 0 ? 8 : 0));
+        size_t i = (size_t)hash & (((size_t)1 << dk->dk_log2_size) - 1);
+        /* dk_log2_index_bytes - dk_log2_size: log2 of the bytes per slot */
+        __builtin_prefetch(dk->dk_indices + (i << (dk->dk_log2_index_bytes - dk->dk_log2_size)),
+                           0, 3);
     }
     #else
-    static inline void caf_prefetch_dict_slot(PyObject *d, Py_hash_t hash, int stage) {
-        (void)d; (void)hash; (void)stage;
+    static inline void caf_prefetch_dict_slot(PyObject *d, Py_hash_t hash) {
+        (void)d; (void)hash;
     }
     #endif
     """
-    void caf_prefetch_dict_slot(PyObject* d, Py_hash_t hash, int stage) nogil
-    PyObject* caf_debug_entry_key(PyObject* d, Py_hash_t hash)
-
-def _dbg(dict d, k):
-    return <object>caf_debug_entry_key(<PyObject*>d, hash(k))
+    void caf_prefetch_dict_slot(PyObject* d, Py_hash_t hash) nogil
 
 __all__ = [
     "FIRST_VERSION",
@@ -190,7 +174,7 @@ cdef object _TOMBSTONE = object()
 # Owner ids for in-place edits of freshly copied trie nodes; 0 = frozen.
 cdef unsigned long long _next_owner = 1
 
-cdef inline unsigned long long _new_owner():
+cdef inline unsigned long long _new_owner() noexcept:
     global _next_owner
     _next_owner += 1
     return _next_owner
@@ -570,7 +554,12 @@ cdef object _freeze_value(str key, object value):
 # be part of a cycle: values are frozen JSON data).
 
 cdef enum:
-    _BITS = 4
+    # 8-way nodes: a copied path node adds references to at most 8
+    # neighbours, each a likely cache (and TLB) miss at a million keys. The
+    # extra levels cost less than those misses: measured at 1M keys, 10
+    # random writes took ~1 us less with 3 bits than with 4 and ~6 us less
+    # than with 5 (benchmarks/compare_core.py P3/P4); 2 bits was slower again.
+    _BITS = 3
     _FANOUT = 1 << _BITS
     _FANOUT_MASK = _FANOUT - 1
     # Bitmap levels for a 64-bit hash, plus a collision level, plus slack.
@@ -602,20 +591,20 @@ cdef class _Node4(_Node):
 
 @cython.final
 @cython.auto_pickle(False)
-cdef class _Node16(_Node):
-    cdef PyObject* store[16]
+cdef class _Node8(_Node):
+    cdef PyObject* store[8]
 
 
 @cython.final
 @cython.auto_pickle(False)
-cdef class _Node64(_Node):
-    cdef PyObject* store[_FANOUT * 2]
+cdef class _Node16(_Node):
+    cdef PyObject* store[_FANOUT * 2]   # a full bitmap node
 
 
 @cython.final
 @cython.auto_pickle(False)
 cdef class _NodeHeap(_Node):
-    """Collision nodes past 32 keys (practically only with truncated hashes)."""
+    """Collision nodes past 8 keys (practically only with truncated hashes)."""
 
     def __dealloc__(self):
         cdef Py_ssize_t i
@@ -631,13 +620,13 @@ cdef _Node _alloc(Py_ssize_t cap, unsigned long long owner):
         node = _Node4.__new__(_Node4)
         node.items = (<_Node4>node).store
         node.cap = 4
-    elif cap <= 16:
+    elif cap <= 8:
+        node = _Node8.__new__(_Node8)
+        node.items = (<_Node8>node).store
+        node.cap = 8
+    elif cap <= _FANOUT * 2:
         node = _Node16.__new__(_Node16)
         node.items = (<_Node16>node).store
-        node.cap = 16
-    elif cap <= _FANOUT * 2:
-        node = _Node64.__new__(_Node64)
-        node.items = (<_Node64>node).store
         node.cap = _FANOUT * 2
     else:
         node = _NodeHeap.__new__(_NodeHeap)
@@ -649,13 +638,13 @@ cdef _Node _alloc(Py_ssize_t cap, unsigned long long owner):
     return node
 
 
-cdef inline void _set(_Node node, Py_ssize_t i, object o):
+cdef inline void _set(_Node node, Py_ssize_t i, object o) noexcept:
     """Stores a new reference to `o` in an unused slot."""
     Py_INCREF(o)
     node.items[i] = <PyObject*>o
 
 
-cdef inline void _set_key(_Node node, Py_ssize_t i, object key):
+cdef inline void _set_key(_Node node, Py_ssize_t i, object key) noexcept:
     """Like _set, for a key slot: None marks a child (NULL)."""
     if key is None:
         node.items[i] = NULL
@@ -663,7 +652,7 @@ cdef inline void _set_key(_Node node, Py_ssize_t i, object key):
         _set(node, i, key)
 
 
-cdef inline void _replace(_Node node, Py_ssize_t i, object o, bint is_key):
+cdef inline void _replace(_Node node, Py_ssize_t i, object o, bint is_key) noexcept:
     cdef PyObject* old = node.items[i]
     if is_key:
         _set_key(node, i, o)
@@ -678,14 +667,10 @@ cdef inline object _key_at(_Node node, Py_ssize_t i):
 
 
 cdef inline void _copy_items(_Node dst, Py_ssize_t at, _Node src, Py_ssize_t lo,
-                             Py_ssize_t hi):
+                             Py_ssize_t hi) noexcept:
     """Copies src.items[lo:hi] to dst.items[at:], adding references."""
     cdef Py_ssize_t i
     cdef PyObject* p
-    # The referents are scattered cache misses: request them all before the
-    # first increment so they overlap instead of stalling one by one.
-    for i in range(lo, hi):
-        __builtin_prefetch(src.items[i], 1, 3)
     for i in range(lo, hi):
         p = src.items[i]
         Py_XINCREF(p)
@@ -765,16 +750,21 @@ cdef _Node _with_slot(_Node node, Py_ssize_t idx, object key, object val,
     return node
 
 
-cdef inline unsigned int _bit(Py_hash_t h, unsigned int shift):
+cdef inline unsigned int _bit(Py_hash_t h, unsigned int shift) noexcept:
     return 1u << ((<unsigned long long>h >> shift) & _FANOUT_MASK)
 
 
-cdef inline Py_ssize_t _slot(unsigned int bitmap, unsigned int bit):
-    return 2 * __builtin_popcount(bitmap & (bit - 1))
+cdef inline Py_ssize_t _slot(unsigned int bitmap, unsigned int bit) noexcept:
+    # Inline bit counting: without -mpopcnt, __builtin_popcount is a libgcc call.
+    cdef unsigned int x = bitmap & (bit - 1)
+    x = x - ((x >> 1) & 0x55555555u)
+    x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u)
+    x = (x + (x >> 4)) & 0x0F0F0F0Fu
+    return 2 * <Py_ssize_t>((x * 0x01010101u) >> 24)
 
 
-cdef inline bint _same_key(PyObject* a, str b):
-    return a == <PyObject*>b or (<str>a) == b
+cdef inline bint _same_key(PyObject* a, str b) noexcept:
+    return a == <PyObject*>b or _str_eq(a, <PyObject*>b)
 
 
 cdef inline bint _str_eq(PyObject* a, PyObject* b) noexcept:
@@ -820,8 +810,8 @@ cdef PyObject* _find(PyObject* node, str key, Py_hash_t h) noexcept:
 
 
 cdef enum:
-    # Keys whose paths are fetched together; more would evict each other's
-    # lines from L1 before the edits reach them.
+    # Keys whose paths are fetched together (their hashes sit on the C stack);
+    # 16 already keeps more misses in flight than the CPU can track.
     _BATCH = 16
 
 
@@ -831,6 +821,12 @@ cdef inline void _prefetch_node(PyObject* node) noexcept:
     cdef Py_ssize_t off
     for off in range(0, sizeof(PyObject*) * (_FANOUT * 2 + 8), 64):
         __builtin_prefetch(p + off, 1, 3)
+
+
+cdef inline void _prefetch_pool(PyObject* p) noexcept:
+    """Requests the header of the pymalloc pool (16 KiB in CPython 3.10+)
+    holding `p`: freeing `p` writes it, and for old objects it is cold."""
+    __builtin_prefetch(<void*>(<size_t>p & ~(<size_t>16383)), 1, 3)
 
 
 cdef void _prefetch_paths(PyObject* root, Py_hash_t* hashes, Py_ssize_t n,
@@ -847,7 +843,7 @@ cdef void _prefetch_paths(PyObject* root, Py_hash_t* hashes, Py_ssize_t n,
     cdef PyObject* k
     if index != NULL:
         for j in range(n):
-            caf_prefetch_dict_slot(index, hashes[j], 0)
+            caf_prefetch_dict_slot(index, hashes[j])
     if root == NULL:
         return
     for j in range(n):
@@ -859,8 +855,15 @@ cdef void _prefetch_paths(PyObject* root, Py_hash_t* hashes, Py_ssize_t n,
             if nodes[j] == NULL:
                 continue
             items = (<_Node>nodes[j]).items
-            for i in range((<_Node>nodes[j]).n):
-                __builtin_prefetch(items[i], 1, 3)
+            # Paths share their upper nodes: fetch what a node holds once.
+            i = 0
+            while i < j and nodes[i] != nodes[j]:
+                i += 1
+            if i == j:
+                for i in range((<_Node>nodes[j]).n):
+                    __builtin_prefetch(items[i], 1, 3)
+                # The node is replaced by a copy and freed with the old version.
+                _prefetch_pool(nodes[j])
             if (<_Node>nodes[j]).collision:
                 nodes[j] = NULL
                 continue
@@ -872,19 +875,16 @@ cdef void _prefetch_paths(PyObject* root, Py_hash_t* hashes, Py_ssize_t n,
             idx = _slot(bitmap, bit)
             k = items[idx]
             if k != NULL:
+                _prefetch_pool(items[idx + 1])  # the value being replaced
                 nodes[j] = NULL
                 continue
             nodes[j] = items[idx + 1]
             _prefetch_node(nodes[j])
             live += 1
         shift += _BITS
-    # The index slots requested first have landed during the walk.
-    if index != NULL:
-        for j in range(n):
-            caf_prefetch_dict_slot(index, hashes[j], 1)
 
 
-cdef inline PyObject* _root_ptr(object root):
+cdef inline PyObject* _root_ptr(object root) noexcept:
     return NULL if root is None else <PyObject*>root
 
 
@@ -970,7 +970,7 @@ cdef _Node _assoc(object root, unsigned int shift, Py_hash_t h, str key, object 
     return _with_pair(node, node.n, key, val, owner)
 
 
-cdef inline bint _is_single_leaf(_Node node):
+cdef inline bint _is_single_leaf(_Node node) noexcept:
     """Whether `node` holds exactly one key and no child: its parent can
     inline it, which keeps the trie as shallow as its content allows."""
     return node.n == 2 and node.items[0] != NULL
@@ -1195,13 +1195,16 @@ cdef _Snapshot _empty_snapshot():
     return s
 
 
-cdef void _apply_to_index(dict index, list removes, list adds):
+cdef int _apply_to_index(dict index, list removes, list adds, Py_ssize_t n_adds) except -1:
+    """Applies the removes and the first `n_adds` items of `adds` (pairs)."""
     cdef Py_ssize_t i
     for k in removes:
         if PyDict_GetItem(index, k) != NULL:
             PyDict_DelItem(index, k)
-    for i in range(0, len(adds), 2):
-        PyDict_SetItem(index, adds[i], adds[i + 1])
+    for i in range(0, n_adds, 2):
+        PyDict_SetItem(index, <object>PyList_GET_ITEM(adds, i),
+                       <object>PyList_GET_ITEM(adds, i + 1))
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -1423,8 +1426,10 @@ cdef class SharedMap:
             raise ConcurrentUpdateError(msg, expected=ref._base.version, current=cur.version)
         cdef FrozenDict changes = <FrozenDict>ref._changes
         cdef _Snapshot nxt = self._successor(ref._root, ref._count, cur.version + 1)
-        _apply_to_index(nxt.index, <list>dict.__getitem__(changes, "remove"),
-                        ref._prepared_adds)
+        # The wire "add" ends with the version pair, which is not content.
+        adds = <list>dict.__getitem__(changes, "add")
+        _apply_to_index(nxt.index, <list>dict.__getitem__(changes, "remove"), adds,
+                        len(adds) - 2)
         self._record(nxt, changes)
         self._cur = nxt
 
@@ -1509,7 +1514,7 @@ cdef class SharedMap:
             count += flag
         cdef _Snapshot nxt = self._successor(
             root, count, p.new_version if p.new_version >= 0 else p.version + 1)
-        _apply_to_index(nxt.index, p.removes, p.adds)
+        _apply_to_index(nxt.index, p.removes, p.adds, len(p.adds))
         self._record(nxt, _record_of(p))
         self._cur = nxt
 
@@ -1581,7 +1586,6 @@ cdef class MapRef:
     cdef bint _read_only
     cdef bint _replica         # taken with read_only=True
     cdef object _changes       # the prepared change set
-    cdef list _prepared_adds   # the adds of _changes without the version pair
     cdef unsigned long long _owner
 
     def __init__(self, *args, **kwargs):
@@ -1795,22 +1799,26 @@ cdef class MapRef:
         if self._read_only:
             why = "it was already prepared" if self._changes is not None else "it is read-only"
             raise ReadOnlyError(f"cannot prepare: {why}")
-        cdef list remove = []
-        cdef list add = []
         self._sync()
+        # Built in place: the edits are frozen already.
+        cdef FrozenList remove = FrozenList.__new__(FrozenList)
+        cdef FrozenList add = FrozenList.__new__(FrozenList)
+        cdef int h = 0, ch
         if self._edits is not None:
             for k, v in self._edits.items():
                 if v is _TOMBSTONE:
-                    remove.append(k)
+                    PyList_Append(remove, k)
                 else:
-                    add.append(k)
-                    add.append(v)
-        self._prepared_adds = add
-        cdef list wire_add = list(add)
-        wire_add.append(_VERSION_KEY)
-        wire_add.append(self._base.version + 1)
-        self._changes = _frozen_change_set(self._base.version, _frozen_list_of(remove, 1),
-                                           _frozen_list_of(wire_add, _pairs_height(wire_add)))
+                    PyList_Append(add, k)
+                    PyList_Append(add, v)
+                    ch = _height(v)
+                    if ch > h:
+                        h = ch
+        PyList_Append(add, _VERSION_KEY)
+        PyList_Append(add, self._base.version + 1)
+        remove._height = 1
+        add._height = h + 1
+        self._changes = _frozen_change_set(self._base.version, remove, add)
         self._read_only = True
         self._owner = 0
         return self._changes
