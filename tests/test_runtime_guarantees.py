@@ -212,3 +212,20 @@ async def test_aggregate_maps_follow_links(backend_url, app) -> None:
                 await asyncio.sleep(0.01)
         await rnode.stop("carol-check")
         assert not rnode.service._replicas  # every linked replica released
+
+
+async def test_actor_moves_between_nodes_and_back(backend_url, app) -> None:
+    async with Node(backend_url, app=app, node_id="a") as a, \
+            Node(backend_url, app=app, node_id="b") as b:
+        w = await a.start(Writer, "alice-writer")
+        v1 = await w.call("bump")
+        await a.stop("alice-writer")
+        w = await b.start(Writer, "alice-writer")
+        v2 = await w.call("bump")
+        v3 = await w.call("bump")
+        await b.stop("alice-writer")
+        # Back on the first node: it must not write from its old copy of the map.
+        w = await a.start(Writer, "alice-writer")
+        assert await w.call("read") == (v3, 3, 3)
+        assert await w.call("bump") == v3 + 1
+        assert v1 < v2 < v3

@@ -234,23 +234,22 @@ class _Host:
             raise
 
     async def reload(self) -> None:
-        """Take state, registrations and primaries back from the backend."""
+        """Take state, registrations and maps back from the backend."""
         checkpoint = await self.node.service.load_checkpoint(self.name)
-        await self.plug.close()
-        if checkpoint is not None:
-            self.restore(checkpoint)
-        await self.plug.reload()
+        maps = None if checkpoint is None else self.restore_state(checkpoint)
+        await self.plug.refresh(maps)
         self.needs_reload = False
 
-    def restore(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state")
-        if not isinstance(state, dict):
-            raise SharingError(f"checkpoint of actor {self.name!r} has no state dict")
-        self.plug.restore(checkpoint.get("maps") or {})
+    def restore_state(self, checkpoint: dict[str, Any]) -> Mapping[str, Any]:
+        """Adopt a checkpoint's state and txid; return its map registrations."""
+        state, maps = checkpoint.get("state"), checkpoint.get("maps") or {}
+        if not isinstance(state, dict) or not isinstance(maps, Mapping):
+            raise SharingError(f"checkpoint of actor {self.name!r} is malformed")
         self.state_bytes = orjson.dumps(state)
         self.actor.state = state
         txid = checkpoint.get("txid")
         self.txid = txid if isinstance(txid, str) else None
+        return maps
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -260,7 +259,7 @@ class _Host:
             self.actor.state = {}
             await self.transaction(self.actor.init, force=True)
         else:
-            self.restore(checkpoint)
+            self.plug.restore(self.restore_state(checkpoint))
             await self.transaction(self.actor.resume)
         self.worker = asyncio.get_running_loop().create_task(
             self.run(), name=f"caf-sharing actor {self.name}")

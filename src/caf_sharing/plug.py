@@ -251,15 +251,25 @@ class ActorSharing:
         self._info = {alias: MapInfo.from_json(alias, data) for alias, data in maps.items()}
         self._objects = {}
 
-    async def reload(self) -> None:
-        """Refresh every primary from the backend after a commit whose outcome
-        is unknown (a newer stored version wins; nothing rolls back)."""
+    async def refresh(self, maps: Mapping[str, Any] | None) -> None:
+        """After a commit whose outcome is unknown: take the registrations of
+        the stored checkpoint (``maps``; ``None`` when the backend lost it) and
+        bring primaries up to the backend, without rolling back and without
+        losing what the backend lost."""
+        await self.abort()
+        objects, self._objects = self._objects, {}
+        for alias, obj in objects.items():
+            info = self._info.get(alias)
+            if obj is not None and info is not None and not info.writable:
+                await self._release(info, obj)
+        if maps is not None:
+            self.restore(maps)
         for info in self._info.values():
             if info.writable:
                 await self._service.refresh_primary(info.name)
 
     async def close(self) -> None:
-        """Release every map this actor holds."""
+        """Release every map this actor holds: it leaves the node."""
         await self.abort()
         objects, self._objects = self._objects, {}
         for alias, obj in objects.items():
@@ -284,7 +294,9 @@ class ActorSharing:
         try:
             if isinstance(obj, AggregateMap):
                 await self._service.release_aggregate(info.name, obj)
-            elif not info.writable:
+            elif info.writable:
+                self._service.drop_primary(info.name)
+            else:
                 await self._service.release_replica(info.name, obj)
         except SharingError as exc:
             self._log.warning("could not release map %s: %s", info.name, exc)

@@ -129,7 +129,8 @@ class SharingService:
 
         Used after a commit whose outcome is unknown (the backend may have
         stored it): a newer stored version replaces the local one, an older
-        one is ignored.
+        one is ignored, and a map the backend lost keeps its local copy (the
+        next commit re-creates it from there).
         """
         shared = await self.primary(name)
         dump = await self.backend.read_map(name)
@@ -138,6 +139,8 @@ class SharingService:
         return shared
 
     def drop_primary(self, name: str) -> None:
+        """Forget the local copy of ``name``: its actor left this node and may
+        write elsewhere meanwhile."""
         self._primaries.pop(name, None)
 
     # -- replicas ----------------------------------------------------------
