@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +28,16 @@ from caf_sharing.backends import Backend, MemoryStore, make_backend
 from redisserver import RedisServer, find_redis_server
 
 BACKEND_KINDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+async def until_version(handle: Any, version: int, timeout: float = 15.0) -> Any:
+    """Call ``read`` on an actor until the version it reports reaches ``version``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            seen = await handle.call("read")
+            if seen[0] >= version:
+                return seen
+            await asyncio.sleep(0.005)
 
 
 def require_redis_server() -> None:

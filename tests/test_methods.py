@@ -59,27 +59,6 @@ def run(body: str, args: list[str] | None = None, values: list[Any] | None = Non
 # -- what methods can do -------------------------------------------------------
 
 
-def test_caf_js_shared_map_fun() -> None:
-    m1, m2 = SharedMap(), SharedMap()
-    ref1 = m1.ref()
-    ref1.set("y", 7).set("z", 9).set_fun("x", ["y"], "return self.get(y) + 1")
-    d1 = ref1.prepare()
-    m1.commit(ref1)
-    m2.apply_changes(d1)
-    ref1, ref2 = m1.ref(), m2.ref()
-    assert ref1.apply_method("x", ["y"]) == 8
-    assert ref2.apply_method("x", ["y"]) == 8
-    assert ref1.apply_method("x", ["z"]) == 10
-    assert ref2.apply_method("x", ("z",)) == 10
-
-    ref1.set_fun("k", ["y"], "return self.apply_method('x', [y]) + 1")
-    ref1.prepare()
-    assert ref1.apply_method("k", ["y"]) == 9  # read-your-writes on a prepared ref
-    m1.commit(ref1)
-    assert ref1.apply_method("k", ["y"]) == 9
-    assert m1.ref().apply_method("k", ["y"]) == 9
-
-
 def test_stored_descriptor_shape() -> None:
     shared = with_method("f", ["a", "b"], "return a + b")
     assert shared.ref().get("f") == {"type": FUNCTION_MARKER, "args": ["a", "b"],

@@ -9,7 +9,7 @@ import pytest
 
 from caf_sharing import Actor, Node
 from caf_sharing.errors import BackendUnavailableError
-from conftest import require_redis_server
+from conftest import require_redis_server, until_version
 from redisserver import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -49,15 +49,6 @@ class Reader(Actor):
 
     async def read(self) -> tuple[int, int]:
         return self.sharing.maps.m.version, self.sharing.maps.m.get("n")
-
-
-async def until_version(handle, version: int, timeout: float = 15.0) -> tuple:
-    async with asyncio.timeout(timeout):
-        while True:
-            seen = await handle.call("read")
-            if seen[0] >= version:
-                return seen
-            await asyncio.sleep(0.01)
 
 
 async def test_redis_restarted_empty(server: RedisServer) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from caf_sharing import Actor, Node
 from caf_sharing.errors import LeaseHeldError
+from conftest import until_version
 
 pytestmark = pytest.mark.asyncio
 
@@ -57,27 +58,18 @@ class Reader(Actor):
         return first, (after.version, after.get("a"))
 
 
-async def wait_version(handle, version: int, timeout: float = 10.0) -> tuple:
-    async with asyncio.timeout(timeout):
-        while True:
-            seen = await handle.call("read")
-            if seen[0] >= version:
-                return seen
-            await asyncio.sleep(0.002)
-
-
 async def test_isolation_across_awaits_and_fairness(backend_url, app) -> None:
     async with Node(backend_url, app=app) as wnode, Node(backend_url, app=app) as rnode:
         writer = await wnode.start(Writer, "alice-writer")
         reader = await rnode.start(Reader, "alice-reader")
         other = await rnode.start(Reader, "alice-other")
         v1 = await writer.call("bump")
-        await wait_version(other, v1)
+        await until_version(other, v1)
         Reader.gate = asyncio.Event()
         pending = asyncio.ensure_future(reader.call("read_across_await", 10.0))
         await asyncio.sleep(0.01)
         v2 = await writer.call("bump")
-        await wait_version(other, v2)  # the replica has moved on...
+        await until_version(other, v2)  # the replica has moved on...
         Reader.gate.set()
         first, after = await pending
         assert first == after == (v1, 1)  # ...but not inside the running message
@@ -95,7 +87,7 @@ async def test_writer_atomicity(backend_url, app) -> None:
         assert writer.actor.state == {"commits": 1}
         after = await writer.call("bump")
         assert after == version + 1
-        seen = await wait_version(reader, after)
+        seen = await until_version(reader, after)
         assert seen == (after, 2, 2, False)
 
 
@@ -118,7 +110,7 @@ async def test_monotonic_reads_many_readers(backend_url, app) -> None:
         for _ in range(commits):
             last = await writer.call("bump")
         for handle, history in zip(readers, histories, strict=True):
-            history.append(await wait_version(handle, last))
+            history.append(await until_version(handle, last))
         stop.set()
         await asyncio.gather(*tasks)
     for history in histories:
