@@ -4,9 +4,11 @@ Caf.js SharedMap test cases restated."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import pickle
 import random
+import tracemalloc
 from typing import Any
 
 import orjson
@@ -656,6 +658,215 @@ def test_the_committing_ref_still_reads_its_content() -> None:
     commit(m, a=2)
     assert ref.get("a") == 1
     assert m.ref().get("a") == 2
+
+
+# A commit (or an applied change set) that nothing else can observe edits the
+# base version's trie in place; everything that can still see that version
+# must make it copy instead. These tests hold each kind of observer across
+# in-place commits of keys spread over the whole trie.
+
+BIG = {f"k{i}": i for i in range(3000)}
+
+
+def bytes_allocated_by(fn: Any) -> int:
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        fn()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def content_of(ref: MapRef) -> dict[str, Any]:
+    """What every read path of `ref` shows; they must all agree."""
+    content = dict(ref.items())
+    assert {k: ref.get(k) for k in BIG} == {k: content.get(k) for k in BIG}
+    assert len(ref) == len(content) == _trie_invariants(ref)
+    assert dict(zip(ref.dump()["add"][:-2:2], ref.dump()["add"][1:-2:2], strict=True)) == content
+    return content
+
+
+def test_an_unobserved_commit_edits_in_place_and_an_observed_one_copies() -> None:
+    m = SharedMap()
+    commit(m, **BIG)
+    values = iter(range(10**6, 10**7))
+
+    def commit_cost(hold: bool) -> int:
+        ref = m.ref()
+        held = m.ref() if hold else None
+        ref.set("k17", next(values)).set("k2900", next(values))
+        ref.prepare()
+        cost = bytes_allocated_by(lambda: m.commit(ref))
+        del held
+        return cost
+
+    def apply_cost(hold: bool) -> int:
+        held = m.ref() if hold else None
+        c = change(m.version, add=["k17", next(values), "k2900", next(values)])
+        cost = bytes_allocated_by(lambda: m.apply_changes(c))
+        del held
+        return cost
+
+    # Replacing values in place allocates no trie node; copying two paths
+    # allocates several.
+    assert commit_cost(False) + 500 < commit_cost(True)
+    assert apply_cost(False) + 500 < apply_cost(True)
+
+
+@pytest.mark.parametrize("observer", ["ref", "read_only_ref", "synced_ref", "iterator",
+                                      "half_iterator", "view", "old_version"])
+@pytest.mark.parametrize("how", ["commit", "apply"])
+def test_in_place_edits_never_reach_what_can_still_see_the_version(observer: str,
+                                                                    how: str) -> None:
+    m = SharedMap()
+    commit(m, **BIG)
+    commit(m, k0=-1)  # observers of the newest and of an older version both
+    rnd = random.Random(7)
+    seen = m.ref()
+    if observer == "old_version":
+        seen = m.ref(read_only=True)
+        commit(m, k1=-1)
+    expected = content_of(seen)
+    holder: Any = seen
+    if observer == "synced_ref":
+        seen.set("own", 1)
+        expected["own"] = 1
+        assert len(seen) == len(expected)  # brings its edit into its own trie
+    elif observer in ("iterator", "half_iterator", "view"):
+        holder = iter(seen.items()) if observer != "view" else seen.items()
+        if observer == "half_iterator":
+            first = dict(next(holder) for _ in range(1000))
+        del seen  # only the iterator or view keeps the version's trie
+    for round_ in range(30):
+        keys = rnd.sample(sorted(BIG), 20)
+        if how == "commit":
+            ref = m.ref()
+            for k in keys[:15]:
+                ref.set(k, [round_])
+            for k in keys[15:]:
+                ref.delete(k)
+            ref.prepare()
+            m.commit(ref)
+            del ref
+        else:
+            m.apply_changes(change(m.version, remove=keys[15:],
+                                   add=[x for k in keys[:15] for x in (k, [round_])]))
+    if observer in ("iterator", "view"):
+        assert dict(holder) == expected
+    elif observer == "half_iterator":
+        assert {**first, **dict(holder)} == expected
+    else:
+        assert content_of(holder) == expected
+
+
+def test_a_ref_committed_in_place_reads_the_new_content() -> None:
+    m = SharedMap()
+    commit(m, **BIG)
+    ref = m.ref()
+    for i in range(0, 3000, 97):
+        ref.set(f"k{i}", -i)
+    for i in range(1, 3000, 89):
+        ref.delete(f"k{i}")
+    ref.set("new", 0)
+    ref.prepare()
+    m.commit(ref)
+    assert content_of(ref) == content_of(m.ref())
+    assert ref.version == m.version - 1
+    assert ref.dump()["add"][-2:] == [VERSION_KEY, m.version]
+    # It stays that version's content while the map moves on in place.
+    kept = content_of(ref)
+    commit(m, k0=1, new=None)
+    assert content_of(ref) == kept
+
+
+@pytest.mark.parametrize("how", ["commit", "apply"])
+def test_in_place_edits_can_empty_the_map(how: str) -> None:
+    m = SharedMap()
+    commit(m, a=1, b=2, c=3)
+    if how == "commit":
+        ref = m.ref()
+        ref.delete("a").delete("b").delete("c")
+        ref.prepare()
+        m.commit(ref)
+        assert content_of(ref) == {}
+    else:
+        m.apply_changes(change(m.version, remove=["a", "b", "c"]))
+    assert content_of(m.ref()) == {}
+    commit(m, d=4)
+    assert content_of(m.ref()) == {"d": 4}
+
+
+class _RefTaker:
+    """Cyclic garbage whose finalizer takes a ref of `m`: the cycle GC runs
+    it at whatever allocation it next happens on, like any finalizer."""
+
+    def __init__(self, m: SharedMap, taken: list[MapRef]) -> None:
+        self.m = m
+        self.taken = taken
+        self.cycle = self
+
+    def __del__(self) -> None:
+        self.taken.append(self.m.ref(read_only=True))
+
+
+@pytest.mark.parametrize("how", ["commit", "apply"])
+def test_a_ref_taken_by_a_finalizer_during_a_write_sees_one_whole_version(how: str) -> None:
+    m = SharedMap()
+    commit(m, **BIG)
+    versions = {m.version: content_of(m.ref())}
+    taken: list[MapRef] = []
+    threshold = gc.get_threshold()
+    try:
+        for round_ in range(40):
+            keys = [f"k{(round_ * 151 + i * 977) % 3000}" for i in range(10)]
+            expected = {**versions[m.version], **{key: [round_] for key in keys}}
+            ref = m.ref()
+            for k in keys:
+                ref.set(k, [round_])
+            changes = dict(ref.prepare())
+            if how == "apply":
+                del ref  # so that the version can be edited in place
+            # Collections at each of the write's first allocations in turn.
+            gc.collect()
+            _RefTaker(m, taken)
+            gc.set_threshold(1 + round_ % 12)
+            if how == "commit":
+                m.commit(ref)
+                del ref
+            else:
+                m.apply_changes(changes)
+            gc.set_threshold(*threshold)
+            versions[m.version] = expected
+    finally:
+        gc.set_threshold(*threshold)
+    assert taken
+    for seen in taken:
+        assert content_of(seen) == versions[seen.version]
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_in_place_edits_with_colliding_hashes(bits: int) -> None:
+    m = _map_with_hash_bits(bits)
+    commit(m, **{k: v for k, v in BIG.items() if v < 300})
+    old = m.ref(read_only=True)
+    expected_old = content_of(old)
+    model = dict(expected_old)
+    rnd = random.Random(bits)
+    for round_ in range(40):
+        ref = m.ref()
+        for k in rnd.sample(sorted(BIG)[:400], 12):
+            if rnd.random() < 0.3:
+                ref.delete(k)
+                model.pop(k, None)
+            else:
+                ref.set(k, round_)
+                model[k] = round_
+        ref.prepare()
+        m.commit(ref)
+        del ref
+        assert content_of(m.ref()) == model
+    assert content_of(old) == expected_old
 
 
 def test_versions_compare_as_numbers_past_9_10_and_100() -> None:

@@ -13,7 +13,17 @@ O(k log n), and any number of live versions share all untouched nodes.
 Edits inside one ref mutate the nodes that ref already copied (an owner id on
 each node, as in Clojure's transients), so ten edits under the same root copy
 the root once. The owner id is dropped whenever the ref's root escapes (views,
-iterators, prepare), so nothing that escaped is ever mutated.
+iterators, commit), so nothing that escaped is ever mutated.
+
+A commit whose base version nothing else can see any more edits that
+version's trie in place instead (like Swift's copy-on-write uniqueness
+test): when the only holders of the base snapshot are the map and the
+committing ref, and its root is held by nothing but them, every node on a
+path whose reference count is 1 is reachable only through that path, so it
+is claimed for the commit's owner id and edited where it is; the first node
+something else holds (a ref, view or iterator of the version, an older
+version sharing the subtree) and everything below it is copied as usual.
+``apply_changes`` does the same when no ref holds the current version.
 
 Nodes keep their items inside the node object (size classes of 4, 8 and 16
 item slots) rather than in a separate list: at a million keys each trie level
@@ -25,25 +35,38 @@ At a million keys a write to a random key is all cache misses: the path
 nodes, every neighbour a copied node must add a reference to, the dict index
 slot, and (when the old version goes) the pymalloc pool headers of the nodes
 it frees. So a ref's ``set``/``delete`` only record the edit in a small dict;
-the trie edits wait until something needs the trie (``prepare``, ``len``,
+the trie edits wait until something needs the trie (``commit``, ``len``,
 iteration, ``dump``), and an applied change set arrives whole. Then the paths
 of up to 16 keys are walked level by level with software prefetches for all
 of them (``_prefetch_paths``) before any node is copied, so the misses
 overlap instead of forming one serial chain per key; the 8-way fanout keeps
 the neighbours per copied node few. Reads of an edited ref look in its edit
-dict, then in its base version, and never need the trie.
+dict, then in its base version, and never need the trie. Waiting for
+``commit`` rather than ``prepare`` is what lets the edits go in place: only
+then is it known that the ref's version will not be seen again.
 
 Measured with benchmarks/compare_core.py (1M keys, 10 random keys per
 write, min of interleaved rounds, 2-core VM shared with other jobs): 10 sets
-+ prepare + commit went from 32.0 us to 20.7-21.2 us (P3 target 20 us: not
-met yet) and apply_changes of 10 keys from 26.0 us to 16.2-16.6 us, against
-19.4-22.7 us for ``immutables.Map`` mutate + finish in the same runs.
-Deferring and batching the trie edits gave ~6 us of that, prefetching the
-index slots and pool headers ~2.5 us, the fanout of 8 instead of 32 ~3 us. What is left is mostly the misses
-themselves (neighbours, TLB), freeing the replaced nodes, ~2.4 us for the 10
-index updates (dict probe chains that collide read other keys, which no
-prefetch of the first slot covers), and ~1 us for freeing history entries
-that fell out of ``max_updates``.
++ prepare + commit went from 32.0 us to 20.7-21.9 us with the batched,
+prefetched copies alone, and apply_changes of 10 keys from 26.0 us to
+16.2-17.7 us (``immutables.Map`` mutate + finish: 19.4-22.7 us in the same
+runs). Deferring and batching the trie edits gave ~6 us of that,
+prefetching the index slots and pool headers ~2.5 us, the fanout of 8
+instead of 32 ~3 us. What was left then was mostly copying the paths (the
+neighbours' misses, TLB) and freeing the replaced nodes, which editing an
+unobserved base version in place removes: in A/B runs of the same
+benchmark that took the commit from 21.9 to 10.7 us and apply_changes from
+17.7 to 7.6 us. Loading the index entries the k updates will read, all at
+once (``caf_load_dict_entries``; a probe collision reads another key and a
+second slot, which no prefetch of the first slot covers; prefetches of
+those lines did nothing measurable, likely as they miss the TLB too) took another
+~1 us off each in A/B runs, to 8.9 and 6.1 us. In full compare_core runs
+P3 is now 9.7-9.9 us and P4 5.4-5.5 us (immutables 20.3-21.6 us); a
+commit while a reader still holds its base version copies as before and
+takes 18.0-18.6 us (the benchmark's note times that case). What remains is
+the trie walk's misses (~1.5 us), the index updates, Python calls (10
+``set``, ``prepare`` building the change set, ``commit``), and ~0.5 us for
+freeing history entries that fell out of ``max_updates``.
 
 Hybrid reads
 ------------
@@ -137,13 +160,79 @@ cdef extern from *:
         __builtin_prefetch(dk->dk_indices + (i << (dk->dk_log2_index_bytes - dk->dk_log2_size)),
                            0, 3);
     }
+
+    static inline Py_ssize_t caf_dict_index(const caf_dict_keys *dk, size_t i) {
+        switch (dk->dk_log2_index_bytes - dk->dk_log2_size) {
+        case 0: return ((const int8_t *)dk->dk_indices)[i];
+        case 1: return ((const int16_t *)dk->dk_indices)[i];
+        case 2: return ((const int32_t *)dk->dk_indices)[i];
+        default: return ((const int64_t *)dk->dk_indices)[i];
+        }
+    }
+
+    /* The key of entry `ix` (entries follow the indices: (key, value) in
+       str-only tables, (hash, key, value) in general ones). */
+    static inline PyObject *caf_dict_entry_key(const caf_dict_keys *dk, Py_ssize_t ix) {
+        PyObject *const *e = (PyObject *const *)(
+            dk->dk_indices + ((size_t)1 << dk->dk_log2_index_bytes)
+            + (size_t)ix * (dk->dk_kind == 0 ? 3 : 2) * sizeof(PyObject *));
+        return e[dk->dk_kind == 0 ? 1 : 0];
+    }
+
+    /* Loads, for up to 16 keys at once, what a lookup of each in `d` will
+       read: the entry its first index slot (cached already, see
+       caf_prefetch_dict_slot) points to and, when that entry holds another
+       key (a probe collision), that key's hash and the next slot and entry.
+       These are real loads, not prefetches: at a million keys nearly each
+       is a TLB miss too, and prefetching these lines measured no gain
+       (a prefetch that misses the TLB may be dropped). Loads of different keys do not depend on each other, so the misses
+       overlap; the lookups that follow then hit the cache. The probe
+       sequence is CPython's (Objects/dictobject.c, PERTURB_SHIFT 5). */
+    static void caf_load_dict_entries(PyObject *d, PyObject **keys, Py_hash_t *hashes,
+                                      Py_ssize_t n) {
+        PyDictObject *mp = (PyDictObject *)d;
+        const caf_dict_keys *dk = (const caf_dict_keys *)mp->ma_keys;
+        size_t mask = ((size_t)1 << dk->dk_log2_size) - 1;
+        PyObject *found[16];
+        Py_ssize_t ix[16];
+        Py_ssize_t j;
+        for (j = 0; j < n; j++) {
+            ix[j] = caf_dict_index(dk, (size_t)hashes[j] & mask);
+            found[j] = ix[j] >= 0 ? caf_dict_entry_key(dk, ix[j]) : NULL;
+            __asm__ volatile("" :: "r"(found[j]));
+        }
+        for (j = 0; j < n; j++) {
+            size_t perturb, i;
+            Py_ssize_t ix2;
+            if (found[j] == keys[j] || ix[j] == -1)  /* the key, or DKIX_EMPTY */
+                continue;
+            if (found[j] != NULL && dk->dk_kind != 0) {
+                Py_hash_t other = ((PyASCIIObject *)found[j])->hash;
+                __asm__ volatile("" :: "r"(other));
+            }
+            perturb = (size_t)hashes[j] >> 5;
+            i = mask & (((size_t)hashes[j] & mask) * 5 + perturb + 1);
+            ix2 = caf_dict_index(dk, i);
+            if (ix2 >= 0) {
+                PyObject *k2 = caf_dict_entry_key(dk, ix2);
+                __asm__ volatile("" :: "r"(k2));
+            }
+        }
+    }
     #else
     static inline void caf_prefetch_dict_slot(PyObject *d, Py_hash_t hash) {
         (void)d; (void)hash;
     }
+    static void caf_load_dict_entries(PyObject *d, PyObject **keys, Py_hash_t *hashes,
+                                      Py_ssize_t n) {
+        (void)d; (void)keys; (void)hashes; (void)n;
+    }
     #endif
     """
     void caf_prefetch_dict_slot(PyObject* d, Py_hash_t hash) nogil
+    void caf_load_dict_entries(PyObject* d, PyObject** keys, Py_hash_t* hashes,
+                               Py_ssize_t n) nogil
+    Py_ssize_t Py_REFCNT(PyObject* o) nogil
 
 __all__ = [
     "FIRST_VERSION",
@@ -830,13 +919,21 @@ cdef inline void _prefetch_pool(PyObject* p) noexcept:
 
 
 cdef void _prefetch_paths(PyObject* root, Py_hash_t* hashes, Py_ssize_t n,
-                          PyObject* index) noexcept:
+                          PyObject* index, unsigned long long owner) noexcept:
     """Brings into the cache, for the `n` hashes, the trie path of each and
     what copying it will touch (every referent of every node on it), and the
     slots of `index` (a dict, or NULL) that the edits will update. Walking
     all the paths level by level keeps one miss per key in flight at once
-    instead of the serial chain of misses a lone descent costs."""
+    instead of the serial chain of misses a lone descent costs.
+
+    Nodes that `owner` (non-zero) owns are edited in place, not copied, so
+    only the slot the edit reads is fetched for them. A child that only its
+    owned parent holds (reference count 1) is reachable only through that
+    parent, so it becomes owned too: this is how a commit that nothing else
+    watches edits its base version's trie in place (see MapRef._commit_sync)."""
     cdef PyObject* nodes[_BATCH]
+    cdef bint up_owned[_BATCH]
+    cdef bint owned
     cdef unsigned int shift = 0, bit, bitmap
     cdef Py_ssize_t j, i, idx, live = n
     cdef PyObject** items
@@ -848,22 +945,27 @@ cdef void _prefetch_paths(PyObject* root, Py_hash_t* hashes, Py_ssize_t n,
         return
     for j in range(n):
         nodes[j] = root
+        up_owned[j] = False
     _prefetch_node(root)
     while live:
         live = 0
         for j in range(n):
             if nodes[j] == NULL:
                 continue
+            if up_owned[j] and Py_REFCNT(nodes[j]) == 1:
+                (<_Node>nodes[j]).owner = owner
+            owned = owner != 0 and (<_Node>nodes[j]).owner == owner
             items = (<_Node>nodes[j]).items
-            # Paths share their upper nodes: fetch what a node holds once.
-            i = 0
-            while i < j and nodes[i] != nodes[j]:
-                i += 1
-            if i == j:
-                for i in range((<_Node>nodes[j]).n):
-                    __builtin_prefetch(items[i], 1, 3)
-                # The node is replaced by a copy and freed with the old version.
-                _prefetch_pool(nodes[j])
+            if not owned:
+                # Paths share their upper nodes: fetch what a node holds once.
+                i = 0
+                while i < j and nodes[i] != nodes[j]:
+                    i += 1
+                if i == j:
+                    for i in range((<_Node>nodes[j]).n):
+                        __builtin_prefetch(items[i], 1, 3)
+                    # The node is replaced by a copy and freed with the old version.
+                    _prefetch_pool(nodes[j])
             if (<_Node>nodes[j]).collision:
                 nodes[j] = NULL
                 continue
@@ -875,10 +977,14 @@ cdef void _prefetch_paths(PyObject* root, Py_hash_t* hashes, Py_ssize_t n,
             idx = _slot(bitmap, bit)
             k = items[idx]
             if k != NULL:
+                if owned:
+                    __builtin_prefetch(k, 0, 3)                 # compared
+                    __builtin_prefetch(items[idx + 1], 1, 3)    # released
                 _prefetch_pool(items[idx + 1])  # the value being replaced
                 nodes[j] = NULL
                 continue
             nodes[j] = items[idx + 1]
+            up_owned[j] = owned
             _prefetch_node(nodes[j])
             live += 1
         shift += _BITS
@@ -1197,7 +1303,20 @@ cdef _Snapshot _empty_snapshot():
 
 cdef int _apply_to_index(dict index, list removes, list adds, Py_ssize_t n_adds) except -1:
     """Applies the removes and the first `n_adds` items of `adds` (pairs)."""
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, n = 0
+    cdef PyObject* keys[_BATCH]
+    cdef Py_hash_t hashes[_BATCH]
+    # Small change sets (the common case) get their entries loaded at once.
+    if len(removes) + n_adds // 2 <= _BATCH:
+        for k in removes:
+            keys[n] = <PyObject*>k
+            hashes[n] = PyObject_Hash(k)
+            n += 1
+        for i in range(0, n_adds, 2):
+            keys[n] = PyList_GET_ITEM(adds, i)
+            hashes[n] = PyObject_Hash(<object>keys[n])
+            n += 1
+        caf_load_dict_entries(<PyObject*>index, keys, hashes, n)
     for k in removes:
         if PyDict_GetItem(index, k) != NULL:
             PyDict_DelItem(index, k)
@@ -1235,7 +1354,7 @@ cdef str _change_key(object key, str where):
 
 
 cdef void _prefetch_edits(PyObject* root, list removes, list adds, Py_hash_t mask,
-                          dict index):
+                          dict index, unsigned long long owner):
     """_prefetch_paths for the keys of a change set, a batch at a time."""
     cdef Py_hash_t hashes[_BATCH]
     cdef Py_ssize_t n = 0, i
@@ -1244,16 +1363,16 @@ cdef void _prefetch_edits(PyObject* root, list removes, list adds, Py_hash_t mas
         hashes[n] = PyObject_Hash(k) & mask
         n += 1
         if n == _BATCH:
-            _prefetch_paths(root, hashes, n, ix)
+            _prefetch_paths(root, hashes, n, ix, owner)
             n = 0
     for i in range(0, len(adds), 2):
         hashes[n] = PyObject_Hash(adds[i]) & mask
         n += 1
         if n == _BATCH:
-            _prefetch_paths(root, hashes, n, ix)
+            _prefetch_paths(root, hashes, n, ix, owner)
             n = 0
     if n:
-        _prefetch_paths(root, hashes, n, ix)
+        _prefetch_paths(root, hashes, n, ix, owner)
 
 
 @cython.final
@@ -1425,20 +1544,27 @@ cdef class SharedMap:
                        "since the ref was taken")
             raise ConcurrentUpdateError(msg, expected=ref._base.version, current=cur.version)
         cdef FrozenDict changes = <FrozenDict>ref._changes
-        cdef _Snapshot nxt = self._successor(ref._root, ref._count, cur.version + 1)
+        cdef list adds = <list>dict.__getitem__(changes, "add")
+        # Allocated before the trie edits, which may go in place: from those
+        # until the map moves to `nxt`, nothing may allocate what could run
+        # the cycle GC and with it a finalizer that takes a ref of `cur`.
+        cdef _Snapshot nxt = self._successor(cur.version + 1)
+        ref._commit_sync(cur, nxt.index)
+        nxt.root = ref._root
+        nxt.count = ref._count
         # The wire "add" ends with the version pair, which is not content.
-        adds = <list>dict.__getitem__(changes, "add")
         _apply_to_index(nxt.index, <list>dict.__getitem__(changes, "remove"), adds,
                         len(adds) - 2)
-        self._record(nxt, changes)
         self._cur = nxt
+        self._record(nxt, changes)
 
-    cdef _Snapshot _successor(self, object root, Py_ssize_t count, long long version):
-        """A new current snapshot; the index moves over from the old one."""
+    cdef _Snapshot _successor(self, long long version):
+        """The next current snapshot, still without its trie; the index moves
+        over from the old one."""
         cdef _Snapshot cur = self._cur
         cdef _Snapshot nxt = _Snapshot.__new__(_Snapshot)
-        nxt.root = root
-        nxt.count = count
+        nxt.root = None
+        nxt.count = 0
         nxt.version = version
         nxt.index = cur.index
         cur.index = None
@@ -1501,7 +1627,16 @@ cdef class SharedMap:
         cdef Py_ssize_t count = cur.count, i
         cdef int flag
         cdef str k
-        _prefetch_edits(_root_ptr(root), p.removes, p.adds, self._mask, cur.index)
+        # Allocated first, as in commit (the edits below may go in place).
+        cdef _Snapshot nxt = self._successor(
+            p.new_version if p.new_version >= 0 else p.version + 1)
+        # Held by the map and the local above only, and its root by it and
+        # the local `root` only: no one can see this version again, so its
+        # trie is edited in place (as in MapRef._commit_sync).
+        if (root is not None and Py_REFCNT(<PyObject*>cur) == 2
+                and Py_REFCNT(<PyObject*>root) == 2):
+            (<_Node>root).owner = owner
+        _prefetch_edits(_root_ptr(root), p.removes, p.adds, self._mask, nxt.index, owner)
         for k in p.removes:
             flag = 0
             root = _without(root, 0, PyObject_Hash(k) & self._mask, k, owner, &flag)
@@ -1512,11 +1647,11 @@ cdef class SharedMap:
             root = _assoc(root, 0, PyObject_Hash(k) & self._mask, k, p.adds[i + 1], owner,
                           self._mask, &flag)
             count += flag
-        cdef _Snapshot nxt = self._successor(
-            root, count, p.new_version if p.new_version >= 0 else p.version + 1)
+        nxt.root = root
+        nxt.count = count
         _apply_to_index(nxt.index, p.removes, p.adds, len(p.adds))
-        self._record(nxt, _record_of(p))
         self._cur = nxt
+        self._record(nxt, _record_of(p))
 
     cdef void _load_dump(self, _Parsed p):
         """Replaces the content by a newer dump. History cannot bridge the
@@ -1652,15 +1787,19 @@ cdef class MapRef:
 
     cdef int _sync(self) except -1:
         """Brings the pending edits into the ref's trie. Edits wait for this
-        (len, iteration, views, dump, prepare) so that their paths are
+        (len, iteration, views, dump, commit) so that their paths are
         fetched together, see _prefetch_paths; reads do not need the trie."""
+        # The index the commit of these edits will update, while it may.
+        return self._sync_for(self._base.index)
+
+    cdef int _sync_for(self, dict index) except -1:
+        """_sync, also fetching the slots of `index` (a dict or None) that
+        the edits will update."""
         cdef list pending = self._pending
         cdef Py_hash_t hashes[_BATCH]
         cdef Py_ssize_t i, j, n, lo
         cdef int flag
         cdef str key
-        # The index the commit of these edits will update, while it may.
-        cdef dict index = self._base.index
         if pending is None:
             return 0
         if self._owner == 0:
@@ -1670,7 +1809,7 @@ cdef class MapRef:
             for j in range(lo, min(lo + _BATCH, n)):
                 hashes[j - lo] = PyObject_Hash(<str>PyList_GET_ITEM(pending, j)) & self._mask
             _prefetch_paths(_root_ptr(self._root), hashes, min(lo + _BATCH, n) - lo,
-                            NULL if index is None else <PyObject*>index)
+                            NULL if index is None else <PyObject*>index, self._owner)
             for j in range(lo, min(lo + _BATCH, n)):
                 key = <str>PyList_GET_ITEM(pending, j)
                 value = <object>PyDict_GetItem(self._edits, key)
@@ -1684,6 +1823,33 @@ cdef class MapRef:
                                         self._owner, self._mask, &flag)
                     self._count += flag
         self._pending = None
+        return 0
+
+    cdef int _commit_sync(self, _Snapshot cur, dict index) except -1:
+        """Syncs a prepared ref that `commit` is about to make the map's
+        version; `cur` is that version (the ref's base), held by commit, and
+        `index` the map's index (already taken from `cur`). Afterwards the
+        ref's trie is frozen: it is the map's.
+
+        When nothing but the map, this ref and commit's local hold `cur`, and
+        nothing but `cur` and this ref hold its root, no other reader can ever
+        see the base trie again: the edits then go into it in place (unshared
+        nodes are claimed, see _prefetch_paths) instead of copying every path
+        and freeing the old one, and `cur`, now seen only by this ref,
+        follows the new content. Any other holder (a ref, view or iterator of
+        the base version, or a version sharing a node) keeps that part copied."""
+        cdef bint in_place = False
+        if self._pending is not None and self._root is not None and self._root is cur.root:
+            in_place = (Py_REFCNT(<PyObject*>cur) == 3
+                        and Py_REFCNT(<PyObject*>self._root) == 2)
+            if in_place:
+                self._owner = _new_owner()
+                (<_Node>self._root).owner = self._owner
+        self._sync_for(index)
+        self._owner = 0
+        if in_place:
+            cur.root = self._root
+            cur.count = self._count
         return 0
 
     cdef object _escape_root(self):
@@ -1799,7 +1965,6 @@ cdef class MapRef:
         if self._read_only:
             why = "it was already prepared" if self._changes is not None else "it is read-only"
             raise ReadOnlyError(f"cannot prepare: {why}")
-        self._sync()
         # Built in place: the edits are frozen already.
         cdef FrozenList remove = FrozenList.__new__(FrozenList)
         cdef FrozenList add = FrozenList.__new__(FrozenList)
@@ -1820,7 +1985,6 @@ cdef class MapRef:
         add._height = h + 1
         self._changes = _frozen_change_set(self._base.version, remove, add)
         self._read_only = True
-        self._owner = 0
         return self._changes
 
     def dump(self):
