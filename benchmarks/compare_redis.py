@@ -1,7 +1,9 @@
 """Redis backend versus raw redis-py, side by side (DESIGN.md section 8).
 
 Starts its own redis-server (tests/redisserver.py), then runs interleaved
-rounds of each pair of measurements and keeps the best round of each:
+rounds of each pair of measurements and keeps the best round of each (P6
+alternates ours and raw sample by sample within each round, so that both see
+the machine in the same state):
 
 * P6  commit on backend A -> handler on backend B (separate connections),
       against a raw redis-py PUBLISH -> subscriber round trip of the same
@@ -103,8 +105,9 @@ class Bench:
             big += [f"key{i}", {"i": i, "s": f"value {i}", "l": [i, i + 1]}]
         await self.a.create_map("big-a-m", {"version": 0, "remove": [], "add": [*big, V, 1]})
         self.big_key = "caf:bench:{big-a}:map:big-a-m"  # the documented key layout
-        await self.raw_latency(20)
-        await self.our_latency(20)
+        for i in range(20):  # warm both paths up
+            await self.raw_sample(i)
+            await self.our_sample()
 
     async def close(self) -> None:
         self.raw_reader.cancel()
@@ -126,28 +129,34 @@ class Bench:
 
     # -- P6 ---------------------------------------------------------------------
 
-    async def our_latency(self, n: int | None = None) -> list[float]:
-        loop = asyncio.get_running_loop()
-        out = []
-        for _ in range(n or self.samples):
-            v = self.versions["lat-a"]
-            tx = transaction("lat-a", v, "k", v)
-            self.arrived = loop.create_future()
-            started = time.perf_counter()
-            await self.a.commit(tx)
-            out.append(await self.arrived - started)
-            self.versions["lat-a"] = v + 1
-        return out
+    async def our_sample(self) -> float:
+        v = self.versions["lat-a"]
+        tx = transaction("lat-a", v, "k", v)
+        self.arrived = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
+        await self.a.commit(tx)
+        elapsed = await self.arrived - started
+        self.versions["lat-a"] = v + 1
+        return elapsed
 
-    async def raw_latency(self, n: int | None = None) -> list[float]:
-        loop = asyncio.get_running_loop()
-        out = []
-        for i in range(n or self.samples):
-            payload = orjson.dumps(change_set(i, "k", i))
-            self.arrived = loop.create_future()
-            started = time.perf_counter()
-            await self.raw_pub.publish("raw-latency", payload)
-            out.append(await self.arrived - started)
+    async def raw_sample(self, i: int) -> float:
+        payload = orjson.dumps(change_set(i, "k", i))
+        self.arrived = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
+        await self.raw_pub.publish("raw-latency", payload)
+        return await self.arrived - started
+
+    async def latencies(self) -> dict[str, list[float]]:
+        """One round of P6: ours and raw alternate sample by sample, so both
+        see the same machine at the same moment."""
+        out: dict[str, list[float]] = {"ours": [], "raw": []}
+        for i in range(self.samples):
+            if i % 2:
+                out["raw"].append(await self.raw_sample(i))
+                out["ours"].append(await self.our_sample())
+            else:
+                out["ours"].append(await self.our_sample())
+                out["raw"].append(await self.raw_sample(i))
         return out
 
     # -- P7 -------------------------------------------------------------------------
@@ -214,8 +223,11 @@ async def main(rounds: int, samples: int, writes: int) -> bool:
         bench = Bench(server, samples, writes)
         await bench.setup()
         try:
-            lat = await interleave(rounds, [("ours", bench.our_latency),
-                                            ("raw", bench.raw_latency)])
+            lat: dict[str, list[list[float]]] = {"ours": [], "raw": []}
+            for _ in range(rounds):
+                gc.collect()
+                for name, samples_ in (await bench.latencies()).items():
+                    lat[name].append(samples_)
             rate = await interleave(rounds, [("ours", bench.our_rate),
                                              ("raw", bench.raw_rate)])
             read = await interleave(rounds, [("ours", bench.our_read),
