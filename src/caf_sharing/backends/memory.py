@@ -163,7 +163,6 @@ class MemoryBackend:
         self._started = False
         self._closed = False
         self._subscriptions: dict[tuple[str, MessageHandler], list[_Subscription]] = {}
-        self._reconnect_listeners: list[ReconnectListener] = []
 
     def __repr__(self) -> str:
         return f"MemoryBackend({self.url!r}, app={self.app!r})"
@@ -182,13 +181,8 @@ class MemoryBackend:
         self._closed = True
         with self.store.lock:
             for (name, _), subs in self._subscriptions.items():
-                channel = self._space.channels.get(name, [])
                 for sub in subs:
-                    sub.active = False
-                    if sub in channel:
-                        channel.remove(sub)
-                if not channel:
-                    self._space.channels.pop(name, None)
+                    self._detach(name, sub)
         self._subscriptions.clear()
 
     # -- maps -------------------------------------------------------------
@@ -249,19 +243,22 @@ class MemoryBackend:
         sub = subs.pop()
         if not subs:
             del self._subscriptions[(name, handler)]
-        sub.active = False
         with self.store.lock:
-            channel = self._space.channels.get(name)
-            if channel is not None:
-                if sub in channel:
-                    channel.remove(sub)
-                if not channel:
-                    del self._space.channels[name]
+            self._detach(name, sub)
+
+    def _detach(self, name: str, sub: _Subscription) -> None:
+        """Stop ``sub`` and take it off its channel; lock held."""
+        sub.active = False
+        channel = self._space.channels.get(name)
+        if channel is not None:
+            if sub in channel:
+                channel.remove(sub)
+            if not channel:
+                del self._space.channels[name]
 
     def add_reconnect_listener(self, listener: ReconnectListener) -> None:
-        # An in-process store never loses its subscribers, so the listeners are
-        # kept only to honour the protocol; they are never called.
-        self._reconnect_listeners.append(listener)
+        """Accepted for the protocol and never called: an in-process store
+        never loses its subscribers."""
 
     def _publish(self, name: str, payload: bytes) -> None:
         """Schedule ``payload`` for every subscriber of ``name``; lock held."""
