@@ -256,12 +256,7 @@ class ActorSharing:
         the stored checkpoint (``maps``; ``None`` when the backend lost it) and
         bring primaries up to the backend, without rolling back and without
         losing what the backend lost."""
-        await self.abort()
-        objects, self._objects = self._objects, {}
-        for alias, obj in objects.items():
-            info = self._info.get(alias)
-            if obj is not None and info is not None and not info.writable:
-                await self._release(info, obj)
+        await self._release_all(keep_primaries=True)
         if maps is not None:
             self.restore(maps)
         for info in self._info.values():
@@ -270,13 +265,16 @@ class ActorSharing:
 
     async def close(self) -> None:
         """Release every map this actor holds: it leaves the node."""
+        await self._release_all(keep_primaries=False)
+        self._refs.clear()
+
+    async def _release_all(self, *, keep_primaries: bool) -> None:
         await self.abort()
         objects, self._objects = self._objects, {}
         for alias, obj in objects.items():
             info = self._info.get(alias)
-            if obj is not None and info is not None:
+            if obj is not None and info is not None and not (keep_primaries and info.writable):
                 await self._release(info, obj)
-        self._refs.clear()
 
     # -- helpers ---------------------------------------------------------------
 
