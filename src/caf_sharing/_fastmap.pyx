@@ -666,10 +666,7 @@ cdef class _Node:
     cdef unsigned long long owner
 
     def __dealloc__(self):
-        cdef Py_ssize_t i
-        for i in range(self.n):
-            Py_XDECREF(self.items[i])
-        self.n = 0
+        _clear_items(self)
 
 
 @cython.final
@@ -696,11 +693,17 @@ cdef class _NodeHeap(_Node):
     """Collision nodes past 8 keys (practically only with truncated hashes)."""
 
     def __dealloc__(self):
-        cdef Py_ssize_t i
-        for i in range(self.n):
-            Py_XDECREF(self.items[i])
-        self.n = 0
+        # Runs before _Node's: the items must be released before their storage.
+        _clear_items(self)
         PyMem_Free(self.items)
+
+
+cdef inline void _clear_items(_Node node) noexcept:
+    """Drops the node's references to its items."""
+    cdef Py_ssize_t i
+    for i in range(node.n):
+        Py_XDECREF(node.items[i])
+    node.n = 0
 
 
 cdef _Node _alloc(Py_ssize_t cap, unsigned long long owner):
