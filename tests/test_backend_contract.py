@@ -20,8 +20,10 @@ import orjson
 import pytest
 
 from caf_sharing.backends import Backend, MapCreate, MapWrite, Transaction, make_backend
+from caf_sharing.backends.base import RECENT_TXIDS, MapRestore
 from caf_sharing.errors import (
     BackendUnavailableError,
+    ChainError,
     ConcurrentUpdateError,
     InvalidChangeSetError,
     InvalidNameError,
@@ -63,11 +65,16 @@ def as_dict(d: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def tx(txid: str, *, writes: Sequence[MapWrite] = (), creates: Sequence[MapCreate] = (),
+       restores: Sequence[MapRestore] = (), reassert: bool = False,
        prev: str | None = None, node: str = NODE, actor: str = ACTOR,
        state: Any = None, ttl: float = 10.0) -> Transaction:
     return Transaction(actor=actor, node_id=node, txid=txid, prev_txid=prev,
                        checkpoint={"txid": txid, "state": state, "maps": [MAP]},
-                       lease_ttl=ttl, writes=tuple(writes), creates=tuple(creates))
+                       lease_ttl=ttl, writes=tuple(writes), creates=tuple(creates),
+                       restores=tuple(restores), reassert=reassert)
+
+
+OFF_CHAIN = "does not follow this node's commits of actor 'alice-admin'"
 
 
 class Inbox:
@@ -123,7 +130,7 @@ async def advance(backend: Backend, base: int, to: int, *, prev: str | None = No
 async def test_create_read_delete(backend: Backend) -> None:
     assert await backend.read_map(MAP) is None
     created = await backend.create_map(MAP)
-    assert created == {"version": 0, "remove": [], "add": [V, 0]}
+    assert created == {"version": 0, "remove": [], "add": [V, 0], "txid": None}
     assert await backend.read_map(MAP) == created
     assert await backend.delete_map(MAP) is True
     assert await backend.read_map(MAP) is None
@@ -244,13 +251,13 @@ async def test_commit_off_the_chain_is_refused_and_changes_nothing(backend: Back
     new_map = "alice-admin-z"
     # Every check but the chain would pass: versions, maps and lease are right.
     for prev in ("t0", "elsewhere", None):
-        with pytest.raises(ConcurrentUpdateError,
-                           match="another node committed for actor 'alice-admin'") as info:
+        with pytest.raises(ChainError, match=OFF_CHAIN) as info:
             await backend.commit(tx("t2", prev=prev, state=2, creates=[MapCreate(new_map)],
                                     writes=[MapWrite(MAP, changes(1, {"a": 2})),
                                             MapWrite(MAP2, changes(0, {"b": 2}))]))
-        assert info.value.name == ACTOR
-        assert "'t1'" in str(info.value)  # the stored txid the commit had to follow
+        assert info.value.name == ACTOR and isinstance(info.value, ChainError)
+        assert info.value.stored_txid == "t1"  # the stored txid the commit had to follow
+        assert "'t1'" in str(info.value)
     assert await backend.load_checkpoint(ACTOR) == {"txid": "t1", "state": 1, "maps": [MAP]}
     assert as_dict(await backend.read_map(MAP)) == {"a": 1, V: 1}
     assert as_dict(await backend.read_map(MAP2)) == {V: 0}
@@ -282,10 +289,9 @@ async def test_retried_txid_returns_false_and_applies_nothing_twice(backend: Bac
     # success: another node, a stale version, no prev at all.
     assert await backend.commit(tx("t2", node=OTHER, writes=[
         MapWrite(MAP, changes(5, {"a": 3}))])) is False
-    # Only the last txid is remembered: t1 again is a new commit, off the chain.
-    with pytest.raises(ConcurrentUpdateError) as info:
-        await backend.commit(first)
-    assert info.value.name == ACTOR
+    # An earlier txid of the chain is recognised too (its reply was lost and
+    # the node retried after later commits)...
+    assert await backend.commit(first) is False
     assert as_dict(await backend.read_map(MAP)) == {"a": 2, V: 2}
     cp = await backend.load_checkpoint(ACTOR)
     assert cp is not None and cp["txid"] == "t2"
@@ -293,6 +299,13 @@ async def test_retried_txid_returns_false_and_applies_nothing_twice(backend: Bac
     await inbox.wait_for(3)
     await asyncio.sleep(0.02)  # time for a stray extra delivery to show up
     assert inbox.versions() == [1, 2, 3]
+    # ... as long as it is one of the last RECENT_TXIDS: older, it is a new
+    # commit, off the chain.
+    last = await advance(backend, 3, 3 + RECENT_TXIDS, prev="next2", prefix="more")
+    with pytest.raises(ChainError) as info:
+        await backend.commit(first)
+    assert info.value.name == ACTOR and info.value.stored_txid == last
+    assert await backend.commit(tx("next2", prev=last)) is False  # still in the window
 
 
 async def test_one_bad_write_makes_the_whole_transaction_fail(backend: Backend) -> None:
@@ -508,8 +521,7 @@ async def test_a_node_that_missed_a_commit_is_fenced_off_after_renewing(
     for stale in (tx("a2", prev="a1", state="a", writes=[MapWrite(MAP, changes(1))]),
                   tx("a2", prev="a1", state="a", writes=[MapWrite(MAP2, changes(0))]),
                   tx("a2", prev="a1", state="a")):
-        with pytest.raises(ConcurrentUpdateError,
-                           match="another node committed for actor 'alice-admin'") as info:
+        with pytest.raises(ChainError, match=OFF_CHAIN) as info:
             await a.commit(stale)
         assert info.value.name == ACTOR
     assert await b.load_checkpoint(ACTOR) == {"txid": "b1", "state": "b", "maps": [MAP]}

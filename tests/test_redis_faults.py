@@ -22,7 +22,7 @@ from caf_sharing.backends.redis import RedisBackend
 from caf_sharing.errors import (
     BackendError,
     BackendUnavailableError,
-    ConcurrentUpdateError,
+    ChainError,
     LeaseHeldError,
     MapMissingError,
 )
@@ -43,6 +43,9 @@ from test_backend_contract import (
 pytestmark = pytest.mark.redis
 
 FAST = {"max_retries": 2, "retry_delay": 0.05, "connect_timeout": 1.0, "socket_timeout": 1.0}
+# Most tests here restart the server and are not about leases: they take a
+# lease on a young server at once (see the two data-loss tests for the wait).
+NO_GRACE = {"restart_grace": False}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ class Backends:
         self.opened: list[RedisBackend] = []
 
     async def __call__(self, **options: Any) -> RedisBackend:
-        backend = make_backend(self.server.url, app=self.app, **{**FAST, **options})
+        backend = make_backend(self.server.url, app=self.app, **{**FAST, **NO_GRACE, **options})
         assert isinstance(backend, RedisBackend)
         await backend.start()
         self.opened.append(backend)
@@ -148,14 +151,16 @@ async def test_restarted_empty_server(backends: Backends) -> None:
     backends.server.restart()
     assert await backend.read_map(MAP) is None
     assert await backend.load_checkpoint(ACTOR) is None
+    # The checkpoint is gone: a commit that follows t0 learns the store went back.
     write = MapWrite(MAP, changes(1, {"c": 3}))
-    with pytest.raises(MapMissingError) as info:
+    with pytest.raises(ChainError) as chain:
         await backend.commit(tx("t1", prev="t0", writes=[write]))
-    assert info.value.names == [MAP]
-    # The writer re-creates the map from its own state; the lease, gone with
-    # the data, is taken back because no checkpoint contradicts it.
+    assert chain.value.stored_txid is None
+    # The writer re-asserts: its map (from its own state) and its checkpoint;
+    # the lease, gone with the data, is taken back by the same call.
     full = dump(2, {"a": 1, "b": 2, "c": 3})
-    assert await backend.commit(tx("t1", prev="t0", writes=[MapWrite(MAP, write.changes, full)]))
+    assert await backend.commit(tx("t1", prev=None, reassert=True,
+                                   writes=[MapWrite(MAP, write.changes, full)]))
     assert as_dict(await backend.read_map(MAP)) == {"a": 1, "b": 2, "c": 3, V: 2}
     with pytest.raises(LeaseHeldError) as held:
         await reader.acquire_lease(ACTOR, OTHER, 1.0)
@@ -167,32 +172,57 @@ async def test_restarted_empty_server(backends: Backends) -> None:
     await wait_until(lambda: inbox.messages and inbox.versions()[-1] == 3)
 
 
-async def test_after_data_loss_the_first_commit_wins_and_fences_the_other_node(
+async def test_after_data_loss_a_new_node_waits_one_lease_for_the_old_holder(
         backends: Backends) -> None:
-    a = await backends()
-    b = await backends()
-    await a.acquire_lease(ACTOR, NODE, 30.0)
+    a = await backends(restart_grace=True)
+    b = await backends(restart_grace=True)
+    ttl = 1.5
+    await a.acquire_lease(ACTOR, NODE, ttl)
     await a.create_map(MAP)
     assert await a.commit(tx("a0", state="a", writes=[MapWrite(MAP, changes(0, {"by": "a"}))]))
     backends.server.restart()
-    # Leases, checkpoints and maps are gone. B gets the actor first: with no
-    # checkpoint left, nothing contradicts its commit.
-    await b.acquire_lease(ACTOR, OTHER, 30.0)
+    # Leases, checkpoints and maps are gone. A missing lease on a server up
+    # for less than one lease is no proof the actor is free: B waits...
+    started = time.monotonic()
+    taking = asyncio.ensure_future(b.acquire_lease(ACTOR, OTHER, ttl))
+    await asyncio.sleep(0.2)
+    assert not taking.done()
+    # ... and A, whose renewal comes within a third of the lease, takes its
+    # lease back and re-asserts what it holds.
+    assert await a.renew_leases([ACTOR], NODE, ttl) == []
+    assert await a.load_txids([ACTOR]) == [None]
+    assert await a.commit(tx("a1", prev=None, reassert=True, state="a", writes=[
+        MapWrite(MAP, changes(1, {"by": "a1"}), dump(2, {"by": "a1"}))]))
+    with pytest.raises(LeaseHeldError) as held:
+        await taking
+    assert held.value.holder == NODE
+    assert time.monotonic() - started >= ttl - 0.5  # B waited for the server to age
+    assert await b.load_checkpoint(ACTOR) == {"txid": "a1", "state": "a", "maps": [MAP]}
+    assert as_dict(await b.read_map(MAP)) == {"by": "a1", V: 2}
+
+
+async def test_after_data_loss_without_the_old_holder_a_new_node_starts_after_one_lease(
+        backends: Backends) -> None:
+    a = await backends(restart_grace=True)
+    b = await backends(restart_grace=True)
+    ttl = 1.0
+    await a.acquire_lease(ACTOR, NODE, ttl)
+    await a.create_map(MAP)
+    assert await a.commit(tx("a0", state="a", writes=[MapWrite(MAP, changes(0, {"by": "a"}))]))
+    backends.server.restart()
+    started = time.monotonic()
+    await b.acquire_lease(ACTOR, OTHER, ttl)  # A is gone: B gets it once the server aged
+    assert time.monotonic() - started >= ttl - 0.3
     assert await b.commit(tx("b0", node=OTHER, state="b", creates=[MapCreate(MAP)], writes=[
         MapWrite(MAP, changes(0, {"by": "b"}))]))
+    # A comes back: its renewal cannot take the lease, and its commits
+    # follow a0, not B's b0.
+    assert await a.renew_leases([ACTOR], NODE, ttl) == [ACTOR]
     await b.release_lease(ACTOR, OTHER)
-    # A's renewal (its script is sent again to the restarted server) takes
-    # the missing lease back...
-    assert await a.renew_leases([ACTOR], NODE, 30.0) == []
-    with pytest.raises(LeaseHeldError) as held:
-        await b.acquire_lease(ACTOR, OTHER, 1.0)
-    assert held.value.holder == NODE
-    # ... but A's commit follows a0, not B's b0. Its write is at the version
-    # the map is at now: only the chain tells it missed b0.
-    with pytest.raises(ConcurrentUpdateError) as info:
+    with pytest.raises(ChainError) as info:
         await a.commit(tx("a1", prev="a0", state="a", writes=[
             MapWrite(MAP, changes(1, {"by": "a"}), dump(2, {"by": "a"}))]))
-    assert info.value.name == ACTOR
+    assert info.value.stored_txid == "b0"
     assert await b.load_checkpoint(ACTOR) == {"txid": "b0", "state": "b", "maps": [MAP]}
     assert as_dict(await b.read_map(MAP)) == {"by": "b", V: 1}
 

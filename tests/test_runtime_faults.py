@@ -14,7 +14,9 @@ from redisserver import RedisServer
 
 pytestmark = pytest.mark.redis
 
-FAST = {"max_retries": 2, "retry_delay": 0.05}
+# A short lease: each test starts its own server, and a node takes a lease on
+# a server younger than one lease only once it is that old.
+FAST = {"max_retries": 2, "retry_delay": 0.05, "lease_ttl": 1.5}
 
 
 @pytest.fixture
@@ -102,7 +104,8 @@ async def test_commit_while_redis_is_down(server: RedisServer) -> None:
 
 
 async def test_pubsub_killed_while_commits_continue(server: RedisServer) -> None:
-    async with Node(server.url, app="f") as wnode, Node(server.url, app="f") as rnode:
+    async with Node(server.url, app="f", lease_ttl=1.5) as wnode, \
+            Node(server.url, app="f", lease_ttl=1.5) as rnode:
         writer = await wnode.start(Writer, "ann-writer")
         readers = [await rnode.start(Reader, f"ann-r{i}") for i in range(3)]
         seen: list[list[int]] = [[] for _ in readers]

@@ -1395,7 +1395,13 @@ cdef _Parsed _parse_change_set(object c, str where):
         raise InvalidChangeSetError(
             f"{where} must be a dict, got {_type_name(c)}")
     for field in c:
-        if field not in ("version", "remove", "add"):
+        if field in ("txid", "base_txid"):
+            # Lineage (DESIGN.md section 9), judged by the sharing service.
+            lineage = c[field]
+            if lineage is not None and not (isinstance(lineage, str) and 0 < len(lineage) <= 64):
+                raise InvalidChangeSetError(
+                    f"{where} {field!r} must be None or a str of 1-64 characters")
+        elif field not in ("version", "remove", "add"):
             raise InvalidChangeSetError(f"{where} has an unknown field {field!r}")
     for field in ("version", "remove", "add"):
         if field not in c:

@@ -14,6 +14,7 @@ __all__ = [
     "ActorStoppedError",
     "BackendError",
     "BackendUnavailableError",
+    "ChainError",
     "ChannelError",
     "ConcurrentUpdateError",
     "ConfigError",
@@ -60,6 +61,18 @@ class ConcurrentUpdateError(SharingError):
         self.name = name
         self.expected = expected
         self.current = current
+
+
+class ChainError(ConcurrentUpdateError):
+    """A commit that does not follow the actor's stored one: another node
+    committed for the actor since, or the store went back (it restarted with
+    older or no data). ``stored_txid`` is the txid the store holds (``None``:
+    no checkpoint at all); the node decides which case it is from its own
+    history of txids."""
+
+    def __init__(self, message: str, *, actor: str, stored_txid: str | None) -> None:
+        super().__init__(message, name=actor)
+        self.stored_txid = stored_txid
 
 
 class MissedUpdateError(SharingError):

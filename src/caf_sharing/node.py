@@ -13,9 +13,13 @@ Every message an actor processes is a transaction (DESIGN.md section 6):
 
 An exception before the commit aborts: ``self.state`` and the maps stay as
 they were and the caller gets the exception. A commit whose outcome is
-unknown (the backend went away mid-call) makes the actor reload its
-checkpoint and maps before its next message, so it never works from a state
-the backend may have moved past.
+unknown (the backend went away mid-call) makes the actor compare the stored
+checkpoint with its own commits before its next message: it takes its own
+commit that did land, adopts another node's, and keeps what it holds when the
+store went back (the next commit puts it back, see
+:mod:`caf_sharing.service`). The lease renewal also checks each actor's
+stored checkpoint, so a store that lost data is healed within a third of the
+lease, before any other node may take the actor.
 """
 
 from __future__ import annotations
@@ -114,7 +118,9 @@ class ActorHandle:
         return f"<ActorHandle {self.name}{'' if self.running else ' stopped'}>"
 
 
-_Message = tuple[Callable[[], Coroutine[Any, Any, Any]], "asyncio.Future[Any]"]
+#: A message: its body, the caller's future, and whether it commits even
+#: when it changes nothing (a sync that makes the store catch up).
+_Message = tuple[Callable[[], Coroutine[Any, Any, Any]], "asyncio.Future[Any]", bool]
 
 
 class _Host:
@@ -152,7 +158,7 @@ class _Host:
         func = self._method(method)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
-            self.mailbox.put_nowait((lambda: func(*args, **kwargs), future))
+            self.mailbox.put_nowait((lambda: func(*args, **kwargs), future, False))
         except asyncio.QueueFull:
             raise MailboxFullError(
                 f"mailbox of actor {self.name!r} is full ({self.node.mailbox_size} messages)"
@@ -164,11 +170,11 @@ class _Host:
             item = await self.mailbox.get()
             if item is None:
                 return
-            body, future = item
+            body, future, force = item
             if future.cancelled():
                 continue
             try:
-                result = await self.transaction(body)
+                result = await self.transaction(body, force=force)
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():  # the worker itself is cancelled
@@ -234,11 +240,35 @@ class _Host:
             raise
 
     async def reload(self) -> None:
-        """Take state, registrations and maps back from the backend."""
-        checkpoint = await self.node.service.load_checkpoint(self.name)
-        maps = None if checkpoint is None else self.restore_state(checkpoint)
-        await self.plug.refresh(maps)
+        """After a commit whose outcome is unknown: take state, registrations
+        and maps from the backend if it moved on (this node's commit landed,
+        or another node committed); keep them if it holds what this node
+        holds, or went back (the next commit re-asserts them)."""
+        service = self.node.service
+        checkpoint = await service.load_checkpoint(self.name)
+        stored = None if checkpoint is None else checkpoint.get("txid")
+        relation = service.relation(self.name, stored if isinstance(stored, str) else None,
+                                    self.txid)
+        if relation == "foreign":
+            self.actor.log.warning("actor %s: another node committed (%s) since this node's last "
+                             "commit (%s): taking its state", self.name, stored, self.txid)
+            service.adopt_checkpoint(self.name, stored if isinstance(stored, str) else None)
+        maps = None
+        if checkpoint is not None and relation in ("ahead", "foreign"):
+            maps = self.restore_state(checkpoint)
+        if relation != "behind":
+            await self.plug.refresh(maps)
         self.needs_reload = False
+
+    def request_sync(self) -> None:
+        """Commit once soon even if nothing changed: the store lost this
+        actor's last commits and the commit puts them back."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            self.mailbox.put_nowait((_nothing, future, True))
+        except asyncio.QueueFull:
+            future.cancel()  # a busy actor commits soon anyway
 
     def restore_state(self, checkpoint: dict[str, Any]) -> Mapping[str, Any]:
         """Adopt a checkpoint's state and txid; return its map registrations."""
@@ -254,12 +284,15 @@ class _Host:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        checkpoint = await self.node.service.load_checkpoint(self.name)
+        service = self.node.service
+        checkpoint = await service.load_checkpoint(self.name)
         if checkpoint is None:
+            service.adopt_checkpoint(self.name, None)
             self.actor.state = {}
             await self.transaction(self.actor.init, force=True)
         else:
             self.plug.restore(self.restore_state(checkpoint))
+            service.adopt_checkpoint(self.name, self.txid)
             await self.transaction(self.actor.resume)
         self.worker = asyncio.get_running_loop().create_task(
             self.run(), name=f"caf-sharing actor {self.name}")
@@ -275,6 +308,7 @@ class _Host:
         if self.worker is not None:
             await self.worker
         await self.plug.close()
+        self.node.service.forget_actor(self.name)
 
     def kill(self) -> None:
         """Stop at once (the lease is gone): queued messages fail."""
@@ -285,6 +319,10 @@ class _Host:
                 item[1].set_exception(ActorStoppedError(
                     f"actor {self.name!r} stopped: node {self.node.node_id!r} lost its lease"))
         self.mailbox.put_nowait(None)
+
+
+async def _nothing() -> None:
+    """The body of a sync message."""
 
 
 def _default_node_id() -> str:
@@ -427,8 +465,17 @@ class Node:
                 continue
             try:
                 lost = await self.service.renew_leases(names, self.node_id, self.lease_ttl)
+                stored = await self.service.load_txids(names)
             except SharingError as exc:
                 self.log.warning("lease renewal failed (%s); retrying in %.1fs", exc, interval)
                 continue
             for name in lost:
                 self._lost(name)
+            for name, txid in zip(names, stored, strict=True):
+                host = self._hosts.get(name)
+                if host is not None and not host.needs_reload and \
+                        self.service.relation(name, txid, host.txid) == "behind":
+                    self.log.warning("the store went back on actor %s (it holds commit %s, "
+                                     "this node made %s since): syncing it", name, txid,
+                                     host.txid)
+                    host.request_sync()

@@ -9,29 +9,70 @@ One service per node sits between the actors' sharing plugs and the backend:
   reads them and reference counted: the backend subscription is dropped when
   the last reader lets go. A replica subscribes first, then reads the map,
   then applies what arrived in between, so no update falls in a window.
-  Gaps and malformed messages trigger a resync from a full read; a resync
-  never rolls a replica back (the core ignores dumps older than the replica).
+  Gaps and malformed messages trigger a resync from a full read.
 * **aggregates** — AggregateMaps whose linked maps are found best-effort
   through replicas.
 
 Updates land as new versions of the SharedMap, so snapshots that actors hold
 stay valid while replicas move on (readers isolation, fairness).
+
+**Lineage** (DESIGN.md section 9). Every map version is tied to the txid of
+the commit that made it, in the store and on the wire. The rules that keep
+the guarantees when the store loses data:
+
+* *A replica never goes back.* It remembers the txids of its recent versions.
+  A change set whose base txid is not the replica's, or that re-issues a
+  version the replica holds with another txid, means the replica holds
+  history the store lost (or a forged message): it is counted
+  (``stats.forks``), logged with both lineages, and the replica resyncs. A
+  store at a higher version is loaded; at the same version with another txid
+  the store's content replaces the replica's (the replica's was never
+  durable); behind the replica, the replica keeps its version, readable,
+  until the writer moves past it. Released replicas are kept for a while, so
+  an actor that reloads or restarts on this node never reads an older version
+  than it did.
+* *Writers continue above every version a reader may have seen.* A writer
+  that takes a map's state from the store instead of its own commits (a
+  restart, a move, another node's commits) renumbers it at its first write to
+  ``max(stored version + 2**20, microseconds since the epoch)``: previous
+  writers advanced one version per commit from a lower such number, so a
+  version they made and the store lost is never made again with other
+  content (unless clocks were skewed by more than the time in between).
+* *Writers whose store went back heal it.* When the store holds an older
+  commit of the actor made by this node, or none at all, the commit is sent
+  again as a re-assert that puts back the checkpoint and every map of the
+  actor as this node holds them (``stats.reasserts``).
+* *Resyncs are atomic per writer.* The replicas of one owner resync together
+  from one consistent read, so a snapshot never mixes two commits of one
+  writer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
 
 from ._fastmap import MapRef, SharedMap
 from .aggregate import DEFAULT_LINK_KEY, AggregateMap
-from .backends.base import Backend, Checkpoint, MapCreate, MapWrite, MessageHandler, Transaction
+from .backends.base import (
+    Backend,
+    ChangeSet,
+    Checkpoint,
+    MapCreate,
+    MapRestore,
+    MapWrite,
+    MessageHandler,
+    Transaction,
+)
 from .errors import (
+    ChainError,
     InvalidChangeSetError,
     MapMissingError,
     MapNotFoundError,
@@ -39,6 +80,7 @@ from .errors import (
     PrepareRequiredError,
     SharingError,
 )
+from .names import map_owner
 
 __all__ = ["ServiceStats", "SharingService"]
 
@@ -57,23 +99,94 @@ class ServiceStats:
     gaps: int = 0
     #: Full reads done to bring a replica back in line.
     resyncs: int = 0
+    #: Times a replica was found holding history the store does not have.
+    forks: int = 0
+    #: Times a resync buffer overflowed and was dropped for a new resync.
+    overflows: int = 0
+    #: Re-asserts: this node put back what the store lost of one of its actors.
+    reasserts: int = 0
+    #: Maps a writer took from the store and renumbered above what it held.
+    adoptions: int = 0
+
+
+#: Versions whose txid a replica remembers, to recognise a version re-issued
+#: with other content.
+LINEAGE_MEMORY = 256
+#: Replicas kept after their last reader let go, so that re-opening one never
+#: reads an older version than this node already showed.
+RETIRED_REPLICAS = 64
+#: Bytes of messages a replica buffers during a resync before it drops them
+#: and resyncs again (a flood must not grow memory without bound).
+MAX_BUFFERED_BYTES = 16 * 2**20
+#: Smallest renumbering of a map a writer adopts from the store.
+ADOPT_MARGIN = 2**20
+#: Txids of its own commits a node remembers per actor.
+_SENT_MEMORY = 64
+
+
+def adopted_version(stored: int) -> int:
+    """The version a writer continues from when it adopts a map stored at
+    ``stored`` (see the module docs)."""
+    return max(stored + ADOPT_MARGIN, time.time_ns() // 1000)
+
+
+def dump_version(dump: ChangeSet) -> int:
+    """The version a dump holds (its ``__ca_version__`` pair, last by our backends)."""
+    add = dump["add"]
+    for i in range(len(add) - 2, -1, -2):
+        if add[i] == "__ca_version__":
+            version: int = add[i + 1]
+            return version
+    return 0
+
+
+def _renumbered(dump: ChangeSet, version: int) -> ChangeSet:
+    add = list(dump["add"])
+    for i in range(len(add) - 2, -1, -2):
+        if add[i] == "__ca_version__":
+            add[i + 1] = version
+    return {"version": 0, "remove": [], "add": add}
 
 
 class _Replica:
-    """One subscribed replica and the state of its catch-up protocol."""
+    """One subscribed replica, its lineage and the state of its catch-up protocol."""
 
-    __slots__ = ("buffer", "count", "handle", "map", "name", "resync_again", "resync_task")
+    __slots__ = ("buffer", "buffered", "count", "forked", "handle", "map", "name", "owner",
+                 "seen", "txid")
 
     def __init__(self, service: SharingService, name: str, shared: SharedMap) -> None:
         self.name = name
+        self.owner = map_owner(name)
         self.map = shared
         self.count = 1
         # Messages that arrive while the replica loads or resyncs wait here,
         # so that nothing published after the full read is lost.
         self.buffer: list[bytes] | None = []
-        self.resync_task: asyncio.Task[None] | None = None
-        self.resync_again = False
+        self.buffered = 0
+        #: Txid of the version the replica holds (None: unknown).
+        self.txid: str | None = None
+        #: Txids of recent versions, oldest first.
+        self.seen: OrderedDict[int, str] = OrderedDict()
+        #: Set when the replica holds versions the store lost.
+        self.forked = False
         self.handle: MessageHandler = lambda data: service._on_message(self, data)
+
+    def record(self, version: int, txid: str | None) -> None:
+        self.txid = txid
+        if txid is not None:
+            self.seen[version] = txid
+            self.seen.move_to_end(version)
+            if len(self.seen) > LINEAGE_MEMORY:
+                self.seen.popitem(last=False)
+
+
+@dataclass(slots=True)
+class _Primary:
+    map: SharedMap
+    #: Txid of the commit that made the map's version (None: unknown).
+    txid: str | None
+    #: Stored version the map's version renumbers, until its next commit.
+    rebase_from: int | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -90,6 +203,9 @@ class _Counted(Protocol):
 _K = TypeVar("_K")
 _E = TypeVar("_E", bound=_Counted)
 
+#: How a stored checkpoint relates to what a node holds of an actor.
+Relation = Literal["same", "ahead", "behind", "foreign"]
+
 
 class SharingService:
     """Primaries, replicas and aggregates of one node, over one backend."""
@@ -100,8 +216,15 @@ class SharingService:
         self.stats = ServiceStats()
         self._max_updates = max_updates
         self._log = logger or log
-        self._primaries: dict[str, SharedMap] = {}
+        self._primaries: dict[str, _Primary] = {}
+        #: Txids this node sent for each actor it hosts, oldest first.
+        self._sent: dict[str, deque[str]] = {}
+        #: The stored commit each actor started from on this node (its resume).
+        self._resumed: dict[str, str] = {}
         self._replicas: dict[tuple[str, bool], _Replica] = {}
+        self._retired: OrderedDict[tuple[str, bool], _Replica] = OrderedDict()
+        self._resyncs: dict[str, asyncio.Task[None]] = {}
+        self._resync_again: set[str] = set()
         self._aggregates: dict[tuple[str, str], _Aggregate] = {}
         self._closed = False
         backend.add_reconnect_listener(self._on_reconnect)
@@ -112,36 +235,80 @@ class SharingService:
         """The local writable copy of ``name``, loaded from the backend once."""
         found = self._primaries.get(name)
         if found is not None:
-            return found
+            return found.map
         dump = await self.backend.read_map(name)
         if dump is None:
             raise MapNotFoundError(name)
         found = self._primaries.get(name)
         if found is not None:  # another actor task loaded it meanwhile
-            return found
+            return found.map
+        return self._load_primary(name, dump).map
+
+    def _load_primary(self, name: str, dump: ChangeSet) -> _Primary:
+        txid = dump.get("txid")
         shared = SharedMap(max_updates=self._max_updates, logger=self._log)
-        shared.apply_changes(dump)
-        self._primaries[name] = shared
-        return shared
+        if txid is not None and txid in self._sent.get(map_owner(name), ()):
+            shared.apply_changes(dump)
+            primary = _Primary(shared, txid)
+        else:
+            # Not made by this node's own commits: the store may have lost
+            # versions that readers saw, so continue above all of them.
+            stored = dump_version(dump)
+            shared.apply_changes(_renumbered(dump, adopted_version(stored)))
+            primary = _Primary(shared, txid, stored)
+            self.stats.adoptions += 1
+            self._log.debug("map %s adopted at version %d (txid %s), renumbered to %d",
+                            name, stored, txid, shared.version)
+        self._primaries[name] = primary
+        return primary
+
+    def relation(self, actor: str, stored_txid: str | None, held_txid: str | None) -> Relation:
+        """How the store's checkpoint ``stored_txid`` of ``actor`` relates to
+        ``held_txid``, the last commit this node knows of: the same, a later
+        commit this node sent (its reply was lost), an earlier one or none
+        (the store went back), or another node's."""
+        if stored_txid == held_txid:
+            return "same"
+        if stored_txid is None:
+            return "behind"
+        sent = list(self._sent.get(actor, ()))
+        if stored_txid in sent:
+            if held_txid in sent and sent.index(stored_txid) < sent.index(held_txid):
+                return "behind"
+            return "ahead"
+        return "behind" if stored_txid == self._resumed.get(actor) else "foreign"
 
     async def refresh_primary(self, name: str) -> SharedMap:
-        """Bring the local primary up to what the backend holds.
-
-        Used after a commit whose outcome is unknown (the backend may have
-        stored it): a newer stored version replaces the local one, an older
-        one is ignored, and a map the backend lost keeps its local copy (the
-        next commit re-creates it from there).
-        """
-        shared = await self.primary(name)
+        """Bring the local primary in line with the backend after a commit
+        whose outcome is unknown: keep it when the store holds the same
+        version; take a newer one this node's own commits made; adopt the
+        store's state otherwise (another node wrote the map). A map the
+        backend lost keeps its local copy (the next commit re-creates it)."""
         dump = await self.backend.read_map(name)
-        if dump is not None:
-            shared.apply_changes(dump)
-        return shared
+        held = self._primaries.get(name)
+        if dump is None:
+            return held.map if held is not None else await self.primary(name)
+        if held is None:
+            return self._load_primary(name, dump).map
+        version, txid = dump_version(dump), dump.get("txid")
+        if txid == held.txid and version in (held.map.version, held.rebase_from):
+            return held.map
+        if version > held.map.version and txid in self._sent.get(map_owner(name), ()):
+            held.map.apply_changes(dump)
+            held.txid, held.rebase_from = txid, None
+            return held.map
+        del self._primaries[name]
+        return self._load_primary(name, dump).map
 
     def drop_primary(self, name: str) -> None:
         """Forget the local copy of ``name``: its actor left this node and may
         write elsewhere meanwhile."""
         self._primaries.pop(name, None)
+
+    def forget_actor(self, actor: str) -> None:
+        """The actor left this node: its next start here adopts the store's state."""
+        self._sent.pop(actor, None)
+        self._resumed.pop(actor, None)
 
     # -- replicas ----------------------------------------------------------
 
@@ -158,7 +325,7 @@ class SharingService:
             replica.count += 1
             return replica.map
         try:
-            replica = await self._open_replica(name, no_exec)
+            replica = await self._open_replica(key)
         except SharingError:
             if best_effort:
                 self._log.debug("replica of %s not available yet", name)
@@ -172,15 +339,25 @@ class SharingService:
         self._replicas[key] = replica
         return replica.map
 
-    async def _open_replica(self, name: str, no_exec: bool) -> _Replica:
-        shared = SharedMap(no_exec=no_exec, max_updates=self._max_updates, logger=self._log)
-        replica = _Replica(self, name, shared)
+    async def _open_replica(self, key: tuple[str, bool]) -> _Replica:
+        name, no_exec = key
+        retired = self._retired.pop(key, None)
+        if retired is not None:
+            replica = retired
+            replica.count, replica.buffer, replica.buffered = 1, [], 0
+        else:
+            replica = _Replica(self, name, SharedMap(no_exec=no_exec,
+                                                     max_updates=self._max_updates,
+                                                     logger=self._log))
         await self.backend.subscribe(name, replica.handle)
         try:
             dump = await self.backend.read_map(name)
-            if dump is None:
+            if dump is not None:
+                self._install(replica, dump)
+            elif retired is None:
                 raise MapNotFoundError(name)
-            shared.apply_changes(dump)
+            # else the store lost the map: stay readable at the version
+            # already shown until its writer re-creates it.
         except BaseException:
             await self.backend.unsubscribe(name, replica.handle)
             raise
@@ -189,11 +366,15 @@ class SharingService:
 
     async def release_replica(self, name: str, shared: SharedMap) -> None:
         """Drop one reference; unsubscribe when it was the last one."""
-        replica = self._drop_reference(self._replicas, (name, shared.no_exec), shared)
+        key = (name, shared.no_exec)
+        replica = self._drop_reference(self._replicas, key, shared)
         if replica is None:
             return
-        if replica.resync_task is not None:
-            replica.resync_task.cancel()
+        replica.buffer = None
+        if not self._closed:
+            self._retired[key] = replica
+            if len(self._retired) > RETIRED_REPLICAS:
+                self._retired.popitem(last=False)
         await self.backend.unsubscribe(name, replica.handle)
 
     def _drop_reference(self, table: dict[_K, _E], key: _K, held: object) -> _E | None:
@@ -209,62 +390,159 @@ class SharingService:
         return entry
 
     def _on_message(self, replica: _Replica, data: bytes) -> None:
-        if replica.buffer is not None:
-            replica.buffer.append(data)
+        if replica.buffer is None:
+            self._apply(replica, data)
             return
-        self._apply(replica, data)
+        replica.buffer.append(data)
+        replica.buffered += len(data)
+        if replica.buffered > MAX_BUFFERED_BYTES:
+            # The resync under way will be stale anyway: read again after it.
+            self.stats.overflows += 1
+            self._log.warning("replica %s buffered over %d bytes during a resync: dropping "
+                              "them and resyncing again", replica.name, MAX_BUFFERED_BYTES)
+            replica.buffer, replica.buffered = [], 0
+            self._schedule_resync(replica)
 
     def _apply(self, replica: _Replica, data: bytes) -> None:
         try:
             changes = orjson.loads(data)
+            sets = changes if isinstance(changes, list) else [changes]
+            fork = self._lineage_conflict(replica, sets)
+            if fork is not None:
+                self._forked(replica, fork)
+                return
+            before = replica.map.version
             replica.map.apply_changes(changes)
         except MissedUpdateError as exc:
             self.stats.gaps += 1
             self._log.debug("replica %s missed updates (%s): resync", replica.name, exc)
             self._schedule_resync(replica)
-        except (orjson.JSONDecodeError, InvalidChangeSetError, TypeError, ValueError) as exc:
+        except (orjson.JSONDecodeError, InvalidChangeSetError, TypeError, ValueError,
+                KeyError) as exc:
             self.stats.malformed += 1
             self._log.warning("malformed message on map %s ignored (%s): resync",
                               replica.name, exc)
             self._schedule_resync(replica)
         else:
             self.stats.applied += 1
+            if replica.map.version > before:
+                replica.record(replica.map.version, sets[-1].get("txid"))
+
+    def _lineage_conflict(self, replica: _Replica, sets: Sequence[Any]) -> str | None:
+        """Why ``sets`` contradict what the replica holds, or None. Shapes are
+        left to the core; this only compares lineage."""
+        version, txid = replica.map.version, replica.txid
+        for changes in sets:
+            if not isinstance(changes, dict) or type(changes.get("version")) is not int:
+                return None
+            base, made = changes["version"], changes.get("txid")
+            if base == 0:  # a dump: the core keeps the newest
+                return None
+            if made is None and txid is not None:
+                raise InvalidChangeSetError(
+                    f"change set of version {base} has no lineage, and the map has one")
+            if base == version:
+                based_on = changes.get("base_txid")
+                if txid is not None and based_on is not None and based_on != txid:
+                    return (f"the writer made version {base + 1} on version {base} of commit "
+                            f"{based_on!r}, the replica holds it from commit {txid!r}")
+                version, txid = base + 1, made
+            elif base < version:
+                held = replica.seen.get(base + 1)
+                if held is not None and made is not None and held != made:
+                    return (f"version {base + 1} arrived from commit {made!r}, the replica "
+                            f"holds it from commit {held!r}")
+        return None
+
+    def _forked(self, replica: _Replica, why: str) -> None:
+        self.stats.forks += 1
+        self._log.warning("replica of %s holds history the store does not have (%s): "
+                          "reloading", replica.name, why)
+        replica.forked = True
+        self._schedule_resync(replica)
+
+    def _install(self, replica: _Replica, dump: ChangeSet) -> None:
+        """Take a full read of the store into ``replica`` without going back."""
+        version, txid = dump_version(dump), dump.get("txid")
+        shared = replica.map
+        if version > shared.version:
+            shared.apply_changes(dump)
+        elif version == shared.version and txid != replica.txid and txid is not None \
+                and (replica.txid is not None or replica.forked):
+            # The replica's content of this version was never the store's
+            # (a forged message, or history the store lost): take the store's.
+            shared.reset()
+            shared.apply_changes(dump)
+        elif version < shared.version:
+            if replica.seen.get(version, txid) != txid:
+                replica.forked = True
+            if replica.forked:
+                self._log.warning(
+                    "store holds map %s at version %d (commit %s), behind the replica's "
+                    "%d: keeping it until the writer moves past it", replica.name, version,
+                    txid, shared.version)
+            return
+        else:
+            if replica.txid is None:
+                replica.record(version, txid)
+            return
+        replica.forked = False
+        replica.record(version, txid)
 
     def _drain(self, replica: _Replica) -> None:
-        pending, replica.buffer = replica.buffer or [], None
+        pending, replica.buffer, replica.buffered = replica.buffer or [], None, 0
         for data in pending:
             self._apply(replica, data)
+
+    def _owned_by(self, owner: str) -> list[_Replica]:
+        return [r for r in self._replicas.values() if r.owner == owner]
 
     def _schedule_resync(self, replica: _Replica) -> None:
         if self._closed:
             return
-        if replica.resync_task is not None and not replica.resync_task.done():
-            replica.resync_again = True
+        owner = replica.owner
+        task = self._resyncs.get(owner)
+        if task is not None and not task.done():
+            self._resync_again.add(owner)
             return
+        # Every replica of the owner waits for the resync, so that they are
+        # all installed at once, from one read.
+        for other in self._owned_by(owner):
+            if other.buffer is None:
+                other.buffer = []
         if replica.buffer is None:
             replica.buffer = []
-        replica.resync_task = asyncio.get_running_loop().create_task(self._resync(replica))
+        self._resyncs[owner] = asyncio.get_running_loop().create_task(self._resync(owner))
 
-    async def _resync(self, replica: _Replica) -> None:
+    async def _resync(self, owner: str) -> None:
         while True:
-            replica.resync_again = False
+            self._resync_again.discard(owner)
+            names = sorted({r.name for r in self._owned_by(owner)})
+            dumps: Mapping[str, ChangeSet | None] = {}
             try:
-                dump = await self.backend.read_map(replica.name)
+                if names:
+                    dumps = await self.backend.read_maps(names)
             except SharingError as exc:
-                self._log.warning("resync of %s failed (%s); keeping version %d",
-                                  replica.name, exc, replica.map.version)
-                dump = None
+                self._log.warning("resync of %s failed (%s); keeping their versions",
+                                  ", ".join(names), exc)
             self.stats.resyncs += 1
-            if dump is not None:
+            replicas = self._owned_by(owner)
+            for replica in replicas:
+                dump = dumps.get(replica.name)
+                if dump is None:
+                    continue
                 try:
-                    replica.map.apply_changes(dump)
+                    self._install(replica, dump)
                 except SharingError as exc:
                     self.stats.malformed += 1
                     self._log.warning("unusable dump of %s (%s)", replica.name, exc)
-            self._drain(replica)
-            if not replica.resync_again:
+            for replica in replicas:
+                self._drain(replica)
+            if owner not in self._resync_again or self._closed:
+                self._resyncs.pop(owner, None)
                 return
-            replica.buffer = []
+            for replica in self._owned_by(owner):
+                replica.buffer = []
 
     def _on_reconnect(self) -> None:
         """The subscription channel was down: any replica may have missed updates."""
@@ -274,8 +552,7 @@ class SharingService:
     async def resync_all(self) -> None:
         """Resync every replica now and wait until they are done."""
         self._on_reconnect()
-        tasks = [r.resync_task for r in self._replicas.values() if r.resync_task is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._resyncs.values(), return_exceptions=True)
 
     # -- aggregates --------------------------------------------------------
 
@@ -315,6 +592,19 @@ class SharingService:
     async def load_checkpoint(self, actor: str) -> Checkpoint | None:
         return await self.backend.load_checkpoint(actor)
 
+    async def load_txids(self, actors: Sequence[str]) -> list[str | None]:
+        return await self.backend.load_txids(actors)
+
+    def adopt_checkpoint(self, actor: str, txid: str | None) -> None:
+        """This node takes ``actor`` from a checkpoint it did not write (a
+        start, or another node's commits): its later commits follow ``txid``,
+        and the maps it loads from now on are adopted."""
+        self._sent.pop(actor, None)
+        if txid is None:
+            self._resumed.pop(actor, None)
+        else:
+            self._resumed[actor] = txid
+
     async def commit(self, *, actor: str, node_id: str, txid: str, prev_txid: str | None,
                      checkpoint: Checkpoint, lease_ttl: float,
                      refs: Mapping[str, MapRef], creates: Sequence[MapCreate] = ()) -> None:
@@ -323,16 +613,23 @@ class SharingService:
         ``refs`` maps each written map's full name to its prepared ref. If the
         backend lost some of those maps (it restarted empty), the commit is
         sent again with full dumps so the writer re-creates them from its own
-        state. Nothing local changes unless the backend accepted the commit.
+        state; if the store went back on this node's own commits of the actor,
+        it is sent again as a re-assert. Nothing local changes unless the
+        backend accepted the commit.
         """
         writes = []
         for name, ref in refs.items():
             if ref.changes is None:
                 raise PrepareRequiredError(f"map {name!r} was written but not prepared")
-            writes.append(MapWrite(name, ref.changes))
+            primary = self._primaries[name]
+            changes = dict(ref.changes)
+            changes["txid"], changes["base_txid"] = txid, primary.txid
+            writes.append(MapWrite(name, changes, rebase_from=primary.rebase_from))
         tx = Transaction(actor=actor, node_id=node_id, txid=txid, prev_txid=prev_txid,
                          checkpoint=checkpoint, lease_ttl=lease_ttl, writes=tuple(writes),
                          creates=tuple(creates))
+        # Sent, so possibly stored even if no reply comes back.
+        self._sent.setdefault(actor, deque(maxlen=_SENT_MEMORY)).append(txid)
         try:
             await self.backend.commit(tx)
         except MapMissingError as exc:
@@ -340,24 +637,61 @@ class SharingService:
             self._log.warning("backend lost maps %s; re-creating them from %s",
                               sorted(missing), actor)
             full = tuple(MapWrite(w.name, w.changes,
-                                  refs[w.name].dump() if w.name in missing else None)
+                                  self._full(refs[w.name], txid) if w.name in missing else None,
+                                  w.rebase_from)
                          for w in writes)
             await self.backend.commit(Transaction(
                 actor=actor, node_id=node_id, txid=txid, prev_txid=prev_txid,
                 checkpoint=checkpoint, lease_ttl=lease_ttl, writes=full, creates=tx.creates))
+        except ChainError as exc:
+            if self.relation(actor, exc.stored_txid, prev_txid) != "behind":
+                raise
+            await self._reassert(tx, exc.stored_txid, refs)
         for name, ref in refs.items():
-            self._primaries[name].commit(ref)
+            primary = self._primaries[name]
+            primary.map.commit(ref)
+            primary.txid, primary.rebase_from = txid, None
+
+    @staticmethod
+    def _full(ref: MapRef, txid: str | None) -> ChangeSet:
+        dump = dict(ref.dump())
+        dump["txid"] = txid
+        return dump
+
+    async def _reassert(self, tx: Transaction, stored_txid: str | None,
+                        refs: Mapping[str, MapRef]) -> None:
+        """Send ``tx`` again with everything the store lost of its actor."""
+        actor = tx.actor
+        writes = tuple(MapWrite(w.name, w.changes, self._full(refs[w.name], tx.txid))
+                       for w in tx.writes)
+        restores = tuple(
+            MapRestore(name, self._full(p.map.ref(read_only=True), p.txid))
+            for name, p in self._primaries.items()
+            if map_owner(name) == actor and name not in refs)
+        self._log.warning(
+            "the store went back on actor %s (it holds commit %s, this node made %s since): "
+            "putting back its checkpoint and %d maps", actor, stored_txid, tx.prev_txid,
+            len(writes) + len(restores))
+        await self.backend.commit(Transaction(
+            actor=actor, node_id=tx.node_id, txid=tx.txid, prev_txid=stored_txid,
+            checkpoint=tx.checkpoint, lease_ttl=tx.lease_ttl, writes=writes,
+            creates=tx.creates, restores=restores, reassert=True))
+        self.stats.reasserts += 1
+        for name in (r.name for r in restores):
+            self._primaries[name].rebase_from = None
 
     async def close(self) -> None:
         """Unsubscribe everything and forget every map."""
         self._closed = True
         replicas = list(self._replicas.values())
         self._replicas.clear()
+        self._retired.clear()
         self._aggregates.clear()
         self._primaries.clear()
+        for task in self._resyncs.values():
+            task.cancel()
+        self._resyncs.clear()
         for replica in replicas:
-            if replica.resync_task is not None:
-                replica.resync_task.cancel()
             try:
                 await self.backend.unsubscribe(replica.name, replica.handle)
             except SharingError as exc:

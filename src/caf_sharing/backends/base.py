@@ -3,28 +3,44 @@
 A backend persists maps, actor checkpoints and actor leases, and propagates
 change sets to subscribers. The sharing service is its only caller. All data
 crossing this boundary is plain JSON data: change sets and dumps use the wire
-format of :mod:`caf_sharing._fastmap` (``{"version", "remove", "add"}``).
+format of :mod:`caf_sharing._fastmap` (``{"version", "remove", "add"}``) plus
+the lineage fields below.
+
+**Lineage.** Every stored map version is tied to the txid of the commit that
+made it. A published change set carries ``"txid"`` (its commit) and
+``"base_txid"`` (the commit that made its base version) beside
+``version``/``remove``/``add`` (Caf.js ignores extra fields); a dump carries
+``"txid"`` of the version it holds (``None`` when the store does not know it).
 
 Semantics every backend must keep (the contract tests check them on each one):
 
-* ``commit`` is atomic: either the checkpoint, every map write and every map
-  creation of the transaction are stored and each change set is published on
+* ``commit`` is atomic: either the checkpoint, every map write, creation and
+  restore of the transaction are stored and each change set is published on
   its map's channel, or nothing is stored or published.
 * ``commit`` is fenced twice. It fails with :class:`LeaseLostError` when
   another node holds the lease of ``tx.actor``. And the commits of an actor
-  form a chain of transaction ids: unless the stored checkpoint is absent or
-  carries ``tx.prev_txid``, the commit fails with
-  :class:`ConcurrentUpdateError` (``name`` is the actor), so a node that
-  missed another node's commit for the actor can never overwrite it. A lease
-  that vanished (expired, or the backend lost its data) is taken back by a
-  commit that passes both checks.
-* ``commit`` is idempotent by ``tx.txid``: when the stored checkpoint already
-  carries ``tx.txid`` the call stores nothing and returns ``False``.
+  form a chain of transaction ids: the stored checkpoint must carry
+  ``tx.prev_txid`` (or be absent when ``tx.prev_txid`` is ``None``), else the
+  commit fails with :class:`ChainError` naming the stored txid, so a node
+  that missed another node's commit for the actor can never overwrite it, and
+  a node whose store went back learns it. A lease that vanished (expired, or
+  the backend lost its data) is taken back by a commit that passes both checks.
+* ``commit`` is idempotent by ``tx.txid``: when the stored checkpoint carries
+  ``tx.txid`` or one of the :data:`RECENT_TXIDS` txids committed before it,
+  the call stores nothing and returns ``False`` (a retried commit whose reply
+  was lost is reported as committed, even after another node moved on).
 * Versions are integers compared as numbers. A write whose change set version
   differs from the stored map version fails with
-  :class:`ConcurrentUpdateError`; a written map absent from the store fails
-  with :class:`MapMissingError` unless the write carries ``full`` (a dump of
-  the map after the write), which then re-creates it.
+  :class:`ConcurrentUpdateError` (also when the versions match but the stored
+  txid differs from the change set's ``base_txid``), unless the write's
+  ``rebase_from`` equals the stored version and its ``base_txid`` the stored
+  txid: the map is then renumbered to the change set's base first. A written
+  map absent from the store fails with :class:`MapMissingError` unless the
+  write carries ``full`` (a dump of the map after the write), which then
+  re-creates it.
+* A *re-assert* (``tx.reassert``) is a node putting back what the store lost
+  of its own actor: writes with ``full`` and every restore are stored whatever
+  the store holds, after the lease and chain checks.
 * Handlers passed to ``subscribe`` receive the raw bytes published on the
   map's channel (orjson-encoded change sets), are called from the event loop
   and never from inside the ``commit`` call that published them.
@@ -37,10 +53,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "RECENT_TXIDS",
     "Backend",
     "ChangeSet",
     "Checkpoint",
     "MapCreate",
+    "MapRestore",
     "MapWrite",
     "MessageHandler",
     "ReconnectListener",
@@ -48,7 +66,11 @@ __all__ = [
 ]
 
 ChangeSet = dict[str, Any]
-"""``{"version": int, "remove": [key, ...], "add": [k1, v1, ...]}``."""
+"""``{"version": int, "remove": [key, ...], "add": [k1, v1, ...]}`` plus the
+lineage fields ``txid`` and ``base_txid`` (change sets) or ``txid`` (dumps)."""
+
+#: Txids a store keeps per actor to recognise a retried commit.
+RECENT_TXIDS = 32
 
 Checkpoint = dict[str, Any]
 """What an actor stores at each commit: ``{"txid", "state", "maps"}``."""
@@ -66,6 +88,18 @@ class MapWrite:
     #: Dump of the map after ``changes``; lets the write re-create a map the
     #: backend lost. ``None`` on the first attempt.
     full: ChangeSet | None = None
+    #: The stored version this write renumbers (the writer adopted the map at
+    #: that version and continues above every version a reader may have seen).
+    rebase_from: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MapRestore:
+    """A map a re-assert puts back as the writer holds it (nothing published)."""
+
+    name: str
+    #: Its dump, ``txid`` included.
+    dump: ChangeSet
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +124,9 @@ class Transaction:
     lease_ttl: float
     writes: Sequence[MapWrite] = field(default_factory=tuple)
     creates: Sequence[MapCreate] = field(default_factory=tuple)
+    restores: Sequence[MapRestore] = field(default_factory=tuple)
+    #: Put back what the store lost of this actor (see the module docs).
+    reassert: bool = False
 
 
 @runtime_checkable
@@ -111,6 +148,11 @@ class Backend(Protocol):
         """The dump of ``name``, or ``None`` when it does not exist."""
         ...
 
+    async def read_maps(self, names: Sequence[str]) -> dict[str, ChangeSet | None]:
+        """Dumps of several maps of one owner, all from one instant (no commit
+        of the owner falls between them)."""
+        ...
+
     async def delete_map(self, name: str) -> bool:
         """Delete ``name``; ``True`` if it existed."""
         ...
@@ -127,7 +169,12 @@ class Backend(Protocol):
         ...
 
     async def acquire_lease(self, actor: str, node_id: str, ttl: float) -> None:
-        """Take or extend the lease; :class:`LeaseHeldError` if another node has it."""
+        """Take or extend the lease; :class:`LeaseHeldError` if another node has it.
+
+        A store that may have lost data recently (a server up for less than
+        ``ttl``) waits until ``ttl`` has passed before it grants a lease that
+        is absent: the previous holder may still run and must get the chance
+        to put back what the store lost."""
         ...
 
     async def renew_leases(self, actors: Sequence[str], node_id: str, ttl: float) -> list[str]:
@@ -138,6 +185,10 @@ class Backend(Protocol):
     async def release_lease(self, actor: str, node_id: str) -> None: ...
 
     async def load_checkpoint(self, actor: str) -> Checkpoint | None: ...
+
+    async def load_txids(self, actors: Sequence[str]) -> list[str | None]:
+        """The txid of each actor's stored checkpoint (``None``: none stored)."""
+        ...
 
     async def commit(self, tx: Transaction) -> bool:
         """Apply ``tx`` atomically; ``False`` if ``tx.txid`` was already committed."""

@@ -31,6 +31,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,7 +43,14 @@ from ..errors import (
     MapMissingError,
 )
 from ..names import check_actor_name, check_map_name
-from .base import ChangeSet, Checkpoint, MessageHandler, ReconnectListener, Transaction
+from .base import (
+    RECENT_TXIDS,
+    ChangeSet,
+    Checkpoint,
+    MessageHandler,
+    ReconnectListener,
+    Transaction,
+)
 from .wire import (
     EncodedTransaction,
     chain_broken,
@@ -65,6 +73,16 @@ _log = logging.getLogger("caf_sharing.backends.memory")
 class _Map:
     version: int
     fields: dict[str, bytes]
+    #: The commit that made ``version`` (``None`` when created outside one).
+    txid: str | None = None
+
+
+@dataclass(slots=True)
+class _Checkpoint:
+    txid: str
+    blob: bytes
+    #: The txids committed before ``txid``, newest last.
+    recent: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_TXIDS))
 
 
 @dataclass(slots=True)
@@ -93,7 +111,7 @@ class _Space:
     """Everything one application namespace (``app``) holds in a store."""
 
     maps: dict[str, _Map] = field(default_factory=dict)
-    checkpoints: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    checkpoints: dict[str, _Checkpoint] = field(default_factory=dict)
     leases: dict[str, _Lease] = field(default_factory=dict)
     channels: dict[str, list[_Subscription]] = field(default_factory=dict)
 
@@ -204,7 +222,7 @@ class MemoryBackend:
         for key, raw in stored.fields.items():
             items.append(key)
             items.append(decode_value(name, key, raw))
-        return make_dump(stored.version, items)
+        return make_dump(stored.version, items, stored.txid)
 
     async def read_map(self, name: str) -> ChangeSet | None:
         check_map_name(name)
@@ -215,6 +233,15 @@ class MemoryBackend:
                 return None
             # Decoding outside the lock would need a copy of the fields anyway.
             return self._dump(name, stored)
+
+    async def read_maps(self, names: Sequence[str]) -> dict[str, ChangeSet | None]:
+        for name in names:
+            check_map_name(name)
+        self._check_open()
+        with self.store.lock:
+            found = {name: self._space.maps.get(name) for name in names}
+            return {name: None if m is None else self._dump(name, m)
+                    for name, m in found.items()}
 
     async def delete_map(self, name: str) -> bool:
         check_map_name(name)
@@ -323,7 +350,15 @@ class MemoryBackend:
         self._check_open()
         with self.store.lock:
             stored = self._space.checkpoints.get(actor)
-        return None if stored is None else decode_checkpoint(actor, stored[1])
+        return None if stored is None else decode_checkpoint(actor, stored.blob)
+
+    async def load_txids(self, actors: Sequence[str]) -> list[str | None]:
+        for actor in actors:
+            check_actor_name(actor)
+        self._check_open()
+        with self.store.lock:
+            found = [self._space.checkpoints.get(actor) for actor in actors]
+        return [None if cp is None else cp.txid for cp in found]
 
     async def commit(self, tx: Transaction) -> bool:
         enc = encode_transaction(tx)
@@ -338,23 +373,39 @@ class MemoryBackend:
     def _commit_locked(self, tx: EncodedTransaction) -> bool:
         space = self._space
         stored_cp = space.checkpoints.get(tx.actor)
-        stored_txid = None if stored_cp is None else stored_cp[0]
-        if stored_txid == tx.txid:
+        stored_txid = None if stored_cp is None else stored_cp.txid
+        if stored_cp is not None and (stored_txid == tx.txid or tx.txid in stored_cp.recent):
             return False
         now = time.monotonic()
         holder = space.lease_holder(tx.actor, now)
         if holder is not None and holder != tx.node_id:
             raise LeaseLostError(tx.actor, tx.node_id, holder)
-        if stored_txid is not None and stored_txid != tx.prev_txid:
+        if stored_txid != tx.prev_txid:
             raise chain_broken(tx, stored_txid)
         take_lease = holder is None
         created = {c.name: c.version for c in tx.creates if c.name not in space.maps}
         recreate: set[str] = set()
         missing: list[str] = []
         for write in tx.writes:
+            if tx.reassert and write.full is not None:
+                recreate.add(write.name)
+                continue
             stored = space.maps.get(write.name)
-            current = stored.version if stored is not None else created.get(write.name)
+            if stored is not None:
+                current: int | None = stored.version
+                current_txid = stored.txid
+            else:
+                current, current_txid = created.get(write.name), tx.txid
             if current == write.base:
+                if write.base_txid is not None and current_txid is not None \
+                        and current_txid != write.base_txid:
+                    raise ConcurrentUpdateError(
+                        f"map {write.name!r} holds version {current} of commit "
+                        f"{current_txid!r}, the change set's base is of {write.base_txid!r}",
+                        name=write.name, expected=write.base, current=current)
+                continue
+            if stored is not None and write.rebase_from == stored.version \
+                    and write.base_txid == stored.txid:
                 continue
             if stored is None and write.full is not None:
                 recreate.add(write.name)
@@ -371,19 +422,25 @@ class MemoryBackend:
             space.leases[tx.actor] = _Lease(tx.node_id, now + tx.lease_ttl_ms / 1000)
         for create in tx.creates:
             if create.name not in space.maps:
-                space.maps[create.name] = _Map(create.version, dict(create.fields))
+                space.maps[create.name] = _Map(create.version, dict(create.fields), tx.txid)
+        for restore in tx.restores:
+            space.maps[restore.name] = _Map(restore.version, dict(restore.fields), restore.txid)
         for write in tx.writes:
             if write.name in recreate:
                 assert write.full is not None
-                space.maps[write.name] = _Map(write.new_version, dict(write.full))
+                space.maps[write.name] = _Map(write.new_version, dict(write.full), tx.txid)
                 continue
             target = space.maps[write.name]
             for key in write.remove:
                 target.fields.pop(key, None)
             target.fields.update(write.add)
             target.version = write.new_version
-        space.checkpoints[tx.actor] = (tx.txid, tx.checkpoint)
+            target.txid = tx.txid
+        if stored_cp is None:
+            space.checkpoints[tx.actor] = _Checkpoint(tx.txid, tx.checkpoint)
+        else:
+            stored_cp.recent.append(stored_cp.txid)
+            stored_cp.txid, stored_cp.blob = tx.txid, tx.checkpoint
         for write in tx.writes:
             self._publish(write.name, write.payload)
         return True
-

@@ -4,8 +4,10 @@ Layout (``app`` namespaces everything; the actor name in braces is a Redis
 Cluster hash tag, so all keys of one actor, its maps included, share a slot
 and one script call can touch them all)::
 
-    caf:{app}:{<actor>}:cp            hash: "txid", "blob" (the checkpoint JSON)
+    caf:{app}:{<actor>}:cp            hash: "txid", "blob" (the checkpoint JSON),
+                                      "recent" (earlier txids, for retried commits)
     caf:{app}:{<actor>}:lease         string: node id, with a TTL
+    caf:{app}:{<owner>}:lineage       hash: map name -> txid that made its version
     caf:{app}:{<owner>}:map:<name>    hash: "__ca_version__" -> int, key -> JSON value
     caf:{app}:{<owner>}:chan:<name>   pub/sub channel of the map's change sets
 
@@ -79,7 +81,14 @@ from ..errors import (
 )
 from ..names import check_actor_name, check_map_name, map_owner
 from . import BackendURL, parse_url
-from .base import ChangeSet, Checkpoint, MessageHandler, ReconnectListener, Transaction
+from .base import (
+    RECENT_TXIDS,
+    ChangeSet,
+    Checkpoint,
+    MessageHandler,
+    ReconnectListener,
+    Transaction,
+)
 from .wire import (
     VERSION_FIELD,
     EncodedTransaction,
@@ -123,7 +132,7 @@ def _load_script(name: str) -> _Script:
 
 _COMMIT = _load_script("commit")
 _CREATE = _load_script("create_map")
-_READ = _load_script("read_map")
+_READ = _load_script("read_maps")
 _ACQUIRE = _load_script("lease_acquire")
 _RENEW = _load_script("lease_renew")
 _RELEASE = _load_script("lease_release")
@@ -302,6 +311,11 @@ class RedisBackend:
     * ``health_check_interval`` (s, 30; 0: never): PING the pub/sub
       connection when it was silent that long, and drop it if no answer
       comes within as long again;
+    * ``restart_grace`` (True): a lease that is absent on a server up for
+      less than one lease TTL is granted only once the server is that old
+      (the node that held it may still run and put back what the restart
+      lost); turn it off only for a server that loses no acknowledged write
+      (``appendfsync always``);
     * ``username``, ``password``: override the URL's;
     * ``ssl_cert_reqs`` ("none" | "optional" | "required"), ``ssl_ca_certs``,
       ``ssl_certfile``, ``ssl_keyfile``, ``ssl_check_hostname``: ``rediss://``.
@@ -312,7 +326,7 @@ class RedisBackend:
                  max_retries: int = 10, retry_delay: float = 0.1,
                  connect_timeout: float = 5.0, socket_timeout: float | None = 10.0,
                  max_connections: int = 16, read_chunk_size: int = 1000,
-                 health_check_interval: float = 30.0,
+                 health_check_interval: float = 30.0, restart_grace: bool = True,
                  username: str | None = None, password: str | None = None,
                  ssl_cert_reqs: str | None = None, ssl_ca_certs: str | None = None,
                  ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
@@ -323,6 +337,9 @@ class RedisBackend:
         self.url = target.redacted
         self.app = check_app(app)
         self._interval = _number("coalescing_interval", coalescing_interval, zero=True)
+        if not isinstance(restart_grace, bool):
+            raise ConfigError(f"option restart_grace must be true or false, got {restart_grace!r}")
+        self._restart_grace = restart_grace
         self._max_pending = _count("max_pending_updates", max_pending_updates)
         self._max_retries = _count("max_retries", max_retries, zero=True)
         self._retry_delay = _number("retry_delay", retry_delay, zero=True)
@@ -516,7 +533,9 @@ class RedisBackend:
         version, fields = (0, []) if initial is None else encode_dump(name, initial,
                                                                       "initial value")
         self._check_open()
-        command = ("EVALSHA", _CREATE.sha, 1, self._map_key(name), version, *_flatten(fields))
+        command = ("EVALSHA", _CREATE.sha, 2, self._map_key(name),
+                   self._actor_key(map_owner(name), "lineage"), name, version,
+                   *_flatten(fields))
         # Someone may delete the map between the create and the read: try again.
         for _ in range(3):
             if await self._call_one(command, f"create_map {name}") == 1:
@@ -531,12 +550,13 @@ class RedisBackend:
         raise BackendError(f"map {name!r} keeps vanishing while it is created")
 
     @staticmethod
-    def _decode_flat(name: str, flat: Sequence[bytes]) -> ChangeSet:
+    def _decode_flat(name: str, flat: Sequence[bytes], txid: bytes) -> ChangeSet:
         it = iter(flat)
-        return RedisBackend._decode_pairs(name, zip(it, it, strict=True))
+        return RedisBackend._decode_pairs(name, zip(it, it, strict=True), txid)
 
     @staticmethod
-    def _decode_pairs(name: str, pairs: Iterable[tuple[bytes, bytes]]) -> ChangeSet:
+    def _decode_pairs(name: str, pairs: Iterable[tuple[bytes, bytes]],
+                      txid: bytes) -> ChangeSet:
         items: list[Any] = []
         version: int | None = None
         key = b""
@@ -547,51 +567,76 @@ class RedisBackend:
                 else:
                     items.append(key.decode())
                     items.append(orjson.loads(raw))
+            lineage = txid.decode() if txid else None
         except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BackendError(f"map {name!r}: field {key.decode(errors='replace')!r} "
                                f"holds undecodable data: {exc}") from None
         if version is None:
             raise BackendError(f"map {name!r} has no {VERSION_FIELD!r} field")
-        return make_dump(version, items)
+        return make_dump(version, items, lineage)
 
     async def read_map(self, name: str) -> ChangeSet | None:
-        check_map_name(name)
+        return (await self.read_maps([name]))[name]
+
+    async def read_maps(self, names: Sequence[str]) -> dict[str, ChangeSet | None]:
+        owners = {map_owner(check_map_name(name)) for name in names}
+        if len(owners) > 1:
+            raise ValueError(f"read_maps reads maps of one owner, got {sorted(owners)}")
         self._check_open()
-        key = self._map_key(name)
-        what = f"read_map {name}"
+        if not names:
+            return {}
+        keys = [self._actor_key(owners.pop(), "lineage"), *map(self._map_key, names)]
+        what = f"read_map {', '.join(names)}"
+
+        def command(limit: int) -> Command:
+            return ("EVALSHA", _READ.sha, len(keys), *keys, limit, *names)
+
         for _ in range(3):
-            reply = await self._call_one(("EVALSHA", _READ.sha, 1, key, self._chunk), what)
-            if not reply:
-                return None
-            if not isinstance(reply[0], int):
-                return self._decode_flat(name, reply)
-            before = reply[1]
-            fields: dict[bytes, bytes] = {}
-            cursor: bytes | int = 0
-            while True:
-                cursor, chunk = await self._call_one(
-                    ("HSCAN", key, cursor, "COUNT", self._chunk), what)
-                it = iter(chunk)
-                fields.update(zip(it, it, strict=True))
-                if cursor in (0, b"0"):
-                    break
-            # The same version before and after: no commit happened in between
-            # (versions only grow), so the chunks make one consistent view.
-            if before is not None and before == await self._call_one(
-                    ("HGET", key, VERSION_FIELD), what):
+            reply = await self._call_one(command(self._chunk), what)
+            if reply[0] == b"all":
+                return {name: self._decode_flat(name, flat, txid) if flat else None
+                        for name, (txid, flat) in zip(names, reply[1:], strict=True)}
+            before = reply[1:]
+            chunks = {name: await self._scan(key, what) if state[0] else None
+                      for name, key, state in zip(names, keys[1:], before, strict=True)}
+            # The same versions and txids before and after: no commit of the
+            # owner happened in between, so the chunks make one consistent view.
+            after = await self._call_one(command(-1), what)
+            if [s[:2] for s in before] == [s[:2] for s in after[1:]]:
                 self.stats.chunked_reads += 1
-                return self._decode_pairs(name, fields.items())
+                return {name: None if fields is None
+                        else self._decode_pairs(name, fields.items(), state[1])
+                        for (name, fields), state in zip(chunks.items(), before, strict=True)}
             self.stats.chunked_read_retries += 1
         # Written too often to scan: one atomic read, stalling Redis briefly.
         self.stats.whole_reads += 1
-        _log.info("map %s kept changing while read in chunks; reading it at once", name)
-        reply = await self._call_one(("HGETALL", key), what)
-        return self._decode_flat(name, reply) if reply else None
+        _log.info("maps %s kept changing while read in chunks; reading them at once", names)
+        reply = await self._call_one(command(2**62), what)
+        return {name: self._decode_flat(name, flat, txid) if flat else None
+                for name, (txid, flat) in zip(names, reply[1:], strict=True)}
+
+    async def _scan(self, key: str, what: str) -> dict[bytes, bytes]:
+        fields: dict[bytes, bytes] = {}
+        cursor: bytes | int = 0
+        while True:
+            cursor, chunk = await self._call_one(
+                ("HSCAN", key, cursor, "COUNT", self._chunk), what)
+            it = iter(chunk)
+            fields.update(zip(it, it, strict=True))
+            if cursor in (0, b"0"):
+                return fields
 
     async def delete_map(self, name: str) -> bool:
         check_map_name(name)
         self._check_open()
-        return bool(await self._call_one(("DEL", self._map_key(name)), f"delete_map {name}"))
+        what = f"delete_map {name}"
+        replies = await self._call(
+            [("DEL", self._map_key(name)),
+             ("HDEL", self._actor_key(map_owner(name), "lineage"), name)], what)
+        for reply in replies:
+            if isinstance(reply, rexc.ResponseError):
+                raise BackendError(f"Redis at {self.url}: {what} failed: {reply}")
+        return bool(replies[0])
 
     # -- leases and checkpoints -------------------------------------------------
 
@@ -599,11 +644,19 @@ class RedisBackend:
         check_actor_name(actor)
         ms = ttl_to_ms(ttl)
         self._check_open()
-        holder = await self._call_one(
-            ("EVALSHA", _ACQUIRE.sha, 1, self._actor_key(actor, "lease"), node_id, ms),
-            f"acquire_lease {actor}")
-        if holder is not None:
-            raise LeaseHeldError(actor, holder.decode(errors="replace"))
+        command = ("EVALSHA", _ACQUIRE.sha, 1, self._actor_key(actor, "lease"), node_id, ms,
+                   1 if self._restart_grace else 0)
+        while True:
+            reply = await self._call_one(command, f"acquire_lease {actor}")
+            if not isinstance(reply, int):
+                break
+            _log.warning("Redis at %s restarted %.1fs ago and may have lost data: waiting "
+                         "%.1fs before taking the lease of %s, so that a node that held it "
+                         "can put back what it holds", self.url, (ms - reply) / 1000,
+                         reply / 1000, actor)
+            await asyncio.sleep(reply / 1000)
+        if reply is not None:
+            raise LeaseHeldError(actor, reply.decode(errors="replace"))
 
     async def renew_leases(self, actors: Sequence[str], node_id: str, ttl: float) -> list[str]:
         for actor in actors:
@@ -638,26 +691,44 @@ class RedisBackend:
                                    f"load_checkpoint {actor}")
         return None if raw is None else decode_checkpoint(actor, raw)
 
+    async def load_txids(self, actors: Sequence[str]) -> list[str | None]:
+        for actor in actors:
+            check_actor_name(actor)
+        self._check_open()
+        if not actors:
+            return []
+        replies = await self._call([("HGET", self._actor_key(a, "cp"), "txid") for a in actors],
+                                   "load_txids")
+        out: list[str | None] = []
+        for reply in replies:
+            if isinstance(reply, rexc.ResponseError):
+                raise BackendError(f"Redis at {self.url}: load_txids failed: {reply}")
+            out.append(None if reply is None else reply.decode(errors="replace"))
+        return out
+
     # -- commits ------------------------------------------------------------
 
     def _commit_command(self, tx: EncodedTransaction) -> Command:
         # Every map of a transaction is owned by its actor (checked when encoded).
         prefix = f"caf:{self.app}:{{{tx.actor}}}:"
-        keys = [prefix + "cp", prefix + "lease"]
+        keys = [prefix + "cp", prefix + "lease", prefix + "lineage"]
         keys.extend(f"{prefix}map:{c.name}" for c in tx.creates)
         keys.extend(f"{prefix}map:{w.name}" for w in tx.writes)
+        keys.extend(f"{prefix}map:{r.name}" for r in tx.restores)
         argv: list[Any] = [
             tx.node_id, tx.txid, tx.prev_txid or "", 0 if tx.prev_txid is None else 1,
-            tx.lease_ttl_ms, tx.checkpoint, len(tx.creates), len(tx.writes)]
+            tx.lease_ttl_ms, tx.checkpoint, len(tx.creates), len(tx.writes),
+            len(tx.restores), 1 if tx.reassert else 0, RECENT_TXIDS]
         create_index: dict[str, int] = {}
         for i, create in enumerate(tx.creates, 1):
             create_index[create.name] = i
-            argv.append(create.version)
-            argv.append(2 * len(create.fields))
+            argv.extend((create.name, create.version, 2 * len(create.fields)))
             argv.extend(_flatten(create.fields))
         for write in tx.writes:
-            argv.extend((write.base, write.new_version, create_index.get(write.name, 0),
-                         len(write.remove)))
+            argv.extend((write.name, write.base, write.new_version,
+                         create_index.get(write.name, 0),
+                         -1 if write.rebase_from is None else write.rebase_from,
+                         write.base_txid or "", len(write.remove)))
             argv.extend(write.remove)
             argv.append(2 * len(write.add))
             argv.extend(_flatten(write.add))
@@ -668,6 +739,10 @@ class RedisBackend:
                 argv.extend(_flatten(write.full))
             argv.append(f"{prefix}chan:{write.name}")
             argv.append(write.payload)
+        for restore in tx.restores:
+            argv.extend((restore.name, restore.version, restore.txid or "",
+                         2 * len(restore.fields)))
+            argv.extend(_flatten(restore.fields))
         return ("EVALSHA", _COMMIT.sha, len(keys), *keys, *argv)
 
     def _commit_outcome(self, tx: EncodedTransaction, reply: Any) -> bool:
@@ -682,7 +757,14 @@ class RedisBackend:
             holder = reply[1].decode(errors="replace") if len(reply) > 1 else None
             raise LeaseLostError(tx.actor, tx.node_id, holder)
         if status == b"chain":
-            raise chain_broken(tx, reply[1].decode(errors="replace"))
+            raise chain_broken(tx, reply[1].decode(errors="replace") or None)
+        if status == b"lineage":
+            write = tx.writes[int(reply[1]) - 1]
+            current = decode_version(write.name, reply[2])
+            raise ConcurrentUpdateError(
+                f"map {write.name!r} holds version {current} of commit "
+                f"{reply[3].decode(errors='replace')!r}, the change set's base is of "
+                f"{write.base_txid!r}", name=write.name, expected=write.base, current=current)
         if status == b"version":
             write = tx.writes[int(reply[1]) - 1]
             current = decode_version(write.name, reply[2])

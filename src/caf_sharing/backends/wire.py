@@ -23,18 +23,19 @@ import orjson
 from ..errors import (
     BackendError,
     BackendUnavailableError,
-    ConcurrentUpdateError,
+    ChainError,
     ConfigError,
     InvalidChangeSetError,
     InvalidNameError,
 )
 from ..names import check_actor_name, map_owner
-from .base import ChangeSet, MapCreate, MapWrite, Transaction
+from .base import ChangeSet, MapCreate, MapRestore, MapWrite, Transaction
 
 __all__ = [
     "MAX_VERSION",
     "VERSION_FIELD",
     "EncodedCreate",
+    "EncodedRestore",
     "EncodedTransaction",
     "EncodedWrite",
     "chain_broken",
@@ -74,6 +75,16 @@ class EncodedCreate:
 
 
 @dataclass(frozen=True, slots=True)
+class EncodedRestore:
+    """A map a re-assert puts back: its version, lineage and encoded fields."""
+
+    name: str
+    version: int
+    txid: str | None
+    fields: Pairs
+
+
+@dataclass(frozen=True, slots=True)
 class EncodedWrite:
     """A validated change set of one map, values already orjson-encoded."""
 
@@ -86,6 +97,10 @@ class EncodedWrite:
     full: Pairs | None
     #: What subscribers receive: the change set exactly as given, orjson-encoded.
     payload: bytes
+    #: Lineage: the txid that made the base version (``None``: unknown).
+    base_txid: str | None = None
+    #: The stored version this write renumbers to ``base`` (``None``: none).
+    rebase_from: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +113,8 @@ class EncodedTransaction:
     lease_ttl_ms: int
     creates: list[EncodedCreate]
     writes: list[EncodedWrite]
+    restores: list[EncodedRestore]
+    reassert: bool
 
 
 def _encode(map_name: str, key: str, value: Any) -> bytes:
@@ -168,7 +185,7 @@ def encode_dump(map_name: str, dump: object, what: str = "dump") -> tuple[int, P
     return (stored or 0), pairs
 
 
-def _encode_write(actor: str, write: object) -> EncodedWrite:
+def _encode_write(actor: str, txid: str, write: object) -> EncodedWrite:
     if not isinstance(write, MapWrite):
         raise TypeError(f"transaction writes must be MapWrite, got {type(write).__name__}")
     name = _owned_map(actor, write.name, "writes")
@@ -179,6 +196,20 @@ def _encode_write(actor: str, write: object) -> EncodedWrite:
         raise InvalidChangeSetError(
             f"map {name!r}: change set {VERSION_FIELD!r} {new_version} is not past "
             f"its base version {base}")
+    if write.changes.get("txid", txid) != txid:
+        raise InvalidChangeSetError(
+            f"map {name!r}: change set txid {write.changes['txid']!r} is not the "
+            f"transaction's {txid!r}")
+    base_txid = write.changes.get("base_txid")
+    if base_txid is not None:
+        _check_txid("base_txid", base_txid)
+    rebase_from = write.rebase_from
+    if rebase_from is not None:
+        _check_version(name, "rebase", "rebase_from", rebase_from)
+        if rebase_from >= base:
+            raise InvalidChangeSetError(
+                f"map {name!r}: a write renumbers a stored version to a higher one, "
+                f"not {rebase_from} to {base}")
     full: Pairs | None = None
     if write.full is not None:
         full_version, full = encode_dump(name, write.full, "full dump")
@@ -190,7 +221,8 @@ def _encode_write(actor: str, write: object) -> EncodedWrite:
         payload = orjson.dumps(write.changes)
     except TypeError as exc:
         raise InvalidChangeSetError(f"map {name!r}: change set is not JSON data: {exc}") from None
-    return EncodedWrite(name, base, new_version, remove, add, full, payload)
+    return EncodedWrite(name, base, new_version, remove, add, full, payload, base_txid,
+                        rebase_from)
 
 
 # Actors commit the same few names over and over: check each once.
@@ -232,6 +264,27 @@ def _check_id(what: str, value: object) -> str:
     return value
 
 
+# Txids are kept space-separated in the store's window of recent commits.
+_TXID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+
+
+def _check_txid(what: str, value: object) -> str:
+    if not isinstance(value, str) or not _TXID.fullmatch(value):
+        raise ValueError(f"{what} must be 1-64 of A-Z a-z 0-9 _ . : -, got {value!r}")
+    return value
+
+
+def _encode_restore(actor: str, restore: object) -> EncodedRestore:
+    if not isinstance(restore, MapRestore):
+        raise TypeError(f"transaction restores must be MapRestore, got {type(restore).__name__}")
+    name = _owned_map(actor, restore.name, "restores")
+    version, fields = encode_dump(name, restore.dump, "restored dump")
+    txid = restore.dump.get("txid") if isinstance(restore.dump, dict) else None
+    if txid is not None:
+        _check_txid("restored dump txid", txid)
+    return EncodedRestore(name, version, txid, fields)
+
+
 def encode_transaction(tx: Transaction) -> EncodedTransaction:
     """Validate ``tx`` completely and encode every piece a store needs."""
     if not isinstance(tx, Transaction):
@@ -240,9 +293,9 @@ def encode_transaction(tx: Transaction) -> EncodedTransaction:
         raise InvalidNameError(f"actor name must be a str, got {type(tx.actor).__name__}")
     actor = _actor(tx.actor)
     node_id = _check_id("node_id", tx.node_id)
-    txid = _check_id("txid", tx.txid)
+    txid = _check_txid("txid", tx.txid)
     if tx.prev_txid is not None:
-        _check_id("prev_txid", tx.prev_txid)
+        _check_txid("prev_txid", tx.prev_txid)
     if not isinstance(tx.checkpoint, dict):
         raise TypeError(f"checkpoint must be a dict, got {type(tx.checkpoint).__name__}")
     if tx.checkpoint.get("txid", txid) != txid:
@@ -253,13 +306,16 @@ def encode_transaction(tx: Transaction) -> EncodedTransaction:
     except TypeError as exc:
         raise ValueError(f"checkpoint of actor {actor!r} is not JSON data: {exc}") from None
     creates = [_encode_create(actor, c) for c in tx.creates]
-    writes = [_encode_write(actor, w) for w in tx.writes]
+    writes = [_encode_write(actor, txid, w) for w in tx.writes]
+    restores = [_encode_restore(actor, r) for r in tx.restores]
     if len(creates) > 1:
         _no_duplicates("creates", (c.name for c in creates))
-    if len(writes) > 1:
-        _no_duplicates("writes", (w.name for w in writes))
+    if len(writes) + len(restores) > 1:
+        _no_duplicates("writes or restores", [w.name for w in writes] +
+                       [r.name for r in restores])
     return EncodedTransaction(actor, node_id, txid, tx.prev_txid, checkpoint,
-                              ttl_to_ms(tx.lease_ttl), creates, writes)
+                              ttl_to_ms(tx.lease_ttl), creates, writes, restores,
+                              bool(tx.reassert))
 
 
 def check_open(url: str, app: str, started: bool, closed: bool) -> None:
@@ -271,12 +327,12 @@ def check_open(url: str, app: str, started: bool, closed: bool) -> None:
             f"backend {url} (app {app!r}) is not started: await start() first")
 
 
-def chain_broken(tx: EncodedTransaction, stored_txid: str) -> ConcurrentUpdateError:
+def chain_broken(tx: EncodedTransaction, stored_txid: str | None) -> ChainError:
     """The error for a commit that does not follow the actor's stored one."""
-    return ConcurrentUpdateError(
-        f"another node committed for actor {tx.actor!r} since this node's last commit "
-        f"(stored txid {stored_txid!r}, expected {tx.prev_txid!r})",
-        name=tx.actor)
+    return ChainError(
+        f"the store does not follow this node's commits of actor {tx.actor!r}: another "
+        f"node committed since, or the store went back (stored txid {stored_txid!r}, "
+        f"expected {tx.prev_txid!r})", actor=tx.actor, stored_txid=stored_txid)
 
 
 def _no_duplicates(what: str, names: Iterable[str]) -> None:
@@ -306,12 +362,13 @@ def decode_version(map_name: str, raw: bytes | str | int) -> int:
     return version
 
 
-def make_dump(version: int, items: Sequence[Any]) -> ChangeSet:
-    """A dump from flat decoded user pairs ``[k1, v1, ...]`` and a version."""
+def make_dump(version: int, items: Sequence[Any], txid: str | None = None) -> ChangeSet:
+    """A dump from flat decoded user pairs ``[k1, v1, ...]``, a version and the
+    txid that made that version."""
     add = list(items)
     add.append(VERSION_FIELD)
     add.append(version)
-    return {"version": 0, "remove": [], "add": add}
+    return {"version": 0, "remove": [], "add": add, "txid": txid}
 
 
 def decode_checkpoint(actor: str, raw: bytes) -> dict[str, Any]:

@@ -1,26 +1,32 @@
 -- Commit one actor transaction atomically: all checks first, then all writes
 -- (a Lua error after a write would not roll the earlier writes back).
 --
--- KEYS[1]            checkpoint hash of the actor (fields "txid", "blob")
--- KEYS[2]            lease of the actor (value: node id, with a TTL)
--- KEYS[3 .. 2+C]     maps the transaction creates when absent
--- KEYS[3+C .. 2+C+W] maps the transaction writes
+-- KEYS[1]                checkpoint hash of the actor ("txid", "blob", "recent")
+-- KEYS[2]                lease of the actor (value: node id, with a TTL)
+-- KEYS[3]                lineage hash of the actor: map name -> txid of its version
+-- KEYS[4 .. 3+C]         maps the transaction creates when absent
+-- KEYS[4+C .. 3+C+W]     maps the transaction writes
+-- KEYS[4+C+W .. 3+C+W+R] maps the transaction restores
 --
 -- ARGV[1] node id          ARGV[2] txid
 -- ARGV[3] previous txid    ARGV[4] "1" if ARGV[3] is meaningful, else "0"
 -- ARGV[5] TTL (ms) of a lease taken back by this commit
--- ARGV[6] checkpoint blob  ARGV[7] C  ARGV[8] W
--- then, per create: version, n, n items (field, value, ...)
--- then, per write:  base version, new version, index of the create of the same
---                   map (0: none), n, n removed fields, n, n items to set,
---                   n (-1: no full dump), n items of the full dump, channel,
---                   payload to publish
+-- ARGV[6] checkpoint blob  ARGV[7] C  ARGV[8] W  ARGV[9] R
+-- ARGV[10] "1" for a re-assert  ARGV[11] how many earlier txids to keep
+-- then, per create:  map name, version, n, n items (field, value, ...)
+-- then, per write:   map name, base version, new version, index of the create
+--                    of the same map (0: none), version renumbered to base
+--                    (-1: none), base txid ("": unknown), n, n removed fields,
+--                    n, n items to set, n (-1: no full dump), n items of the
+--                    full dump, channel, payload to publish
+-- then, per restore: map name, version, txid ("": unknown), n, n items
 --
 -- Values arrive already JSON-encoded by the client: the script never decodes
 -- them, and versions are compared as numbers.
 --
 -- Returns {"ok"}, {"dup"} (txid already committed, nothing done),
--- {"lease", holder}, {"chain", stored txid}, {"version", write index, stored version},
+-- {"lease", holder}, {"chain", stored txid or ""}, {"version", write index,
+-- stored version}, {"lineage", write index, stored version, stored txid},
 -- {"missing", write index, ...}.
 
 local VERSION = "__ca_version__"
@@ -42,11 +48,17 @@ local function call_chunked(command, key, first, count, field, value)
   end
 end
 
-local checkpoint, lease = KEYS[1], KEYS[2]
+local checkpoint, lease, lineage = KEYS[1], KEYS[2], KEYS[3]
 local node, txid = ARGV[1], ARGV[2]
 
+-- A retried commit whose first attempt landed (its reply was lost) is a
+-- success, even when later commits followed it.
 local stored_txid = redis.call("HGET", checkpoint, "txid")
 if stored_txid == txid then
+  return {"dup"}
+end
+local recent = redis.call("HGET", checkpoint, "recent") or " "
+if string.find(recent, " " .. txid .. " ", 1, true) then
   return {"dup"}
 end
 
@@ -56,32 +68,38 @@ if holder and holder ~= node then
 end
 -- The commits of an actor form a chain of txids: each must follow the one
 -- stored, so a node that missed another node's commit for this actor (its
--- lease expired meanwhile) can never overwrite it.
-if stored_txid and (ARGV[4] ~= "1" or stored_txid ~= ARGV[3]) then
-  return {"chain", stored_txid}
+-- lease expired meanwhile) can never overwrite it, and a node whose store
+-- went back (restarted with older or no data) learns it.
+local prev = ARGV[4] == "1" and ARGV[3] or false
+if (stored_txid or false) ~= prev then
+  return {"chain", stored_txid or ""}
 end
 -- A vanished lease (expired, or the server lost its data) is taken back: the
 -- chain check above proves nobody else committed since our last commit.
 local take_lease = not holder
+local reassert = ARGV[10] == "1"
 
-local ncreates, nwrites = tonumber(ARGV[7]), tonumber(ARGV[8])
-local pos = 9
+local ncreates, nwrites, nrestores = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local pos = 12
 local creates = {}
 for i = 1, ncreates do
-  local key = KEYS[2 + i]
-  local count = tonumber(ARGV[pos + 1])
-  creates[i] = {key = key, version = ARGV[pos], first = pos + 2, count = count,
-                absent = redis.call("EXISTS", key) == 0}
-  pos = pos + 2 + count
+  local key = KEYS[3 + i]
+  local count = tonumber(ARGV[pos + 2])
+  creates[i] = {key = key, name = ARGV[pos], version = ARGV[pos + 1], first = pos + 3,
+                count = count, absent = redis.call("EXISTS", key) == 0}
+  pos = pos + 3 + count
 end
 
 local writes = {}
 local missing = {"missing"}
 for i = 1, nwrites do
-  local w = {key = KEYS[2 + ncreates + i], base = ARGV[pos], version = ARGV[pos + 1]}
-  local create = tonumber(ARGV[pos + 2])
-  w.rm_count = tonumber(ARGV[pos + 3])
-  w.rm_first = pos + 4
+  local w = {key = KEYS[3 + ncreates + i], name = ARGV[pos], base = ARGV[pos + 1],
+             version = ARGV[pos + 2]}
+  local create = tonumber(ARGV[pos + 3])
+  local rebase_from = tonumber(ARGV[pos + 4])
+  local base_txid = ARGV[pos + 5]
+  w.rm_count = tonumber(ARGV[pos + 6])
+  w.rm_first = pos + 7
   pos = w.rm_first + w.rm_count
   w.add_count = tonumber(ARGV[pos])
   w.add_first = pos + 1
@@ -95,12 +113,22 @@ for i = 1, nwrites do
   writes[i] = w
 
   local stored = redis.call("HGET", w.key, VERSION)
-  local current = stored
-  if not current and create > 0 and creates[create].absent then
-    current = creates[create].version
+  local current, current_txid = stored, false
+  if stored then
+    current_txid = redis.call("HGET", lineage, w.name)
+  elseif create > 0 and creates[create].absent then
+    current, current_txid = creates[create].version, txid
   end
-  if current and tonumber(current) == tonumber(w.base) then
+  if reassert and full_count >= 0 then
+    w.recreate = true
+  elseif current and tonumber(current) == tonumber(w.base) then
+    if base_txid ~= "" and current_txid and current_txid ~= base_txid then
+      return {"lineage", tostring(i), current, current_txid}
+    end
     w.recreate = false
+  elseif stored and rebase_from >= 0 and tonumber(stored) == rebase_from
+      and (current_txid or "") == base_txid then
+    w.recreate = false -- renumbered: the change set applies to the stored content
   elseif not stored and full_count >= 0 then
     w.recreate = true
   elseif not current then
@@ -113,6 +141,14 @@ if #missing > 1 then
   return missing
 end
 
+local restores = {}
+for i = 1, nrestores do
+  local count = tonumber(ARGV[pos + 3])
+  restores[i] = {key = KEYS[3 + ncreates + nwrites + i], name = ARGV[pos],
+                 version = ARGV[pos + 1], txid = ARGV[pos + 2], first = pos + 4, count = count}
+  pos = pos + 4 + count
+end
+
 -- Every check passed: write everything, then publish.
 if take_lease then
   redis.call("SET", lease, node, "PX", ARGV[5])
@@ -120,6 +156,16 @@ end
 for _, c in ipairs(creates) do
   if c.absent then
     call_chunked("HSET", c.key, c.first, c.count, VERSION, c.version)
+    redis.call("HSET", lineage, c.name, txid)
+  end
+end
+for _, r in ipairs(restores) do
+  redis.call("DEL", r.key)
+  call_chunked("HSET", r.key, r.first, r.count, VERSION, r.version)
+  if r.txid ~= "" then
+    redis.call("HSET", lineage, r.name, r.txid)
+  else
+    redis.call("HDEL", lineage, r.name)
   end
 end
 for _, w in ipairs(writes) do
@@ -130,8 +176,19 @@ for _, w in ipairs(writes) do
     call_chunked("HDEL", w.key, w.rm_first, w.rm_count)
     call_chunked("HSET", w.key, w.add_first, w.add_count, VERSION, w.version)
   end
+  redis.call("HSET", lineage, w.name, txid)
 end
-redis.call("HSET", checkpoint, "txid", txid, "blob", ARGV[6])
+if stored_txid then
+  -- Keep the last ARGV[11] txids before this one, space-separated.
+  recent = recent .. stored_txid .. " "
+  local keep = tonumber(ARGV[11])
+  local count = select(2, string.gsub(recent, " ", " ")) - 1
+  while count > keep do
+    recent = string.sub(recent, string.find(recent, " ", 2, true), -1)
+    count = count - 1
+  end
+end
+redis.call("HSET", checkpoint, "txid", txid, "blob", ARGV[6], "recent", recent)
 for _, w in ipairs(writes) do
   redis.call("PUBLISH", w.channel, w.payload)
 end
