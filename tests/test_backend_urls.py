@@ -61,7 +61,7 @@ def test_parse_url(url: str, expected: BackendURL) -> None:
     ("http://h", "unknown scheme 'http'"),
     ("redis:///0", "missing the host"),
     ("redis://h/zero", "database must be a number"),
-    ("redis://h:99999", "Port out of range"),
+    ("redis://h:99999", "port must be a number from 0 to 65535"),
     ("redis://h/0?db=1", "unknown query option 'db'"),
     ("rediss://h?ssl_cert_reqs=none&ssl_cert_reqs=none", "given twice"),
     ("memory://a/b/c d", "store name"),
@@ -84,7 +84,7 @@ def test_errors_about_a_url_never_show_its_password() -> None:
     with pytest.raises(ConfigError) as info:
         parse_url("unix:///s?password=hunter2&what=1")
     assert "hunter2" not in str(info.value)
-    with pytest.raises(ConfigError, match="Invalid IPv6") as info:
+    with pytest.raises(ConfigError, match=r"not a valid name or \[IPv6\] address") as info:
         parse_url("redis://:hunter2@[::1")
     assert "hunter2" not in str(info.value)
 

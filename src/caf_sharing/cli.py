@@ -3,6 +3,11 @@
 Errors the user can act on (an unreachable backend, a map that does not
 exist, a bad option) print as one line on stderr with exit status 2; a demo
 that observed a violated guarantee exits with status 1.
+
+Nothing printed shows a backend password: URLs appear as
+:func:`~caf_sharing.backends.redact_url` masks them, and the demo's
+``--processes`` children get the URL on stdin, never on their command line
+(which ``ps`` shows to every user).
 """
 
 from __future__ import annotations
@@ -63,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="stop after N change sets")
     watch.add_argument("--timeout", type=float, default=None, help="stop after S seconds")
 
-    reader = sub.add_parser("_demo-reader")  # internal: a --processes child
-    reader.add_argument("--backend", required=True)
+    # Internal: a --processes child. It reads the backend URL from stdin.
+    reader = sub.add_parser("_demo-reader")
     reader.add_argument("--app", required=True)
     reader.add_argument("--last-version", type=int, required=True)
     reader.add_argument("--timeout", type=float, required=True)
@@ -168,8 +173,9 @@ async def _watch(args: argparse.Namespace) -> int:
 async def _reader(args: argparse.Namespace) -> int:
     from .demo import run_reader_process
 
-    await run_reader_process(args.backend, args.app, args.names, args.last_version,
-                             args.timeout, sys.stdout)
+    backend = sys.stdin.readline().rstrip("\n")
+    await run_reader_process(backend, args.app, args.names, args.last_version, args.timeout,
+                             sys.stdout)
     return 0
 
 

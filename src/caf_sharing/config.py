@@ -5,13 +5,20 @@ components included — with module names ``caf_redis#plug``,
 ``caf_sharing#plug``, ``caf_sharing#plug_ca`` and ``caf_sharing#proxy``.
 String values ``"$._.env.X"`` resolve against the parent description's
 ``env`` and ``"process.env.X||default"`` against the process environment,
-as in Caf.js. A component with ``"module": null`` is disabled; one with only
+as in Caf.js: the value is read as JSON when it parses, so that numbers stay
+numbers — except in the fields that are text (``redis.password``,
+``redis.host``, ``nodeId``, ``persistService``, ``routeService``), which keep
+the variable's text as it is (a default of ``null`` there means unset). A
+component with ``"module": null`` is disabled; one with only
 a ``name`` keeps the platform default (for the checkpoint service ``cp``:
 Redis on localhost:6379).
 
 The result is a :class:`SharingConfig`, whose ``node()`` builds a
 :class:`~caf_sharing.node.Node`. Python users can skip all this and pass a
 backend URL and keyword arguments to ``Node`` directly.
+
+No error names a secret: errors name the component and the field, and show a
+value only when it is a number or a name (a module, a component, a variable).
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ _DEFAULT_REDIS_ENV: dict[str, Any] = {
 }
 #: Caf.js CA defaults for the ``$._.env`` references of the seed's ca.json.
 DEFAULT_CA_ENV: dict[str, Any] = {"maxRetries": 10, "retryDelay": 1000}
+#: Fields (paths inside a component's env) whose ``process.env`` value stays text:
+#: a password of digits is still a password.
+_TEXT_FIELDS = {("redis", "password"), ("redis", "host"), ("nodeId",), ("persistService",),
+                ("routeService",)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +140,8 @@ def load_ca(source: Any, *, parent_env: Mapping[str, Any] | None = None) -> dict
     penv = _resolve(plug.get("env", {}), env, where)
     retries = _number(penv, "maxRetries", where, integer=True)
     delay = _number(penv, "retryDelay", where)
-    for child in plug.get("components", []) or []:
-        _check_component(child, "ca")
+    for index, child in enumerate(plug.get("components", []) or []):
+        _check_component(child, f"ca: {where}", index)
         if child.get("module") not in (SHARING_PROXY, None):
             raise ConfigError(
                 f"{where}: sub-component {child['name']!r} has module {child.get('module')!r}; "
@@ -144,8 +155,7 @@ def load_ca(source: Any, *, parent_env: Mapping[str, Any] | None = None) -> dict
 def _load(source: Any, what: str) -> Any:
     if isinstance(source, dict | list):
         return source
-    if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith(
-            ("{", "["))):
+    if isinstance(source, Path) or (isinstance(source, str) and not _looks_like_json(source)):
         try:
             text = Path(source).read_text(encoding="utf-8")
         except OSError as exc:
@@ -165,6 +175,13 @@ def _load(source: Any, what: str) -> Any:
             raise ConfigError(f"{what}: not valid JSON: {first}") from None
 
 
+def _looks_like_json(text: str) -> bool:
+    """Whether a str source is JSON text rather than a path. Generous on
+    purpose: a text taken for a path would land, secrets and all, in the
+    "cannot read" message."""
+    return text.lstrip().startswith(("{", "[")) or "\n" in text or "{" in text
+
+
 def _components(desc: Any, what: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if isinstance(desc, list):
         components, env = desc, {}
@@ -176,18 +193,28 @@ def _components(desc: Any, what: str) -> tuple[list[dict[str, Any]], dict[str, A
         raise ConfigError(f"{what}: 'components' must be a list")
     if not isinstance(env, dict):
         raise ConfigError(f"{what}: 'env' must be an object")
-    for comp in components:
-        _check_component(comp, what)
+    for index, comp in enumerate(components):
+        _check_component(comp, what, index)
     return [c for c in components if not ("module" in c and c["module"] is None)], env
 
 
-def _check_component(comp: Any, what: str) -> None:
-    if not isinstance(comp, dict) or not isinstance(comp.get("name"), str):
-        raise ConfigError(f"{what}: every component needs a string 'name', got {comp!r}")
+def _check_component(comp: Any, what: str, index: int) -> None:
+    # Never the component itself in the message: its env may hold a password.
+    if not isinstance(comp, dict):
+        raise ConfigError(f"{what}: component #{index} must be an object, "
+                          f"got {_kind(comp)}")
+    if not isinstance(comp.get("name"), str):
+        got = "none" if "name" not in comp else _kind(comp["name"])
+        module = comp.get("module")
+        known = f" (module {module!r})" if isinstance(module, str) and \
+            module in _KNOWN_MODULES else ""
+        raise ConfigError(f"{what}: every component needs a string 'name'; component "
+                          f"#{index}{known} has {got}")
     module = comp.get("module")
-    if module is not None and module not in _KNOWN_MODULES:
+    if module is not None and not (isinstance(module, str) and module in _KNOWN_MODULES):
+        shown = repr(module) if isinstance(module, str) else _kind(module)
         raise ConfigError(
-            f"{what}: component {comp['name']!r} has unknown module {module!r} "
+            f"{what}: component {comp['name']!r} has unknown module {shown} "
             f"(known: {', '.join(sorted(_KNOWN_MODULES))})")
     if "env" in comp and not isinstance(comp["env"], dict):
         raise ConfigError(f"component {comp['name']!r}: 'env' must be an object")
@@ -199,8 +226,8 @@ def _find_module(desc: Any, module: str) -> dict[str, Any] | None:
             return desc
         desc = desc.get("components", [])
     if isinstance(desc, list):
-        for comp in desc:
-            _check_component(comp, "ca")
+        for index, comp in enumerate(desc):
+            _check_component(comp, "ca", index)
             found = _find_module(comp, module)
             if found is not None:
                 return found
@@ -251,33 +278,51 @@ def _number(env: Mapping[str, Any], key: str, where: str, *, integer: bool = Fal
     if isinstance(value, bool) or not isinstance(value, int | float) or (
             integer and not isinstance(value, int)):
         kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{where}: {key} must be {kind}, got {value!r}")
+        got = repr(value) if isinstance(value, float) else _kind(value)
+        raise ConfigError(f"{where}: {key} must be {kind}, got {got}")
     if value < 0:
         raise ConfigError(f"{where}: {key} must be >= 0, got {value!r}")
     return value
 
 
-def _resolve(value: Any, parent_env: Mapping[str, Any], where: str) -> Any:
-    """Replace ``$._.env.X`` and ``process.env.X||default`` strings, recursively."""
+def _kind(value: Any) -> str:
+    """What a value is, for an error message that must not show it."""
+    if value is None:
+        return "null"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _resolve(value: Any, parent_env: Mapping[str, Any], where: str,
+             path: tuple[str, ...] = ()) -> Any:
+    """Replace ``$._.env.X`` and ``process.env.X||default`` strings, recursively;
+    ``path`` is where ``value`` sits in the component's env (see _TEXT_FIELDS)."""
     if isinstance(value, dict):
-        return {k: _resolve(v, parent_env, where) for k, v in value.items()}
+        return {k: _resolve(v, parent_env, where, (*path, k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve(v, parent_env, where) for v in value]
+        return [_resolve(v, parent_env, where, path) for v in value]
     if isinstance(value, str) and value.startswith("$._.env."):
         key = value[len("$._.env."):]
         if key not in parent_env:
             raise ConfigError(f"{where}: {value!r} refers to {key!r}, "
                               "which the parent env does not define")
-        return parent_env[key]
+        found = parent_env[key]
+        if isinstance(found, str) and found.startswith("process.env."):
+            return _resolve(found, parent_env, where, path)
+        return found
     if isinstance(value, str) and value.startswith("process.env."):
         name, _, default = value[len("process.env."):].partition("||")
         raw = os.environ.get(name)
+        text = path in _TEXT_FIELDS
+        if raw is not None and text:
+            return raw
         if raw is None:
             if not default:
                 raise ConfigError(f"{where}: environment variable {name} is not set")
             raw = default
         try:
-            return orjson.loads(raw)
+            parsed = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return raw
+        return raw if text and parsed is not None else parsed
     return value

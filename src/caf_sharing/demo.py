@@ -12,7 +12,8 @@ what it saw, and the demo checks the guarantees on those histories:
 
 It runs on ``memory://`` (two nodes sharing one in-process store) with no
 server, or on Redis, where ``--processes K`` moves the readers into K child
-processes.
+processes. The children read the backend URL from stdin: on their command
+line, ``ps`` would show its password to every user of the machine.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from .backends import redact_url
 from .node import Actor, Node
 
 __all__ = ["DemoResult", "run_demo", "run_reader_process"]
@@ -86,6 +88,7 @@ class ReaderReport:
 
 @dataclass(slots=True)
 class DemoResult:
+    #: The backend URL, password redacted.
     backend: str
     commits: int
     seconds: float
@@ -226,7 +229,7 @@ async def run_demo(backend: str = "memory://", *, readers: int = 4, commits: int
             done["last"] = max(values)
             reports = await reader_task
             reports += await asyncio.to_thread(_collect_children, children, timeout)
-    result = DemoResult(backend, commits, seconds, commit_times, values, reports)
+    result = DemoResult(redact_url(backend), commits, seconds, commit_times, values, reports)
     result.check()
     return result
 
@@ -234,12 +237,20 @@ async def run_demo(backend: str = "memory://", *, readers: int = 4, commits: int
 def _spawn_readers(backend: str, app: str, names: list[str], processes: int,
                    last_version: int, timeout: float) -> list[subprocess.Popen[str]]:
     groups = [names[i::processes] for i in range(processes)]
-    return [subprocess.Popen(
-        [sys.executable, "-m", "caf_sharing.cli", "_demo-reader", "--backend", backend,
-         "--app", app, "--last-version", str(last_version), "--timeout", str(timeout),
-         *group],
-        stdout=subprocess.PIPE, text=True, env=dict(os.environ))
-        for group in groups if group]
+    children = []
+    for group in groups:
+        if not group:
+            continue
+        child = subprocess.Popen(
+            [sys.executable, "-m", "caf_sharing.cli", "_demo-reader", "--app", app,
+             "--last-version", str(last_version), "--timeout", str(timeout), *group],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+        assert child.stdin is not None
+        # Left open: communicate() closes it, and fails on a closed stdin.
+        child.stdin.write(backend + "\n")
+        child.stdin.flush()
+        children.append(child)
+    return children
 
 
 def _collect_children(children: list[subprocess.Popen[str]], timeout: float) -> list[ReaderReport]:

@@ -14,7 +14,10 @@
 ``app`` namespaces everything a backend stores, so several applications can
 share one store or server. URLs are parsed strictly: anything unknown or
 malformed is a :class:`~caf_sharing.errors.ConfigError` naming it, with the
-password redacted (:func:`redact_url`).
+password redacted (:func:`redact_url`). A user name or password must
+percent-encode ``/ ? # @ & %``: a URL where an ``@`` follows the host part is
+refused rather than guessed at, and neither its error nor any message shows
+the part before that ``@``. Values are percent-decoded; a ``+`` stays a ``+``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigError
 from .base import (
@@ -70,6 +73,10 @@ _QUERY_OPTIONS = {
 }
 _SECRET_QUERY = ("password",)
 _STORE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
+#: What a masked user info may be shown with: a host, a port and a database.
+_PLAIN_HOSTPART = re.compile(r"[A-Za-z0-9._~\-\[\]:%]*(?:/[0-9]*)?")
+_ENCODE_HINT = ("percent-encode '/', '?', '#', '@', '&' and '%' in a user name or password "
+                "(%2F, %3F, %23, %40, %26, %25)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,41 +102,73 @@ class BackendURL:
         return self.redacted
 
 
-_USERINFO_SECRET = re.compile(r"(://[^/@:]*:)[^/@]*@")
-_QUERY_SECRET = re.compile(r"(\bpassword=)[^&#]*")
+def _split(url: str) -> tuple[str, str, str]:
+    """``url`` as (scheme and ``://``, authority, the rest), cut as RFC 3986 does:
+    the authority ends at the first ``/``, ``?`` or ``#``. Without ``://`` the
+    whole text counts as the authority, so that a stray ``user:pw@`` is masked."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = next((i for i, ch in enumerate(rest) if ch in "/?#"), len(rest))
+    return scheme + sep, rest[:end], rest[end:]
+
+
+def _ambiguous_userinfo(url: str) -> bool:
+    """Whether an ``@`` comes after the authority: then a user name or password
+    holds an unencoded ``/``, ``?`` or ``#``, and where it ends is a guess."""
+    head, authority, tail = _split(url)
+    # unix:///path?password=a@b has an empty authority: its '@' is in the path or query.
+    return "@" in tail and bool(authority or not head.lower().startswith("unix"))
+
+
+def _redact_query(query: str) -> tuple[str, bool]:
+    """``query`` with password values masked, and whether it holds a password.
+
+    Anything after a password that is not a known option may be a piece of a
+    password holding an unencoded ``&``: it is masked too."""
+    known = {k for options in _QUERY_OPTIONS.values() for k in options}
+    shown: list[str] = []
+    secret = False
+    for pair in query.split("&"):
+        key = unquote(pair.partition("=")[0])
+        if key in _SECRET_QUERY:
+            secret = True
+            shown.append(f"{pair.partition('=')[0]}={REDACTED}")
+        elif secret and key not in known:
+            break
+        else:
+            shown.append(pair)
+    return "&".join(shown), secret
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password (in the authority or the query) replaced by
-    ``***``; safe to log."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        # Not parseable (a broken IPv6 address, say): mask what looks secret.
-        return _QUERY_SECRET.sub(rf"\1{REDACTED}",
-                                 _USERINFO_SECRET.sub(rf"\1{REDACTED}@", url))
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    secret_query = any(k in _SECRET_QUERY for k, _ in pairs)
-    if password is None and not secret_query:
-        return url
-    netloc = parts.netloc
-    if password is not None:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        netloc = f"{user}:{REDACTED}@{hostinfo}"
-    query = parts.query
-    if secret_query:
-        query = "&".join(
-            f"{quote(k)}={REDACTED if k in _SECRET_QUERY else quote(v, safe='/')}"
-            for k, v in pairs)
-    # Not urlunsplit: it drops the "//" of schemes it does not know (unix:///).
-    redacted = f"{parts.scheme}://{netloc}{parts.path}"
-    if query:
-        redacted += f"?{query}"
-    if parts.fragment:
-        redacted += f"#{parts.fragment}"
-    return redacted
+    """``url`` with any password (in the user info or the query) replaced by
+    ``***``; safe to log, whatever the text is.
+
+    When a user info holds an unencoded ``/``, ``?`` or ``#`` (so that an ``@``
+    follows the host part), everything up to the last ``@`` is masked, user
+    name included. A port that is not a number (a password without ``@``?) and
+    a fragment are masked, and so is whatever follows a query password but is
+    no known option (a password holding ``&`` or ``#``)."""
+    head, authority, tail = _split(url)
+    if _ambiguous_userinfo(url):
+        host = url.rpartition("@")[2]
+        return f"{head}{REDACTED}@{host}" if _PLAIN_HOSTPART.fullmatch(host) \
+            else f"{head}{REDACTED}"
+    userinfo, at, hostport = authority.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = f"{userinfo.partition(':')[0]}:{REDACTED}"
+    host, colon, port = hostport.rpartition(":")
+    if colon and not port.isdigit() and not hostport.endswith("]"):
+        hostport = f"{host}:{REDACTED}"
+    rest, hash_, fragment = tail.partition("#")
+    path, question, query = rest.partition("?")
+    query, secret = _redact_query(query) if question else ("", False)
+    # A fragment means nothing here, but may be the tail of a password that holds
+    # an unencoded '#' (redis://:pa#ss, or a query password): never shown.
+    if hash_ and not secret:
+        query += f"#{REDACTED}" if fragment else "#"
+    return f"{head}{userinfo}{at}{hostport}{path}{question}{query}"
 
 
 def _fail(redacted: str, why: str) -> ConfigError:
@@ -138,34 +177,62 @@ def _fail(redacted: str, why: str) -> ConfigError:
 
 def _parse_db(redacted: str, text: str) -> int:
     if not text.isdigit():
-        raise _fail(redacted, f"database must be a number >= 0, got {text!r}")
+        raise _fail(redacted, "the database must be a number >= 0")
     return int(text)
 
 
+def _parse_query(redacted: str, scheme: str, query: str) -> dict[str, str]:
+    """The query's options, percent-decoded (a ``+`` stays a ``+``: passwords
+    and file names mean it)."""
+    options: dict[str, str] = {}
+    after_secret = False
+    for pair in query.split("&"):
+        if not pair:
+            continue
+        raw_key, _, raw_value = pair.partition("=")
+        key, value = unquote(raw_key), unquote(raw_value)
+        if key not in _QUERY_OPTIONS[scheme]:
+            allowed = ", ".join(_QUERY_OPTIONS[scheme]) or "none"
+            if after_secret:  # the key may be a piece of the password: never show it
+                raise _fail(redacted, "an unknown query option follows the password (not "
+                                      f"shown: it may be a piece of it; allowed: {allowed}); "
+                                      + _ENCODE_HINT)
+            raise _fail(redacted, f"unknown query option {key!r} (allowed: {allowed})")
+        if key in options:
+            raise _fail(redacted, f"query option {key!r} given twice")
+        after_secret = after_secret or key in _SECRET_QUERY
+        options[key] = value
+    return options
+
+
 def parse_url(url: str) -> BackendURL:
-    """Parse and check a backend URL (see the module docstring for the forms)."""
+    """Parse and check a backend URL (see the module docstring for the forms).
+
+    No error message shows a password: each gives the URL as
+    :func:`redact_url` masks it, and never quotes a part of it that could
+    hold a piece of a password."""
     if not isinstance(url, str):
         raise ConfigError(f"backend URL must be a str, got {type(url).__name__}")
     redacted = redact_url(url)
+    if _ambiguous_userinfo(url):
+        raise _fail(redacted, f"an '@' follows the host part; {_ENCODE_HINT}")
     try:
         parts = urlsplit(url)
+    except ValueError:
+        # urllib's message quotes the host, which may hold a password.
+        raise _fail(redacted, "the host is not a valid name or [IPv6] address") from None
+    try:
         port = parts.port
-    except ValueError as exc:
-        raise _fail(redacted, str(exc)) from None
+    except ValueError:
+        # Not urllib's message: it quotes the port, which may be a password.
+        raise _fail(redacted, "the port must be a number from 0 to 65535") from None
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise _fail(redacted, f"unknown scheme {parts.scheme!r}; use one of "
                               + ", ".join(f"{s}://" for s in SCHEMES))
-    if parts.fragment:
-        raise _fail(redacted, "a fragment (#...) means nothing here")
-    query: dict[str, str] = {}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-        if key not in _QUERY_OPTIONS[scheme]:
-            allowed = ", ".join(_QUERY_OPTIONS[scheme]) or "none"
-            raise _fail(redacted, f"unknown query option {key!r} (allowed: {allowed})")
-        if key in query:
-            raise _fail(redacted, f"query option {key!r} given twice")
-        query[key] = value
+    query = _parse_query(redacted, scheme, parts.query)
+    if parts.fragment or url.endswith("#"):
+        raise _fail(redacted, f"a fragment (#...) means nothing here; {_ENCODE_HINT}")
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
 
