@@ -208,3 +208,83 @@ async def test_aggregate_best_effort_and_release(pair) -> None:
     assert rsvc._replicas  # still held by the second reference
     await rsvc.release_aggregate("alice-admin-acl", agg)
     assert not rsvc._replicas
+
+
+async def test_forged_change_set_is_undone_by_the_real_commit(pair, backend_kind,
+                                                              request) -> None:
+    wsvc, rsvc = pair
+    server = request.getfixturevalue("redis_server") if backend_kind == "redis" else None
+    writer = Writer(wsvc, "alice-admin", "alice-admin-m")
+    await writer.create(a=1)
+    replica = await rsvc.replica_of("alice-admin-m")
+    assert replica is not None
+    v = await writer.write(a=2)
+    await until(lambda: replica.version == v)
+    # A well-formed change set at the replica's version, lineage included (a
+    # forger can read the channel), lands first...
+    forged = {"version": v, "remove": [], "add": ["a", 666, "__ca_version__", v + 1],
+              "txid": "forged", "base_txid": writer.txid}
+    await publish_raw(rsvc.backend, "alice-admin-m", orjson.dumps(forged), server)
+    await until(lambda: replica.version == v + 1)
+    assert replica.ref().get("a") == 666
+    # ... then the real commit of that version arrives: the replica sees two
+    # contents for one version, counts a fork and takes the store's.
+    real = await writer.write(a=3)
+    assert real == v + 1
+    await until(lambda: rsvc.stats.forks == 1 and replica.ref().get("a") == 3)
+    assert replica.version == real
+    # Later commits apply on the real content.
+    await writer.write(b=4)
+    await until(lambda: replica.version == real + 1)
+    assert replica.ref().to_dict() == {"a": 3, "b": 4}
+
+
+async def test_change_set_without_lineage_is_refused_once_the_map_has_one(
+        pair, backend_kind, request) -> None:
+    wsvc, rsvc = pair
+    server = request.getfixturevalue("redis_server") if backend_kind == "redis" else None
+    writer = Writer(wsvc, "alice-admin", "alice-admin-m")
+    await writer.create(a=1)
+    v = await writer.write(a=2)
+    replica = await rsvc.replica_of("alice-admin-m")
+    assert replica is not None and replica.version == v
+    bare = {"version": v, "remove": [], "add": ["a", 666, "__ca_version__", v + 1]}
+    await publish_raw(rsvc.backend, "alice-admin-m", orjson.dumps(bare), server)
+    await until(lambda: rsvc.stats.malformed == 1 and rsvc.stats.resyncs >= 1)
+    assert replica.version == v and replica.ref().get("a") == 2
+    assert await writer.write(a=3) == v + 1
+    await until(lambda: replica.version == v + 1)
+    assert replica.ref().get("a") == 3
+
+
+async def test_replica_reads_several_maps_of_one_writer_at_one_commit(pair) -> None:
+    wsvc, rsvc = pair
+    one = Writer(wsvc, "alice-admin", "alice-admin-m")
+    await one.create(n=0)
+    two = Writer(wsvc, "alice-admin", "alice-admin-m2")
+    two.txid = one.txid
+    await two.create(n=0)
+    first = await rsvc.replica_of("alice-admin-m")
+    second = await rsvc.replica_of("alice-admin-m2")
+    assert first is not None and second is not None
+    # Both maps written by each commit; resyncs run all the while.
+    for n in range(1, 30):
+        refs = {}
+        for name in ("alice-admin-m", "alice-admin-m2"):
+            ref = (await wsvc.primary(name)).ref()
+            ref.set("n", n)
+            ref.prepare()
+            refs[name] = ref
+        txid = uuid.uuid4().hex
+        await wsvc.commit(actor="alice-admin", node_id="writer-node", txid=txid,
+                          prev_txid=two.txid, checkpoint={"txid": txid, "state": {}},
+                          lease_ttl=30, refs=refs)
+        two.txid = txid
+        if n % 3 == 0:
+            resync = asyncio.ensure_future(rsvc.resync_all())
+        for _ in range(3):
+            assert first.ref().get("n") == second.ref().get("n"), "a torn resync"
+            await asyncio.sleep(0)
+    await resync
+    await until(lambda: first.ref().get("n") == 29)
+    assert second.ref().get("n") == 29

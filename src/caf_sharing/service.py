@@ -485,6 +485,7 @@ class SharingService:
         else:
             if replica.txid is None:
                 replica.record(version, txid)
+            replica.forked = replica.forked and txid != replica.txid
             return
         replica.forked = False
         replica.record(version, txid)

@@ -1,0 +1,223 @@
+"""Actors on a Redis that loses data the way Redis does by default.
+
+Restarts from an older RDB snapshot (no AOF), restarts with no data
+(``appendonly no``): the guarantees hold or heal (DESIGN.md section 9).
+Each test runs its own server, since they all take its data away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from caf_sharing import Actor, Node
+from caf_sharing.errors import LeaseHeldError
+from caf_sharing.service import ADOPT_MARGIN
+from conftest import require_redis_server, until_version
+from redisserver import RedisServer
+
+pytestmark = pytest.mark.redis
+
+# A short lease: a node takes a lease on a server younger than one lease only
+# once it is that old, and heals a store that went back within a third of it.
+TTL = 1.5
+OPTIONS: dict[str, Any] = {"max_retries": 2, "retry_delay": 0.05, "lease_ttl": TTL}
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    require_redis_server()
+    srv = RedisServer()
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+def snapshot(server: RedisServer) -> bytes:
+    """What an RDB snapshot taken now holds."""
+    with server.client() as client:
+        client.save()
+    return (server.dir / "dump.rdb").read_bytes()
+
+
+def restart_from(server: RedisServer, rdb: bytes) -> None:
+    """Crash-restart the server from an older snapshot, as RDB-only Redis does."""
+    server.stop()
+    (server.dir / "dump.rdb").write_bytes(rdb)
+    server.start()
+    (server.dir / "dump.rdb").unlink()
+
+
+class Writer(Actor):
+    """Writes a counter into two maps and its state, in one message."""
+
+    async def init(self) -> None:
+        self.sharing.add_writable_map("m", "m", initial_value={"n": 0})
+        self.sharing.add_writable_map("m2", "m2", initial_value={"n": 0})
+        self.state["n"] = 0
+
+    async def bump(self) -> int:
+        n = self.state["n"] + 1
+        self.sharing.maps.m.set("n", n).set(f"k{n}", n)
+        self.sharing.maps.m2.set("n", n)
+        self.state["n"] = n
+        return n
+
+    async def read(self) -> tuple[int, int, int, int]:
+        m, m2 = self.sharing.maps.m, self.sharing.maps.m2
+        return m.version, m.get("n"), m2.get("n"), self.state["n"]
+
+
+class Reader(Actor):
+    async def init(self) -> None:
+        self.sharing.add_read_only_map("m", "ann-writer-m")
+        self.sharing.add_read_only_map("m2", "ann-writer-m2")
+
+    async def read(self) -> tuple[int, int, int]:
+        m, m2 = self.sharing.maps.m, self.sharing.maps.m2
+        return m.version, m.get("n"), m2.get("n")
+
+
+class CountingReader(Reader):
+    """A reader with state of its own: every message commits."""
+
+    async def read(self) -> tuple[int, int, int]:
+        seen = await super().read()
+        self.state["reads"] = self.state.get("reads", 0) + 1
+        return seen
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.02)
+
+
+async def test_older_restart_under_a_live_writer_loses_nothing(server: RedisServer) -> None:
+    async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode, \
+            Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+        writer = await wnode.start(Writer, "ann-writer")
+        reader = await rnode.start(Reader, "ann-reader")
+        for _ in range(5):
+            await writer.call("bump")
+        old = snapshot(server)
+        for _ in range(5):
+            await writer.call("bump")
+        top, *_ = await writer.call("read")
+        assert await until_version(reader, top) == (top, 10, 10)
+        history = [top]
+
+        restart_from(server, old)  # the store is back at 5 bumps
+
+        # With no message at all, the writer's node notices within a third of
+        # the lease and puts back what it holds.
+        async def healed() -> bool:
+            history.append((await reader.call("read"))[0])
+            stored = await wnode.backend.load_checkpoint("ann-writer")
+            return stored is not None and stored["state"] == {"n": 10}
+        await until(healed)
+        assert wnode.service.stats.reasserts >= 1
+        assert await writer.call("read") == (top, 10, 10, 10)  # state and maps agree
+        # The next message succeeds (no writer wedged on ConcurrentUpdateError).
+        assert await writer.call("bump") == 11
+        assert await until_version(reader, top + 1) == (top + 1, 11, 11)
+        history.append(top + 1)
+        assert history == sorted(history), "the reader went back"
+        stored = await wnode.backend.read_map("ann-writer-m")
+        assert stored is not None
+        assert {f"k{i}" for i in range(1, 12)} <= set(stored["add"][::2])
+
+
+async def test_older_restart_without_the_writer_never_shows_a_version_twice(
+        server: RedisServer) -> None:
+    async with Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+        async with Node(server.url, app="f", node_id="w1", **OPTIONS) as w1:
+            writer = await w1.start(Writer, "ann-writer")
+            reader = await rnode.start(CountingReader, "ann-reader")
+            for _ in range(5):
+                await writer.call("bump")
+            old = snapshot(server)
+            for _ in range(5):
+                await writer.call("bump")
+            top, *_ = await writer.call("read")
+            assert await until_version(reader, top) == (top, 10, 10)
+        # The writer's node is gone; the store goes back to 5 bumps.
+        restart_from(server, old)
+        await rnode.service.resync_all()
+        # The reader keeps what it showed, across its own restart on this node
+        # too, and its own commits still land (its node re-asserts its state).
+        assert await reader.call("read") == (top, 10, 10)
+        await rnode.stop("ann-reader")
+        reader = await rnode.start(CountingReader, "ann-reader")
+        assert await reader.call("read") == (top, 10, 10)
+        async with Node(server.url, app="f", node_id="w2", **OPTIONS) as w2:
+            writer = await w2.start(Writer, "ann-writer")
+            adopted, *rest = await writer.call("read")
+            assert rest == [5, 5, 5]  # the store's state, taken whole
+            # It continues above every version the lost writes made, so no
+            # version the reader saw gets other content.
+            assert adopted >= top + ADOPT_MARGIN
+            assert await writer.call("bump") == 6
+            seen = await until_version(reader, adopted + 1)
+            assert seen == (adopted + 1, 6, 6)
+        assert await reader.call("read") == seen
+
+
+async def test_empty_restart_second_node_waits_and_the_holder_puts_its_data_back(
+        server: RedisServer) -> None:
+    async with Node(server.url, app="f", node_id="a", **OPTIONS) as a:
+        writer = await a.start(Writer, "ann-writer")
+        for _ in range(20):
+            await writer.call("bump")
+        server.restart()  # no data at all
+        async with Node(server.url, app="f", node_id="b", **OPTIONS) as b:
+            # B must not find an empty store and run init: it waits until the
+            # server is one lease old, by which time A has put its data back.
+            with pytest.raises(LeaseHeldError, match="'a'"):
+                await b.start(Writer, "ann-writer")
+            stored = await b.backend.load_checkpoint("ann-writer")
+            assert stored is not None and stored["state"] == {"n": 20}
+        assert await writer.call("bump") == 21
+        assert a.service.stats.reasserts >= 1
+
+
+async def test_empty_restart_keeps_readers_usable(server: RedisServer) -> None:
+    async with Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+        async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode:
+            writer = await wnode.start(Writer, "ann-writer")
+            reader = await rnode.start(CountingReader, "ann-reader")
+            for _ in range(3):
+                await writer.call("bump")
+            top, *_ = await writer.call("read")
+            assert await until_version(reader, top) == (top, 3, 3)
+        server.restart()  # the writer is gone and so are its maps
+        await asyncio.sleep(0.3)
+        await rnode.service.resync_all()
+        # Messages keep working (each commits the reader's own state) and
+        # read the last version, also after the actor reloads on this node.
+        for _ in range(3):
+            assert await reader.call("read") == (top, 3, 3)
+        await rnode.stop("ann-reader")
+        reader = await rnode.start(CountingReader, "ann-reader")
+        assert await reader.call("read") == (top, 3, 3)
+
+
+async def test_resyncs_never_tear_the_maps_of_one_message(server: RedisServer) -> None:
+    async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode, \
+            Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+        writer = await wnode.start(Writer, "ann-writer")
+        reader = await rnode.start(Reader, "ann-reader")
+        observations = torn = 0
+        for i in range(1, 201):
+            await writer.call("bump")
+            if i % 20 == 0:
+                assert await asyncio.to_thread(server.kill_pubsub_clients) >= 1
+            _, n, n2 = await reader.call("read")
+            observations += 1
+            torn += n != n2
+        assert await until_version(reader, (await writer.call("read"))[0])
+        assert rnode.service.stats.resyncs >= 5
+        assert (observations, torn) == (200, 0)
