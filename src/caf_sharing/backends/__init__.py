@@ -209,7 +209,8 @@ def make_backend(url: str = "memory://", *, app: str = "default", **options: Any
 
     ``options`` are the backend's keyword arguments (for Redis:
     ``coalescing_interval``, ``max_pending_updates``, ``max_retries``,
-    ``retry_delay``, ``connect_timeout``, ``password``, ``username``, ...);
+    ``retry_delay``, ``call_timeout``, ``socket_timeout``, ``connect_timeout``,
+    ``wait_replicas``, ``wait_timeout_ms``, ``password``, ``username``, ...);
     an option the backend does not know is a :class:`ConfigError`.
     """
     target = parse_url(url)
