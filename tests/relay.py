@@ -78,6 +78,10 @@ class Relay:
             if self._server is not None:
                 self._server.close()
             self._reset_all()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         self._run(shutdown)
         self._loop.call_soon_threadsafe(self._loop.stop)

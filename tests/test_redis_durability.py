@@ -135,7 +135,7 @@ async def test_a_frozen_replica_makes_commits_raise_durability_error_in_time(
     finally:
         replica.thaw()
     error = raised.value
-    assert isinstance(error, BackendError)
+    assert isinstance(error, BackendError) and backend.stats.unconfirmed == 1
     assert (error.required, error.confirmed) == (1, 0)
     assert "ambiguous" in str(error) and "0 of 1 replica" in str(error)
     # Ambiguous, not failed: the primary holds the commit.

@@ -33,7 +33,8 @@ replicas; short of that it raises :class:`DurabilityError` (the primary holds
 it, a failover may lose it). A PUBLISH to an unwatched channel goes just
 before the WAIT: WAIT only covers what its own connection wrote, and a commit
 that landed in an earlier attempt (a lost reply) writes nothing the second
-time, yet must be covered too.
+time, yet must be covered too. Only commits wait: the runtime writes through
+commits alone; ``create_map``, ``delete_map`` and leases do not.
 
 Failures: each round trip is retried ``max_retries`` times, ``retry_delay``
 seconds apart, on connection errors and timeouts, for at most
@@ -181,6 +182,8 @@ class RedisStats:
     chunked_read_retries: int = 0
     #: Chunked reads that gave up and used one HGETALL.
     whole_reads: int = 0
+    #: Commits WAIT did not confirm on wait_replicas replicas (DurabilityError).
+    unconfirmed: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -819,6 +822,7 @@ class RedisBackend:
         else:
             why = f"WAIT failed: {confirmed}"
             confirmed = 0
+        self.stats.unconfirmed += 1
         raise DurabilityError(
             f"Redis at {self.url}: commit {tx.txid} of {tx.actor}: {why}; the outcome is "
             "ambiguous: the primary holds the commit, but a failover may lose it",
