@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from caf_sharing import Node
+from caf_sharing.backends.redis import RedisBackend
 from caf_sharing.config import load_ca, load_config, load_framework
 from caf_sharing.errors import ConfigError
 
@@ -111,3 +112,32 @@ def test_process_env_references(monkeypatch) -> None:
         load_framework(comps)
     monkeypatch.setenv("CAF_TEST_PORT", "6379")
     assert load_framework(comps).url == "redis://localhost:6379/0"
+
+
+def test_durability_of_the_persist_service_becomes_backend_options() -> None:
+    comps = framework_components()
+    comps[1]["env"]["durability"] = {"waitReplicas": 1, "waitTimeoutMs": 500}
+    # On the routeService only, it means nothing: commits go to persistService.
+    assert "wait_replicas" not in load_framework(comps).options
+    comps[2]["env"]["persistService"] = "cp2"
+    config = load_framework(comps)
+    assert config.options["wait_replicas"] == 1 and config.options["wait_timeout_ms"] == 500
+    backend = config.node(node_id="n1").backend
+    assert isinstance(backend, RedisBackend)
+    assert (backend._wait_replicas, backend._wait_ms) == (1, 500)
+
+
+@pytest.mark.parametrize(("durability", "message"), [
+    ([1], "env.durability must be an object"),
+    ({"replicas": 1}, "unknown field.*replicas.*known: waitReplicas, waitTimeoutMs"),
+    ({"waitReplicas": "1"}, "waitReplicas must be an integer"),
+    ({"waitReplicas": -1}, "waitReplicas must be >= 0"),
+    ({"waitReplicas": 1, "waitTimeoutMs": 0}, "waitTimeoutMs must be >= 1"),
+    ({"waitReplicas": 1, "waitTimeoutMs": 2.5}, "waitTimeoutMs must be an integer"),
+])
+def test_durability_errors_name_the_problem(durability, message) -> None:
+    comps = framework_components()
+    comps[1]["env"]["durability"] = durability
+    comps[2]["env"]["persistService"] = "cp2"
+    with pytest.raises(ConfigError, match=message):
+        load_framework(comps)

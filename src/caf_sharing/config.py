@@ -13,6 +13,13 @@ component with ``"module": null`` is disabled; one with only
 a ``name`` keeps the platform default (for the checkpoint service ``cp``:
 Redis on localhost:6379).
 
+A ``caf_redis#plug`` component may also carry ``env.durability``:
+``{"waitReplicas": N, "waitTimeoutMs": T}`` (the backend options
+``wait_replicas``/``wait_timeout_ms``: a commit is acknowledged only once N
+replicas hold it, else it raises
+:class:`~caf_sharing.errors.DurabilityError`). Only the component named by
+``persistService`` matters: commits go there.
+
 The result is a :class:`SharingConfig`, whose ``node()`` builds a
 :class:`~caf_sharing.node.Node`. Python users can skip all this and pass a
 backend URL and keyword arguments to ``Node`` directly.
@@ -124,6 +131,7 @@ def load_framework(source: Any) -> SharingConfig:
     }
     if persist["password"]:
         options["password"] = persist["password"]
+    options.update(persist["durability"])
     url = f"redis://{persist['host']}:{persist['port']}/0"
     return SharingConfig(url, persist["node_id"] or route["node_id"], options)
 
@@ -268,7 +276,30 @@ def _redis_settings(comp: dict[str, Any], parent_env: dict[str, Any]) -> dict[st
     if node_id is not None and not isinstance(node_id, str):
         raise ConfigError(f"{where}: env.nodeId must be a string")
     return {"host": host, "port": int(port), "password": password, "interval": interval,
-            "max_pending": int(max_pending), "node_id": node_id}
+            "max_pending": int(max_pending), "node_id": node_id,
+            "durability": _durability(env.get("durability", {}), where)}
+
+
+#: ``env.durability`` fields of a ``caf_redis#plug`` -> backend options.
+_DURABILITY = {"waitReplicas": "wait_replicas", "waitTimeoutMs": "wait_timeout_ms"}
+
+
+def _durability(durability: Any, where: str) -> dict[str, int]:
+    if not isinstance(durability, dict):
+        raise ConfigError(f"{where}: env.durability must be an object")
+    unknown = sorted(set(durability) - set(_DURABILITY))
+    if unknown:
+        raise ConfigError(f"{where}: env.durability has unknown field(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(_DURABILITY)})")
+    options: dict[str, int] = {}
+    for key, option in _DURABILITY.items():
+        if key in durability:
+            value = int(_number(durability, key, f"{where} env.durability", integer=True))
+            if key == "waitTimeoutMs" and value < 1:
+                raise ConfigError(f"{where}: env.durability.waitTimeoutMs must be >= 1 "
+                                  "(WAIT 0 would wait for ever)")
+            options[option] = value
+    return options
 
 
 def _number(env: Mapping[str, Any], key: str, where: str, *, integer: bool = False) -> float:

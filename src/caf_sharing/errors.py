@@ -18,6 +18,7 @@ __all__ = [
     "ChannelError",
     "ConcurrentUpdateError",
     "ConfigError",
+    "DurabilityError",
     "InvalidChangeSetError",
     "InvalidNameError",
     "InvalidTypeError",
@@ -131,6 +132,17 @@ class BackendError(SharingError):
 
 class BackendUnavailableError(BackendError):
     """The backend could not be reached after the configured retries."""
+
+
+class DurabilityError(BackendError):
+    """A commit reached fewer replicas than ``wait_replicas`` asked for within
+    ``wait_timeout_ms``. Its outcome is ambiguous: the primary holds it (readers
+    may already see it), but a failover may still lose it."""
+
+    def __init__(self, message: str, *, required: int, confirmed: int) -> None:
+        super().__init__(message)
+        self.required = required
+        self.confirmed = confirmed
 
 
 class MapNotFoundError(BackendError, KeyError):

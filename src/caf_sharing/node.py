@@ -385,8 +385,9 @@ class Node:
         """Stop every actor (finishing queued messages), release leases, disconnect."""
         if not self._open:
             return
-        for name in list(self._hosts):
-            await self.stop(name)
+        # Together: against an unreachable backend each release takes up to
+        # its call timeout, and close() must fit in one lease.
+        await asyncio.gather(*(self.stop(name) for name in list(self._hosts)))
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -9,7 +9,9 @@
   options ``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``,
   ``ssl_keyfile``, ``ssl_check_hostname``) and
   ``unix:///path/to/socket?db=N`` (``password``/``username`` in the query) —
-  see :mod:`caf_sharing.backends.redis`.
+  see :mod:`caf_sharing.backends.redis`. All three also take the query
+  options ``wait_replicas=N`` and ``wait_timeout_ms=T`` (acknowledge a
+  commit only once N replicas hold it, see ``RedisBackend``).
 
 ``app`` namespaces everything a backend stores, so several applications can
 share one store or server. URLs are parsed strictly: anything unknown or
@@ -65,11 +67,12 @@ DEFAULT_PORT = 6379
 REDACTED = "***"
 _SSL_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
                 "ssl_check_hostname")
+_WAIT_OPTIONS = ("wait_replicas", "wait_timeout_ms")
 _QUERY_OPTIONS = {
     "memory": (),
-    "redis": (),
-    "rediss": _SSL_OPTIONS,
-    "unix": ("db", "password", "username"),
+    "redis": _WAIT_OPTIONS,
+    "rediss": _SSL_OPTIONS + _WAIT_OPTIONS,
+    "unix": ("db", "password", "username", *_WAIT_OPTIONS),
 }
 _SECRET_QUERY = ("password",)
 _STORE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
@@ -93,7 +96,7 @@ class BackendURL:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    #: Further query options (TLS settings of ``rediss://``), as given.
+    #: Further query options (TLS settings, wait_replicas...), as given.
     options: dict[str, str] = field(default_factory=dict)
     #: The URL as given, with the password replaced by ``***``.
     redacted: str = ""
@@ -192,6 +195,8 @@ def _parse_query(redacted: str, scheme: str, query: str) -> dict[str, str]:
         raw_key, _, raw_value = pair.partition("=")
         key, value = unquote(raw_key), unquote(raw_value)
         if key not in _QUERY_OPTIONS[scheme]:
+            if key in _WAIT_OPTIONS:  # only memory:// lacks them
+                raise _fail(redacted, f"{key} needs a Redis backend: memory:// has no replicas")
             allowed = ", ".join(_QUERY_OPTIONS[scheme]) or "none"
             if after_secret:  # the key may be a piece of the password: never show it
                 raise _fail(redacted, "an unknown query option follows the password (not "
@@ -253,7 +258,8 @@ def parse_url(url: str) -> BackendURL:
         db = _parse_db(redacted, query.pop("db", "0"))
         return BackendURL("unix", path=unquote(parts.path), db=db,
                           username=query.pop("username", None),
-                          password=query.pop("password", None), redacted=redacted)
+                          password=query.pop("password", None), options=query,
+                          redacted=redacted)
 
     host = parts.hostname
     if not host:
@@ -270,12 +276,16 @@ def make_backend(url: str = "memory://", *, app: str = "default", **options: Any
 
     ``options`` are the backend's keyword arguments (for Redis:
     ``coalescing_interval``, ``max_pending_updates``, ``max_retries``,
-    ``retry_delay``, ``connect_timeout``, ``password``, ``username``, ...);
+    ``retry_delay``, ``call_timeout``, ``socket_timeout``, ``connect_timeout``,
+    ``wait_replicas``, ``wait_timeout_ms``, ``password``, ``username``, ...);
     an option the backend does not know is a :class:`ConfigError`.
     """
     target = parse_url(url)
     check_app(app)
     if target.scheme == "memory":
+        if set(options) & set(_WAIT_OPTIONS):
+            raise ConfigError("wait_replicas/wait_timeout_ms need a Redis backend: "
+                              f"{target.redacted} has no replicas")
         if options:
             raise ConfigError(f"memory:// takes no options, got {', '.join(sorted(options))}")
         return MemoryBackend(target.name, app=app)

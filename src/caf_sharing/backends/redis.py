@@ -28,10 +28,28 @@ with the previous round trip still in flight). Each commit gets its own
 result or error; a caller cancelled while its commit is still queued
 withdraws it.
 
+Replica acknowledgement: with ``wait_replicas=N`` every commit round trip
+ends with ``WAIT N wait_timeout_ms`` on the same connection, so one WAIT
+covers the whole batch. A commit is acknowledged only when WAIT counts N
+replicas; short of that it raises :class:`DurabilityError` (the primary holds
+it, a failover may lose it). A PUBLISH to an unwatched channel goes just
+before the WAIT: WAIT only covers what its own connection wrote, and a commit
+that landed in an earlier attempt (a lost reply) writes nothing the second
+time, yet must be covered too. Only commits wait: the runtime writes through
+commits alone; ``create_map``, ``delete_map`` and leases do not.
+
 Failures: each round trip is retried ``max_retries`` times, ``retry_delay``
-seconds apart, on connection errors and timeouts; then the call fails with
-:class:`BackendUnavailableError`. Retrying a commit is safe: the checkpoint
-carries the txid, so a commit that did land the first time returns ``False``.
+seconds apart, on connection errors and timeouts, for at most
+``call_timeout`` seconds; then the call fails with
+:class:`BackendUnavailableError`. Each attempt may take ``socket_timeout``
+seconds, plus time in proportion to what it carries (see :func:`_allowance`),
+plus the WAIT's own timeout. The defaults fit a lease of 10 s: against a
+server that answers nothing, a call fails after about 3 s. Retrying a commit
+is safe: the checkpoint carries the txid, so a commit that did land the first
+time returns ``False``.
+
+At start the backend warns (once) when the server's ``maxmemory-policy`` is
+not ``noeviction``: an eviction silently drops checkpoints, leases or maps.
 
 Pub/sub runs on a connection of its own, read by one task that calls the
 handlers. ``subscribe`` returns once Redis confirmed the subscription, so a
@@ -51,6 +69,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +93,7 @@ from ..errors import (
     BackendUnavailableError,
     ConcurrentUpdateError,
     ConfigError,
+    DurabilityError,
     LeaseHeldError,
     LeaseLostError,
     MapMissingError,
@@ -116,6 +136,22 @@ _FATAL = (rexc.AuthenticationError, rexc.AuthorizationError)
 _VERSION = VERSION_FIELD.encode()
 #: Longest pause between two pub/sub reconnection attempts, past max_retries.
 _MAX_SLOW_DELAY = 5.0
+#: The slowest a healthy server takes in a request (reading and running it
+#: included), bytes per second: a 60 MB commit creating a 1M-key map took
+#: 2-3 s on a loaded 2-core machine, about 20 MB/s.
+_MIN_SEND_RATE = 10_000_000
+#: The same for replies, in map fields per second (HGETALL of 1M fields: ~1 s).
+_MIN_FIELD_RATE = 500_000
+
+
+def _allowance(sent: int, fields: int = 0) -> float:
+    """Seconds a round trip may take beyond ``socket_timeout`` for the work it
+    carries: ``sent`` bytes of requests, ``fields`` map fields in its reply.
+    Most round trips are small (commits go in batches of at most
+    max_pending_updates, large maps are read in chunks) and get almost none,
+    so a dead server is noticed quickly; a commit that creates a huge map
+    still gets the time it needs."""
+    return sent / _MIN_SEND_RATE + fields / _MIN_FIELD_RATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +191,8 @@ class RedisStats:
     chunked_read_retries: int = 0
     #: Chunked reads that gave up and used one HGETALL.
     whole_reads: int = 0
+    #: Commits WAIT did not confirm on wait_replicas replicas (DurabilityError).
+    unconfirmed: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -231,18 +269,18 @@ class _Pool:
     backend's control. One timeout bounds the whole round trip.
     """
 
-    def __init__(self, factory: Callable[[], AbstractConnection], size: int,
-                 timeout: float | None) -> None:
+    def __init__(self, factory: Callable[[], AbstractConnection], size: int) -> None:
         self._factory = factory
         self._idle: list[AbstractConnection] = []
         self._all: set[AbstractConnection] = set()
         self._slots = asyncio.Semaphore(size)
-        self._timeout = timeout
         self.closed = False
 
-    async def exchange(self, commands: Sequence[Command]) -> list[Any]:
-        """Send ``commands`` in one write and read every reply; a command that
-        failed in Redis gives its ResponseError as its reply."""
+    async def exchange(self, packed: bytes, count: int, timeout: float | None) -> list[Any]:
+        """Send ``count`` commands, RESP-encoded in ``packed``, in one write and
+        read every reply within ``timeout`` seconds (from the moment a
+        connection is free); a command that failed in Redis gives its
+        ResponseError as its reply."""
         async with self._slots:
             if self.closed:
                 raise rexc.ConnectionError("the connection pool is closed")
@@ -252,10 +290,10 @@ class _Pool:
                 conn = self._factory()
                 self._all.add(conn)
             try:
-                async with asyncio.timeout(self._timeout):
-                    await conn.send_packed_command(_pack(commands), check_health=False)
+                async with asyncio.timeout(timeout):
+                    await conn.send_packed_command(packed, check_health=False)
                     replies: list[Any] = []
-                    for _ in commands:
+                    for _ in range(count):
                         try:
                             replies.append(await conn.read_response())
                         except rexc.ResponseError as exc:
@@ -264,7 +302,7 @@ class _Pool:
                 # Unread replies may be left on it: start the next use afresh.
                 await conn.disconnect(nowait=True)
                 if isinstance(exc, TimeoutError):
-                    raise rexc.TimeoutError(f"no reply within {self._timeout}s") from None
+                    raise rexc.TimeoutError(f"no reply within {timeout:.3g}s") from None
                 raise
             finally:
                 self._idle.append(conn)
@@ -286,6 +324,20 @@ def _number(name: str, value: object, *, zero: bool = False) -> float:
     return float(value)
 
 
+def _query_int(name: str, given: int | None, query: dict[str, str], default: int) -> object:
+    """Option ``name``: the keyword argument if given, else the URL query's
+    (checked by the caller like any other value), else ``default``."""
+    if given is not None:
+        return given
+    text = query.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"URL option {name} must be an int, got {text!r}") from None
+
+
 def _count(name: str, value: object, *, zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
         raise ConfigError(f"option {name} must be an int {'>=' if zero else '>'} 0, "
@@ -299,18 +351,32 @@ _CERT_REQS = ("none", "optional", "required")
 class RedisBackend:
     """The Redis implementation of :class:`~caf_sharing.backends.base.Backend`.
 
-    Options (keyword arguments; the URL query may carry the TLS ones):
+    Options (keyword arguments; the URL query may carry the TLS ones and
+    ``wait_replicas``/``wait_timeout_ms``; a keyword argument wins over the
+    URL):
 
     * ``coalescing_interval`` (s, 0.01): longest wait of a queued commit;
     * ``max_pending_updates`` (20): most commits in one round trip;
     * ``max_retries`` (10), ``retry_delay`` (s, 0.1): per round trip;
-    * ``connect_timeout`` (s, 5), ``socket_timeout`` (s, 10; ``None``: none);
+    * ``call_timeout`` (s, 3; ``None``: no bound): longest time one round
+      trip may take, its retries and their pauses included (plus the same
+      allowances as ``socket_timeout``); past it the call fails with
+      :class:`BackendUnavailableError` even if retries are left;
+    * ``socket_timeout`` (s, 1; ``None``: only ``call_timeout``): longest
+      wait for the replies of one attempt, plus 1 s per 10 MB it sends and
+      per 500k map fields a whole read returns, plus ``wait_timeout_ms`` for
+      a commit with ``wait_replicas``;
+    * ``connect_timeout`` (s, 1): opening a connection (within the attempt);
+    * ``wait_replicas`` (0: off): acknowledge a commit only once ``WAIT``
+      counts this many replicas holding it, else raise
+      :class:`DurabilityError`; ``wait_timeout_ms`` (1000, >= 1): how long
+      WAIT waits for them;
     * ``max_connections`` (16): command connections (pub/sub has its own);
     * ``read_chunk_size`` (1000): maps larger than this are read with HSCAN
       of this COUNT, between two reads of the version, instead of HGETALL;
-    * ``health_check_interval`` (s, 30; 0: never): PING the pub/sub
+    * ``health_check_interval`` (s, 5; 0: never): PING the pub/sub
       connection when it was silent that long, and drop it if no answer
-      comes within as long again;
+      comes within as long again (a dead link is noticed within 10 s);
     * ``restart_grace`` (True): a lease that is absent on a server up for
       less than one lease TTL is granted only once the server is that old
       (the node that held it may still run and put back what the restart
@@ -324,9 +390,11 @@ class RedisBackend:
     def __init__(self, url: str | BackendURL, *, app: str = "default",
                  coalescing_interval: float = 0.01, max_pending_updates: int = 20,
                  max_retries: int = 10, retry_delay: float = 0.1,
-                 connect_timeout: float = 5.0, socket_timeout: float | None = 10.0,
+                 call_timeout: float | None = 3.0, socket_timeout: float | None = 1.0,
+                 connect_timeout: float = 1.0,
+                 wait_replicas: int | None = None, wait_timeout_ms: int | None = None,
                  max_connections: int = 16, read_chunk_size: int = 1000,
-                 health_check_interval: float = 30.0, restart_grace: bool = True,
+                 health_check_interval: float = 5.0, restart_grace: bool = True,
                  username: str | None = None, password: str | None = None,
                  ssl_cert_reqs: str | None = None, ssl_ca_certs: str | None = None,
                  ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
@@ -346,8 +414,19 @@ class RedisBackend:
         self._chunk = _count("read_chunk_size", read_chunk_size)
         self._health = _number("health_check_interval", health_check_interval, zero=True)
         _number("connect_timeout", connect_timeout)
-        if socket_timeout is not None:
-            _number("socket_timeout", socket_timeout)
+        self._socket_timeout = None if socket_timeout is None \
+            else _number("socket_timeout", socket_timeout)
+        self._call_timeout = None if call_timeout is None \
+            else _number("call_timeout", call_timeout)
+        self._wait_replicas = _count("wait_replicas", _query_int(
+            "wait_replicas", wait_replicas, target.options, 0), zero=True)
+        self._wait_ms = _count("wait_timeout_ms", _query_int(
+            "wait_timeout_ms", wait_timeout_ms, target.options, 1000))
+        #: Ends every commit round trip when wait_replicas is set: a write of
+        #: this connection's own (see the module docstring), then WAIT.
+        self._wait_tail: tuple[Command, ...] = () if not self._wait_replicas else (
+            ("PUBLISH", f"caf:{self.app}:wait", ""),
+            ("WAIT", self._wait_replicas, self._wait_ms))
         _count("max_connections", max_connections)
         for name, value in (("username", username), ("password", password)):
             if value is not None and not isinstance(value, str):
@@ -383,7 +462,7 @@ class RedisBackend:
         # Connections get no socket timeout of their own: the pool bounds each
         # round trip as a whole, and pub/sub reads wait as long as they must.
         kwargs["socket_timeout"] = None
-        self._pool = _Pool(lambda: conn_class(**kwargs), max_connections, socket_timeout)
+        self._pool = _Pool(lambda: conn_class(**kwargs), max_connections)
         self.stats = RedisStats()
 
         self._started = False
@@ -446,19 +525,33 @@ class RedisBackend:
     def _check_open(self) -> None:
         check_open(self.url, self.app, self._started, self._closed)
 
-    async def _exchange(self, commands: Sequence[Command], what: str) -> list[Any]:
+    async def _exchange(self, commands: Sequence[Command], what: str,
+                        extra: float = 0.0) -> list[Any]:
+        """One round trip, tried again on connection errors and timeouts within
+        the retry settings; ``extra`` seconds more for each attempt."""
+        packed = _pack(commands)
+        extra += _allowance(len(packed))
+        timeout = None if self._socket_timeout is None else self._socket_timeout + extra
+        deadline = None if self._call_timeout is None \
+            else time.monotonic() + self._call_timeout + extra
         attempt = 0
         while True:
             if self._pool.closed:
                 raise BackendUnavailableError(f"backend {self.url} (app {self.app!r}) is closed")
+            limit = timeout
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                limit = left if limit is None else min(limit, left)
             try:
-                return await self._pool.exchange(commands)
+                return await self._pool.exchange(packed, len(commands), limit)
             except _FATAL as exc:
                 raise BackendUnavailableError(
                     f"Redis at {self.url} refused the connection ({what}): {exc}") from None
             except _RETRYABLE as exc:
                 attempt += 1
-                if attempt > self._max_retries:
+                if attempt > self._max_retries or (
+                        deadline is not None
+                        and time.monotonic() + self._retry_delay >= deadline):
                     raise BackendUnavailableError(
                         f"Redis at {self.url} is unavailable ({what}, {attempt} attempts): "
                         f"{exc}") from None
@@ -466,22 +559,28 @@ class RedisBackend:
                            attempt, self._max_retries)
                 await asyncio.sleep(self._retry_delay)
 
-    async def _call(self, commands: Sequence[Command], what: str) -> list[Any]:
+    async def _call(self, commands: Sequence[Command], what: str, *,
+                    tail: Sequence[Command] = (), extra: float = 0.0) -> list[Any]:
         """One round trip with retries; EVALSHAs that met NOSCRIPT (the server
-        restarted or flushed its scripts) are sent again after loading them."""
-        replies = await self._exchange(commands, what)
-        noscript = [i for i, r in enumerate(replies) if isinstance(r, rexc.NoScriptError)]
+        restarted or flushed its scripts) are sent again after loading them.
+        ``tail`` ends every exchange (the WAIT of commits), and its replies
+        from the last exchange end the list."""
+        replies = await self._exchange([*commands, *tail], what, extra)
+        noscript = [i for i, r in enumerate(replies[:len(commands)])
+                    if isinstance(r, rexc.NoScriptError)]
         if noscript:
             _log.info("Redis at %s lost our scripts; loading them again", self.url)
             await self._exchange([("SCRIPT", "LOAD", s.source) for s in _SCRIPTS],
                                  "loading scripts")
-            again = await self._exchange([commands[i] for i in noscript], what)
-            for i, reply in zip(noscript, again, strict=True):
+            again = await self._exchange([*(commands[i] for i in noscript), *tail], what,
+                                         extra)
+            for i, reply in zip(noscript, again, strict=False):
                 replies[i] = reply
+            replies[len(commands):] = again[len(noscript):]
         return replies
 
-    async def _call_one(self, command: Command, what: str) -> Any:
-        reply = (await self._call((command,), what))[0]
+    async def _call_one(self, command: Command, what: str, extra: float = 0.0) -> Any:
+        reply = (await self._call((command,), what, extra=extra))[0]
         if isinstance(reply, rexc.ResponseError):
             raise BackendError(f"Redis at {self.url}: {what} failed: {reply}")
         return reply
@@ -489,17 +588,33 @@ class RedisBackend:
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
-        """Check that Redis answers and load the scripts."""
+        """Check that Redis answers, load the scripts and check the eviction
+        policy."""
         if self._closed:
             raise BackendUnavailableError(f"backend {self.url} was closed; make a new one")
         if self._started:
             return
-        replies = await self._call([("PING",)] + [("SCRIPT", "LOAD", s.source)
-                                                   for s in _SCRIPTS], "start")
+        *replies, policy = await self._call(
+            [("PING",), *(("SCRIPT", "LOAD", s.source) for s in _SCRIPTS),
+             ("CONFIG", "GET", "maxmemory-policy")], "start")
         for reply in replies:
             if isinstance(reply, rexc.ResponseError):
                 raise BackendError(f"Redis at {self.url} cannot run our scripts: {reply}")
+        self._check_eviction(policy)
         self._started = True
+
+    def _check_eviction(self, reply: Any) -> None:
+        if isinstance(reply, rexc.ResponseError):
+            # CONFIG renamed away or denied by an ACL: nothing to check with.
+            _log.debug("Redis at %s: cannot read maxmemory-policy (%s)", self.url, reply)
+            return
+        policy = bytes(reply[1]).decode(errors="replace") if len(reply) == 2 else None
+        if policy is not None and policy != "noeviction":
+            _log.warning(
+                "Redis at %s runs maxmemory-policy %s: under memory pressure it may evict "
+                "checkpoints, leases or maps, silently losing acknowledged commits and "
+                "unfencing writers; caf-sharing needs maxmemory-policy noeviction (then a "
+                "full server refuses commits instead)", self.url, policy)
 
     async def close(self) -> None:
         """Send the queued commits, wait for those in flight, then disconnect."""
@@ -588,16 +703,19 @@ class RedisBackend:
         keys = [self._actor_key(owners.pop(), "lineage"), *map(self._map_key, names)]
         what = f"read_map {', '.join(names)}"
 
+        # Up to read_chunk_size fields come back per round trip.
+        chunk_time = _allowance(0, self._chunk)
+
         def command(limit: int) -> Command:
             return ("EVALSHA", _READ.sha, len(keys), *keys, limit, *names)
 
         for _ in range(3):
-            reply = await self._call_one(command(self._chunk), what)
+            reply = await self._call_one(command(self._chunk), what, chunk_time)
             if reply[0] == b"all":
                 return {name: self._decode_flat(name, flat, txid) if flat else None
                         for name, (txid, flat) in zip(names, reply[1:], strict=True)}
             before = reply[1:]
-            chunks = {name: await self._scan(key, what) if state[0] else None
+            chunks = {name: await self._scan(key, what, chunk_time) if state[0] else None
                       for name, key, state in zip(names, keys[1:], before, strict=True)}
             # The same versions and txids before and after: no commit of the
             # owner happened in between, so the chunks make one consistent view.
@@ -611,16 +729,17 @@ class RedisBackend:
         # Written too often to scan: one atomic read, stalling Redis briefly.
         self.stats.whole_reads += 1
         _log.info("maps %s kept changing while read in chunks; reading them at once", names)
-        reply = await self._call_one(command(2**62), what)
+        reply = await self._call_one(command(2**62), what,
+                                     extra=_allowance(0, sum(s[2] for s in before)))
         return {name: self._decode_flat(name, flat, txid) if flat else None
                 for name, (txid, flat) in zip(names, reply[1:], strict=True)}
 
-    async def _scan(self, key: str, what: str) -> dict[bytes, bytes]:
+    async def _scan(self, key: str, what: str, chunk_time: float) -> dict[bytes, bytes]:
         fields: dict[bytes, bytes] = {}
         cursor: bytes | int = 0
         while True:
             cursor, chunk = await self._call_one(
-                ("HSCAN", key, cursor, "COUNT", self._chunk), what)
+                ("HSCAN", key, cursor, "COUNT", self._chunk), what, chunk_time)
             it = iter(chunk)
             fields.update(zip(it, it, strict=True))
             if cursor in (0, b"0"):
@@ -775,6 +894,22 @@ class RedisBackend:
             raise MapMissingError([tx.writes[int(i) - 1].name for i in reply[1:]])
         raise BackendError(f"Redis at {self.url}: unexpected commit reply {reply!r}")
 
+    def _check_replicated(self, tx: EncodedTransaction, confirmed: Any) -> None:
+        """Raise DurabilityError unless the batch's WAIT counted enough replicas."""
+        if isinstance(confirmed, int) and confirmed >= self._wait_replicas:
+            return
+        if isinstance(confirmed, int):
+            why = (f"{confirmed} of {self._wait_replicas} replica(s) confirmed it within "
+                   f"{self._wait_ms} ms")
+        else:
+            why = f"WAIT failed: {confirmed}"
+            confirmed = 0
+        self.stats.unconfirmed += 1
+        raise DurabilityError(
+            f"Redis at {self.url}: commit {tx.txid} of {tx.actor}: {why}; the outcome is "
+            "ambiguous: the primary holds the commit, but a failover may lose it",
+            required=self._wait_replicas, confirmed=confirmed)
+
     async def commit(self, tx: Transaction) -> bool:
         enc = encode_transaction(tx)
         self._check_open()
@@ -832,7 +967,9 @@ class RedisBackend:
         self.stats.commits += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         try:
-            replies = await self._call([p.command for p in batch], "commit")
+            replies = await self._call([p.command for p in batch], "commit",
+                                       tail=self._wait_tail,
+                                       extra=self._wait_ms / 1000 if self._wait_tail else 0.0)
         except Exception as exc:
             # One exception object each: raised in several tasks, a shared one
             # would pile their tracebacks up.
@@ -849,11 +986,15 @@ class RedisBackend:
                 pending.future.cancel()
             raise
         else:
-            for pending, reply in zip(batch, replies, strict=True):
+            confirmed = replies[-1] if self._wait_tail else None
+            for pending, reply in zip(batch, replies[:len(batch)], strict=True):
                 if pending.future.done():
                     continue
                 try:
-                    pending.future.set_result(self._commit_outcome(pending.tx, reply))
+                    outcome = self._commit_outcome(pending.tx, reply)
+                    if self._wait_tail:
+                        self._check_replicated(pending.tx, confirmed)
+                    pending.future.set_result(outcome)
                 except SharingError as error:
                     pending.future.set_exception(error)
         finally:
