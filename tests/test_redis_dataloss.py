@@ -14,10 +14,13 @@ from typing import Any
 import pytest
 
 from caf_sharing import Actor, Node
+from caf_sharing.backends import MapWrite, make_backend
 from caf_sharing.errors import LeaseHeldError
 from caf_sharing.service import ADOPT_MARGIN
 from conftest import require_redis_server, until_version
 from redisserver import RedisServer
+from relay import Relay
+from test_backend_contract import ACTOR, MAP, NODE, OTHER, V, as_dict, changes, tx
 
 pytestmark = pytest.mark.redis
 
@@ -221,3 +224,36 @@ async def test_resyncs_never_tear_the_maps_of_one_message(server: RedisServer) -
         assert await until_version(reader, (await writer.call("read"))[0])
         assert rnode.service.stats.resyncs >= 5
         assert (observations, torn) == (200, 0)
+
+
+async def test_commit_whose_reply_was_lost_is_reported_committed_after_a_takeover(
+        server: RedisServer) -> None:
+    with Relay(server.port) as relay:
+        a = make_backend(relay.url, app="f", restart_grace=False, socket_timeout=5.0,
+                         call_timeout=10.0, max_retries=3, retry_delay=0.05)
+        b = make_backend(server.url, app="f", restart_grace=False)
+        await a.start()
+        await b.start()
+        try:
+            await a.acquire_lease(ACTOR, NODE, 0.3)
+            await a.create_map(MAP)
+            assert await a.commit(tx("t0", writes=[MapWrite(MAP, changes(0, {"by": "a"}))]))
+            relay.drop_replies()
+            commit = asyncio.ensure_future(a.commit(tx("t1", prev="t0", writes=[
+                MapWrite(MAP, changes(1, {"by": "a1"}))])))
+            async with asyncio.timeout(5):
+                while (await b.load_txids([ACTOR])) != ["t1"]:
+                    await asyncio.sleep(0.005)
+            # t1 landed; its reply is lost. A's lease runs out and B moves on.
+            await asyncio.sleep(0.35)
+            await b.acquire_lease(ACTOR, OTHER, 10.0)
+            assert await b.commit(tx("b2", prev="t1", node=OTHER, writes=[
+                MapWrite(MAP, changes(2, {"by": "b"}))]))
+            # A's retry finds t1 among the actor's recent commits: committed.
+            relay.forward()
+            relay.cut()
+            assert await commit is False
+            assert as_dict(await b.read_map(MAP)) == {"by": "b", V: 3}
+        finally:
+            await a.close()
+            await b.close()
