@@ -2,8 +2,8 @@
 
     PYTHONPATH=src python scripts/history_run.py --seconds 60 --faults all
 
-``--faults`` takes a group — ``writer`` (writer SIGKILL, writer SIGSTOP past
-the lease), ``resync`` (``CLIENT KILL TYPE pubsub``), ``data-loss`` (Redis
+``--faults`` takes a group — ``actor`` (writer SIGKILL, writer SIGSTOP past
+the lease, reader actor restart), ``resync`` (``CLIENT KILL TYPE pubsub``), ``data-loss`` (Redis
 restarted empty, from an older RDB snapshot, or empty with a second writer
 racing) or ``all`` — or a comma-separated list of fault names. It prints
 the counts (commits, observations, faults, failed messages, violations per
@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from history_harness import (  # found through the path above
+    ACTOR_FAULTS,
     ALL_FAULTS,
     FAULT_GROUPS,
-    WRITER_FAULTS,
     HistoryRun,
     run_history,
 )
@@ -46,7 +46,7 @@ def parse_faults(text: str) -> tuple[str, ...]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--faults", type=parse_faults, default=WRITER_FAULTS)
+    parser.add_argument("--faults", type=parse_faults, default=ACTOR_FAULTS)
     parser.add_argument("--readers", type=int, default=2, help="reader processes")
     parser.add_argument("--lease-ttl", type=float, default=1.0)
     parser.add_argument("--fault-every", type=float, default=2.0, help="seconds")

@@ -18,6 +18,8 @@ Records (every one has ``kind``; ``t*`` are ``time.time()`` seconds):
 * ``error`` — a message (or an actor start) that failed: ``proc``, ``actor``,
   ``seq``, ``t``, ``error`` (exception class), ``message``.
 * ``fault`` — one fault the harness injected: ``fault``, ``t``.
+* ``restart`` — a reader actor stopped and started again on its process
+  (``proc``, ``actor``, ``t``), as a ``restart_reader`` fault asks.
 * ``final`` — the store after the run: ``maps`` (alias -> view or null),
   ``log`` (counter as a string -> token of every commit the store holds) and
   ``state_n`` (the counter in the writer's checkpoint, or null).
@@ -106,6 +108,8 @@ class HistoryReport:
     commits: int = 0
     observations: int = 0
     faults: Counter[str] = field(default_factory=Counter)
+    #: Reader actors restarted in place (``restart`` records).
+    restarts: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     #: Longest run of consecutive failed messages of one (process, actor).
     max_error_streak: int = 0
@@ -125,7 +129,8 @@ class HistoryReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"commits": self.commits, "observations": self.observations,
-                "faults": dict(self.faults), "errors": dict(self.errors),
+                "faults": dict(self.faults), "restarts": self.restarts,
+                "errors": dict(self.errors),
                 "max_error_streak": self.max_error_streak,
                 "violations": {kind: self.violation_counts[kind] for kind in VIOLATION_KINDS},
                 "examples": {kind: list(found) for kind, found in self.examples.items()}}
@@ -135,7 +140,8 @@ class HistoryReport:
         errors = ", ".join(f"{name} {count}" for name, count in self.errors.most_common())
         lines = [f"commits acknowledged: {self.commits}",
                  f"observations: {self.observations}",
-                 f"faults injected: {sum(self.faults.values())} ({faults or 'none'})",
+                 f"faults injected: {sum(self.faults.values())} ({faults or 'none'}), "
+                 f"reader actors restarted: {self.restarts}",
                  f"failed messages: {sum(self.errors.values())} ({errors or 'none'}), "
                  f"longest streak {self.max_error_streak}",
                  "violations: " + ", ".join(f"{kind} {self.violation_counts[kind]}"
@@ -196,6 +202,9 @@ class _Checker:
             self.errors.append(record)
         elif kind == "fault":
             self.report.faults[_field(record, "fault", str)] += 1
+        elif kind == "restart":
+            _field(record, "actor", str)
+            self.report.restarts += 1
         elif kind == "final":
             if self.final is not None:
                 raise HistoryError("a history has one final record, this one has two")
@@ -281,7 +290,8 @@ class _Checker:
             found = txids.get((alias, version), {})
             if len(seen) > 1 or len(found) > 1:
                 self.report.violation("one_content", {
-                    "map": alias, "version": version, "contents": seen,
+                    "map": alias, "version": version, "count": len(seen),
+                    "contents": dict(list(seen.items())[:EXAMPLES]),
                     **({"txids": found} if len(found) > 1 else {})})
 
     def _isolation_and_atomicity(self) -> None:

@@ -1,13 +1,17 @@
 """Runs a multi-process history on a real Redis under faults, then judges it.
 
-One writer process and ``readers`` reader processes (``history_worker.py``)
-run against a Redis server of the run's own, while the harness injects one
-fault every ``fault_every`` seconds, in turn from ``faults``:
+One writer process and ``readers`` reader processes (``history_worker.py``;
+the first hosts two reader actors, for fairness, the others one, so that a
+reader is sometimes the only one of its map on its node) run against a Redis
+server of the run's own, while the harness injects one fault every
+``fault_every`` seconds, in turn from ``faults``:
 
 * ``kill_writer`` — SIGKILL the writer process; a new one takes the actor
   over once the lease expires;
 * ``pause_writer`` — SIGSTOP the writer for 2.5 lease TTLs while a new one
   takes over, then SIGCONT it: it must be fenced off;
+* ``restart_reader`` — SIGUSR1 to a reader process (each in turn): it stops
+  and restarts its first reader actor, which reopens the maps;
 * ``kill_pubsub`` — ``CLIENT KILL TYPE pubsub``: every subscriber resyncs;
 * ``redis_empty`` — restart Redis empty (no persistence);
 * ``redis_empty_second_node`` — the same, and a second writer process starts
@@ -20,7 +24,7 @@ actor) or was killed, a new incarnation starts. After ``seconds`` the harness
 lets the processes settle, stops them with SIGTERM, reads the store's final
 state and checks every record with :func:`history.check_history`.
 
-Today's code handles ``WRITER_FAULTS``. Under ``RESYNC_FAULTS`` a reader
+Today's code handles ``ACTOR_FAULTS``. Under ``RESYNC_FAULTS`` a reader
 now and then installs ``m`` and ``m2`` from different messages while it
 resyncs them one by one (issue 8, case 6), and ``DATA_LOSS_FAULTS`` break
 most guarantees: both are what lineage (issue 8) is for.
@@ -49,14 +53,14 @@ from history import HistoryReport, check_history, load_history
 from history_worker import NODE_OPTIONS, WRITER, FinalReader
 from redisserver import RedisServer
 
-__all__ = ["ALL_FAULTS", "DATA_LOSS_FAULTS", "FAULT_GROUPS", "RESYNC_FAULTS", "WRITER_FAULTS",
+__all__ = ["ACTOR_FAULTS", "ALL_FAULTS", "DATA_LOSS_FAULTS", "FAULT_GROUPS", "RESYNC_FAULTS",
            "HistoryRun", "HistoryRunError", "run_history"]
 
-WRITER_FAULTS = ("kill_writer", "pause_writer")
+ACTOR_FAULTS = ("kill_writer", "pause_writer", "restart_reader")
 RESYNC_FAULTS = ("kill_pubsub",)
 DATA_LOSS_FAULTS = ("redis_empty", "redis_older", "redis_empty_second_node")
-ALL_FAULTS = WRITER_FAULTS + RESYNC_FAULTS + DATA_LOSS_FAULTS
-FAULT_GROUPS = {"writer": WRITER_FAULTS, "resync": RESYNC_FAULTS,
+ALL_FAULTS = ACTOR_FAULTS + RESYNC_FAULTS + DATA_LOSS_FAULTS
+FAULT_GROUPS = {"actor": ACTOR_FAULTS, "resync": RESYNC_FAULTS,
                 "data-loss": DATA_LOSS_FAULTS, "all": ALL_FAULTS}
 
 WORKER = Path(__file__).with_name("history_worker.py")
@@ -74,7 +78,7 @@ class HistoryRun:
 
     workdir: Path
     seconds: float = 15.0
-    faults: Sequence[str] = WRITER_FAULTS
+    faults: Sequence[str] = ACTOR_FAULTS
     readers: int = 2
     lease_ttl: float = 1.0
     fault_every: float = 2.0
@@ -102,6 +106,7 @@ class _Harness:
         self.writers: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.readers: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.incarnations = 0
+        self.reader_restarts = 0
         self.snapshots: list[Path] = []
         self.thaws: set[asyncio.Task[None]] = set()
         self.frozen: set[int] = set()
@@ -111,13 +116,15 @@ class _Harness:
 
     # -- processes -------------------------------------------------------------
 
-    def spawn(self, role: str, proc: str, pause: float) -> subprocess.Popen[bytes]:
+    def spawn(self, role: str, proc: str, pause: float,
+              actors: int = 1) -> subprocess.Popen[bytes]:
         run = self.run
         with (run.workdir / f"{proc}.err").open("wb") as stderr:
             return subprocess.Popen(
                 [sys.executable, str(WORKER), role, self.server.url, run.app,
                  str(run.workdir / f"{proc}.jsonl"), "--proc", proc,
-                 "--lease-ttl", str(run.lease_ttl), "--pause", str(pause)],
+                 "--lease-ttl", str(run.lease_ttl), "--pause", str(pause),
+                 "--actors", str(actors)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                 env=self.env)
 
@@ -167,6 +174,10 @@ class _Harness:
             return "", None
         return max(reversed(live), key=logged)
 
+    def reader_ready(self) -> bool:
+        """Whether every reader logged a record, so it handles SIGUSR1 by now."""
+        return all((self.run.workdir / f"{proc}.jsonl").exists() for proc, _ in self.readers)
+
     def inject(self, name: str) -> None:
         proc, popen = self.active_writer()
         if name == "kill_writer" and popen is not None:
@@ -180,6 +191,10 @@ class _Harness:
                 self.thaw_later(popen, 2.5 * self.run.lease_ttl))
             self.thaws.add(task)
             task.add_done_callback(self.thaws.discard)
+        elif name == "restart_reader" and self.reader_ready():
+            proc, popen = self.readers[self.reader_restarts % len(self.readers)]
+            self.reader_restarts += 1
+            popen.send_signal(signal.SIGUSR1)
         elif name == "kill_pubsub":
             self.server.kill_pubsub_clients()
         elif name == "redis_empty":
@@ -191,14 +206,15 @@ class _Harness:
             self.server.restart_from(self.snapshots[-2] if len(self.snapshots) > 1
                                      else self.snapshots[-1])
         else:
-            return  # no writer to kill or pause, or no snapshot yet
-        self.record_fault(name, writer=proc)
+            return  # no writer to kill or pause, no reader ready, or no snapshot yet
+        self.record_fault(name, proc=proc)
 
     # -- the run -------------------------------------------------------------------
 
     async def drive(self) -> None:
         run = self.run
-        self.readers = [(f"r{i}", self.spawn("reader", f"r{i}", run.reader_pause))
+        self.readers = [(f"r{i}", self.spawn("reader", f"r{i}", run.reader_pause,
+                                             actors=2 if i == 0 else 1))
                         for i in range(run.readers)]
         supervisor = asyncio.get_running_loop().create_task(self.supervise())
         try:

@@ -8,9 +8,10 @@ message its actors process (the records :mod:`history` judges):
   token into maps ``m`` and ``m2``, ``self.state`` and map ``log`` (counter ->
   token, so the final store shows which commits it holds). It exits with
   status 3 when its node loses the actor (another incarnation took over).
-* ``reader``: actors ``<proc>-a`` and ``<proc>-b`` read ``m`` and ``m2`` before
-  and after an ``await``, and checkpoint a count, so each message commits too.
-  A reader that loses its actor starts it again on the same node.
+* ``reader``: ``--actors`` actors ``<proc>-a``, ``<proc>-b``... read ``m`` and
+  ``m2`` before and after an ``await``, and checkpoint a count, so each
+  message commits too. A reader that loses its actor starts it again on the
+  same node; SIGUSR1 makes it stop and restart ``<proc>-a``.
 
 SIGTERM finishes the current messages, closes the node and exits 0. Each
 record is one ``write`` of one line, so a SIGKILL never leaves half a record.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -30,7 +32,7 @@ from typing import Any
 import orjson
 
 from caf_sharing import Actor, ActorHandle, MapRef, Node
-from caf_sharing.errors import ActorStoppedError, LeaseHeldError, LeaseLostError
+from caf_sharing.errors import ActorStoppedError, LeaseHeldError, LeaseLostError, SharingError
 from history import digest
 
 __all__ = ["WRITER", "FinalReader", "HistoryReader", "HistoryWriter", "map_view"]
@@ -122,6 +124,7 @@ class _Worker:
         self.args = args
         self.log = _Log(args.log, args.proc)
         self.stop = asyncio.Event()
+        self.restart = asyncio.Event()
         self.seq: dict[str, int] = {}
 
     def next_seq(self, actor: str) -> int:
@@ -158,9 +161,16 @@ class _Worker:
             await asyncio.sleep(self.args.pause)
         return 0
 
-    async def reader(self, node: Node, name: str) -> None:
+    async def reader(self, node: Node, name: str, *, restartable: bool) -> None:
         handle = await self.start(node, HistoryReader, name)
         while handle is not None and not self.stop.is_set():
+            if restartable and self.restart.is_set():
+                self.restart.clear()
+                with contextlib.suppress(SharingError):  # it may have just lost the actor
+                    await node.stop(name)
+                handle = await self.start(node, HistoryReader, name)
+                self.log.write("restart", actor=name, t=time.time())
+                continue
             seq = self.next_seq(name)
             tc = time.time()
             try:
@@ -177,14 +187,17 @@ class _Worker:
             await asyncio.sleep(self.args.pause)
 
     async def main(self) -> int:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.stop.set)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, self.restart.set)
         args = self.args
         async with Node(args.url, app=args.app, node_id=args.proc, lease_ttl=args.lease_ttl,
                         **NODE_OPTIONS) as node:
             if args.role == "writer":
                 return await self.writer(node)
-            await asyncio.gather(*(self.reader(node, f"{args.proc}-{suffix}")
-                                   for suffix in ("a", "b")))
+            await asyncio.gather(*(self.reader(node, f"{args.proc}-{chr(ord('a') + i)}",
+                                               restartable=i == 0)
+                                   for i in range(args.actors)))
             return 0
 
 
@@ -199,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-ttl", type=float, default=1.0)
     parser.add_argument("--pause", type=float, default=0.01,
                         help="seconds between two messages of one actor")
+    parser.add_argument("--actors", type=int, choices=range(1, 27), default=1,
+                        help="reader actors on the node")
     return asyncio.run(_Worker(parser.parse_args(argv)).main())
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import require_redis_server
 from history import EXAMPLES, HistoryError, check_history, digest, load_history
-from history_harness import WRITER_FAULTS, HistoryRun, run_history
+from history_harness import ACTOR_FAULTS, HistoryRun, run_history
 
 Record = dict[str, Any]
 History = list[Record]
@@ -74,6 +74,7 @@ def clean() -> History:
         history.append(observe("r1-a", n, n, tc=n + 0.65, proc="r1"))
     history.append({"kind": "fault", "fault": "kill_writer", "t": 2.2})
     history.append({"kind": "fault", "fault": "kill_pubsub", "t": 3.2})
+    history.append({"kind": "restart", "proc": "r1", "actor": "r1-a", "t": 3.3})
     history.append(final())
     return history
 
@@ -165,6 +166,7 @@ def test_a_clean_history_passes() -> None:
     assert report.commits == N
     assert report.observations == 3 * N
     assert report.faults == Counter({"kill_writer": 1, "kill_pubsub": 1})
+    assert report.restarts == 1
     assert report.max_error_streak == 0
     assert "violations: commit_order 0" in report.summary()
 
@@ -285,7 +287,7 @@ def test_load_history_reads_json_lines_and_names_a_bad_line(tmp_path: Path) -> N
 #: back empty or older) break guarantees; add them here, e.g. as
 #: ``"all": ALL_FAULTS``, once lineage (issue 8) lands. Meanwhile
 #: ``scripts/history_run.py --faults all`` runs them.
-SUITE_FAULTS = {"writer": WRITER_FAULTS}
+SUITE_FAULTS = {"actor": ACTOR_FAULTS}
 
 
 @pytest.mark.redis
@@ -302,6 +304,8 @@ async def test_a_multi_process_run_under_faults_breaks_nothing(
     if "pause_writer" in faults:  # a paused writer came back and was fenced off
         assert report.errors["LeaseLostError"] + report.errors["ActorStoppedError"] >= 1, \
             report.summary()
+    if "restart_reader" in faults:
+        assert report.restarts >= 1, report.summary()
 
 
 def test_a_run_refuses_unknown_faults(tmp_path: Path) -> None:
