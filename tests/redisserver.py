@@ -62,6 +62,9 @@ def free_port() -> int:
 
 
 class RedisServer:
+    #: The file the server loads at start and writes on SAVE (``--dbfilename``).
+    DBFILENAME = "dump.rdb"
+
     def __init__(self, extra_args: Sequence[str] = (), *, password: str | None = None,
                  unix_socket: bool = False, tls: tuple[str, str] | None = None,
                  binary: str | None = None, startup_timeout: float = 10.0) -> None:
@@ -81,9 +84,6 @@ class RedisServer:
         self.tls = tls
         self.tls_port = free_port() if tls else None
         self._proc: subprocess.Popen[bytes] | None = None
-
-    #: The file the server loads at start and writes on SAVE (``--dbfilename``).
-    DBFILENAME = "dump.rdb"
 
     @property
     def dump_path(self) -> Path:

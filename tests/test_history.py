@@ -19,6 +19,7 @@ import pytest
 from conftest import require_redis_server
 from history import EXAMPLES, HistoryError, check_history, digest, load_history
 from history_harness import ACTOR_FAULTS, HistoryRun, run_history
+from redisserver import RedisServer, RedisServerError
 
 Record = dict[str, Any]
 History = list[Record]
@@ -311,3 +312,33 @@ async def test_a_multi_process_run_under_faults_breaks_nothing(
 def test_a_run_refuses_unknown_faults(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown faults \['kill_everything'\]"):
         HistoryRun(workdir=tmp_path, faults=["kill_everything"])
+
+
+@pytest.mark.redis
+def test_redis_server_comes_back_older_or_empty() -> None:
+    """The fault helpers: a snapshot restores older data; a crash or restart loses all."""
+    require_redis_server()
+    with RedisServer() as server:
+        with server.client() as client:
+            client.set("a", 1)
+            older = server.snapshot()
+            client.set("a", 2)
+            client.set("b", 3)
+        port = server.port
+        server.restart_from(older)
+        assert server.port == port
+        with server.client() as client:
+            assert (client.get("a"), client.get("b")) == (b"1", None)
+            client.set("c", 4)
+        server.crash()
+        assert not server.running
+        server.start()  # the dump restart_from installed is not loaded again
+        with server.client() as client:
+            assert client.dbsize() == 0
+            client.set("d", 5)
+        server.restart()
+        with server.client() as client:
+            assert client.dbsize() == 0
+        with pytest.raises(RedisServerError, match="no snapshot file"):
+            server.restart_from(server.dir / "missing.rdb")
+        assert server.running  # a refused restore leaves the server as it was
