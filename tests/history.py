@@ -68,7 +68,7 @@ MAPS = ("m", "m2")
 VIOLATION_KINDS = ("commit_order", "one_content", "isolation", "fairness", "atomicity",
                    "monotonic", "lost_commit")
 
-#: Examples kept per violation kind (all of them are counted).
+#: Examples kept per violation kind (all of them are counted), one per incident.
 EXAMPLES = 5
 
 Record = Mapping[str, Any]
@@ -114,16 +114,26 @@ class HistoryReport:
     #: Longest run of consecutive failed messages of one (process, actor).
     max_error_streak: int = 0
     violation_counts: Counter[str] = field(default_factory=Counter)
+    #: Per kind, the distinct incidents: violations with one cause (a replica
+    #: that went back once and stayed behind for 100 messages is 1 incident).
+    incidents: dict[str, set[Any]] = field(default_factory=lambda: defaultdict(set))
     examples: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
 
     @property
     def ok(self) -> bool:
         return not self.violation_counts
 
-    def violation(self, kind: str, example: Any) -> None:
+    def violation(self, kind: str, example: Any, incident: Any = None) -> None:
+        """Count one violation; ``incident`` (hashable, default: the example
+        itself) groups those of one cause, and only an incident's first
+        violation is kept as an example."""
         if kind not in VIOLATION_KINDS:
             raise ValueError(f"unknown violation kind {kind!r}")
         self.violation_counts[kind] += 1
+        key = json.dumps(example, sort_keys=True, default=str) if incident is None else incident
+        if key in self.incidents[kind]:
+            return
+        self.incidents[kind].add(key)
         if len(self.examples[kind]) < EXAMPLES:
             self.examples[kind].append(example)
 
@@ -133,6 +143,7 @@ class HistoryReport:
                 "errors": dict(self.errors),
                 "max_error_streak": self.max_error_streak,
                 "violations": {kind: self.violation_counts[kind] for kind in VIOLATION_KINDS},
+                "incidents": {kind: len(self.incidents[kind]) for kind in VIOLATION_KINDS},
                 "examples": {kind: list(found) for kind, found in self.examples.items()}}
 
     def summary(self) -> str:
@@ -144,8 +155,9 @@ class HistoryReport:
                  f"reader actors restarted: {self.restarts}",
                  f"failed messages: {sum(self.errors.values())} ({errors or 'none'}), "
                  f"longest streak {self.max_error_streak}",
-                 "violations: " + ", ".join(f"{kind} {self.violation_counts[kind]}"
-                                            for kind in VIOLATION_KINDS)]
+                 "violations (incidents): " + ", ".join(
+                     f"{kind} {self.violation_counts[kind]} ({len(self.incidents[kind])})"
+                     for kind in VIOLATION_KINDS)]
         for kind in VIOLATION_KINDS:
             for example in self.examples.get(kind, ()):
                 lines.append(f"  {kind}: {json.dumps(example, default=str)[:400]}")
@@ -261,7 +273,8 @@ class _Checker:
                 earlier = highest[done - 1]
                 self.report.violation("commit_order", {
                     "acked_first": _brief(earlier, "n", "tok", "t1"),
-                    "sent_later": _brief(commit, "n", "tok", "t0")})
+                    "sent_later": _brief(commit, "proc", "n", "tok", "t0")},
+                    incident=(earlier["tok"], commit["proc"]))
 
     def _all_views(self) -> Iterator[tuple[str, dict[str, Any], str]]:
         """(alias, view, who saw it) for every view in the history."""
@@ -307,13 +320,16 @@ class _Checker:
             # An isolation violation aside, before and after are one snapshot.
             for when in ("before", "after") if before != after else ("before",):
                 torn = _torn(obs[when])
-                if torn:
-                    report.violation("atomicity", {**who, "snapshot": torn})
+                if torn:  # one incident per stale map content a process shows
+                    stale = min(torn.items(), key=lambda item: item[1]["v"])
+                    report.violation("atomicity", {**who, "snapshot": torn}, incident=(
+                        obs["proc"], stale[0], stale[1]["v"], stale[1]["tok"]))
         for commit in self.commits:
             begin = commit["begin"]
             if len({begin.get("state_n"), begin.get("m_n"), begin.get("m2_n")}) > 1:
                 report.violation("atomicity", {**_brief(commit, "proc", "actor", "seq"),
-                                               "writer_began_with": begin})
+                                               "writer_began_with": begin},
+                                 incident=(commit["proc"], begin.get("state_n")))
         assert self.final is not None
         torn = _torn(self.final["maps"])
         state_n = self.final.get("state_n")
@@ -345,7 +361,8 @@ class _Checker:
                     self.report.violation("fairness", {
                         "map": alias, "seen": {**_brief(by, "proc", "actor", "seq", "tb"),
                                                "version": newest},
-                        "then": {**_brief(obs, "actor", "seq", "tc"), "version": version}})
+                        "then": {**_brief(obs, "actor", "seq", "tc"), "version": version}},
+                        incident=(obs["proc"], obs["actor"], alias, newest))
 
     def _monotonic(self) -> None:
         # (seq, 0 before / 1 after, version) per (process, actor, map)
@@ -370,7 +387,8 @@ class _Checker:
                     self.report.violation("monotonic", {
                         "proc": proc, "actor": actor, "map": alias,
                         "had": {"version": highest[0], "seq": highest[1]},
-                        "then": {"version": version, "seq": seq}})
+                        "then": {"version": version, "seq": seq}},
+                        incident=(proc, actor, alias, highest[0]))
                 if highest is None or version > highest[0]:
                     highest = (version, seq)
 

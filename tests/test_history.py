@@ -169,7 +169,7 @@ def test_a_clean_history_passes() -> None:
     assert report.faults == Counter({"kill_writer": 1, "kill_pubsub": 1})
     assert report.restarts == 1
     assert report.max_error_streak == 0
-    assert "violations: commit_order 0" in report.summary()
+    assert "violations (incidents): commit_order 0 (0)" in report.summary()
 
 
 @pytest.mark.parametrize("kind", sorted(BREAKERS))
@@ -229,6 +229,19 @@ def test_a_writer_restarted_from_its_checkpoint_keeps_order() -> None:
     history.remove(find(history, "commit", n=N))
     history.append(commit(N, proc="w2", seq=1, t0=N + 0.1))
     assert check_history(history).ok
+
+
+def test_a_replica_that_stays_behind_is_one_incident() -> None:
+    """r1-a goes back to commit 2 and stays there for its last three messages."""
+    history = clean()
+    for seq in (4, 5, 6):
+        find(history, "observe", actor="r1-a", seq=seq).update(
+            {"before": both(2), "after": both(2)})
+    report = check_history(history)
+    assert report.violation_counts == Counter({"monotonic": 6})
+    assert report.to_json()["incidents"]["monotonic"] == 2  # m and m2
+    assert [example["then"]["seq"] for example in report.examples["monotonic"]] == [4, 4]
+    assert "monotonic 6 (2)" in report.summary()
 
 
 def test_every_violation_counts_but_few_examples_are_kept() -> None:
