@@ -11,7 +11,8 @@ Records (every one has ``kind``; ``t*`` are ``time.time()`` seconds):
   ``seq``, ``n`` (the counter it wrote), ``tok`` (a token unique to the
   message), ``t0``/``t1`` (call sent / reply received), ``begin`` (``state_n``,
   ``m_n``, ``m2_n``: the counter in ``self.state`` and in both maps when the
-  message began) and ``maps`` (alias -> view of the map as committed).
+  message began) and ``maps`` (alias -> view of the map as the writer holds it
+  after the commit; empty when the writer could not tell).
 * ``observe`` — one reader message: ``proc``, ``actor``, ``seq``, ``tc``
   (call sent), ``tb`` (inside the method, before reading), ``before`` and
   ``after`` (alias -> view, read before and after an ``await``).

@@ -6,8 +6,9 @@ message its actors process (the records :mod:`history` judges):
 
 * ``writer``: actor ``w-writer`` commits, per message, one counter and one
   token into maps ``m`` and ``m2``, ``self.state`` and map ``log`` (counter ->
-  token, so the final store shows which commits it holds). It exits with
-  status 3 when its node loses the actor (another incarnation took over).
+  token, so the final store shows which commits it holds); a read-only
+  ``peek`` after each acknowledged commit records the maps it left. It exits
+  with status 3 when its node loses the actor (another incarnation took over).
 * ``reader``: ``--actors`` actors ``<proc>-a``, ``<proc>-b``... read ``m`` and
   ``m2`` before and after an ``await``, and checkpoint a count, so each
   message commits too. A reader that loses its actor starts it again on the
@@ -48,11 +49,10 @@ LOST = 3
 NODE_OPTIONS: dict[str, Any] = {"max_retries": 3, "retry_delay": 0.05, "socket_timeout": 2.0}
 
 
-def map_view(ref: MapRef, version: int | None = None) -> dict[str, Any]:
-    """What an observer records of a map snapshot (``version``: the writer's
-    version after its commit)."""
-    return {"v": ref.version if version is None else version, "d": digest(ref.to_dict()),
-            "n": ref.get("n"), "tok": ref.get("tok")}
+def map_view(ref: MapRef) -> dict[str, Any]:
+    """What an observer records of a map snapshot."""
+    return {"v": ref.version, "d": digest(ref.to_dict()), "n": ref.get("n"),
+            "tok": ref.get("tok")}
 
 
 class HistoryWriter(Actor):
@@ -71,9 +71,13 @@ class HistoryWriter(Actor):
             ref.set("n", n).set("tok", tok).set(f"c{n % WINDOW}", tok)
         log.set(str(n), tok)
         self.state["n"] = n
-        # A change set advances its map by exactly one version.
-        return {"n": n, "tok": tok, "begin": begin,
-                "maps": {"m": map_view(m, m.version + 1), "m2": map_view(m2, m2.version + 1)}}
+        return {"n": n, "tok": tok, "begin": begin}
+
+    async def peek(self) -> dict[str, Any]:
+        """The maps as the last commit left them (this message writes nothing,
+        so it commits nothing): their versions come from the runtime, not
+        from a rule the checker would take on trust."""
+        return {alias: map_view(self.sharing.maps[alias]) for alias in ("m", "m2")}
 
 
 class HistoryReader(Actor):
@@ -157,7 +161,12 @@ class _Worker:
                 self.log.error(WRITER, seq, exc, "message")
                 await asyncio.sleep(0.05)
                 continue
-            self.log.write("commit", actor=WRITER, seq=seq, t0=t0, t1=time.time(), **reply)
+            t1 = time.time()
+            try:
+                maps = await handle.call("peek")
+            except SharingError:
+                maps = {}  # the actor is gone: the commit stands, the next bump tells why
+            self.log.write("commit", actor=WRITER, seq=seq, t0=t0, t1=t1, maps=maps, **reply)
             await asyncio.sleep(self.args.pause)
         return 0
 
