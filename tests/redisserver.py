@@ -17,6 +17,14 @@ touches a server the machine may run on 6379.
 ``server.tls_port``; other ``redis-server`` arguments (ACL ``--user``
 lines...) go in ``extra_args``. ``freeze()``/``thaw()`` (SIGSTOP/SIGCONT)
 make a server that keeps its connections but answers nothing.
+
+Data loss, as a Redis without AOF meets it:
+
+    old = server.snapshot()     # SAVE, then a copy of dump.rdb kept aside
+    ...                         # more writes
+    server.restart_from(old)    # same port, back to the snapshot's data
+    server.crash()              # SIGKILL: no shutdown, nothing saved
+    server.start()              # empty again
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,6 +62,9 @@ def free_port() -> int:
 
 
 class RedisServer:
+    #: The file the server loads at start and writes on SAVE (``--dbfilename``).
+    DBFILENAME = "dump.rdb"
+
     def __init__(self, extra_args: Sequence[str] = (), *, password: str | None = None,
                  unix_socket: bool = False, tls: tuple[str, str] | None = None,
                  binary: str | None = None, startup_timeout: float = 10.0) -> None:
@@ -74,6 +86,10 @@ class RedisServer:
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def dump_path(self) -> Path:
+        return self.dir / self.DBFILENAME
+
+    @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
@@ -89,10 +105,17 @@ class RedisServer:
         return self._proc.pid
 
     def start(self) -> None:
+        """Start an empty server (a dump left by ``snapshot`` is not loaded)."""
         if self.running:
             return
+        self.dump_path.unlink(missing_ok=True)
+        self._launch()
+
+    def _launch(self) -> None:
+        """Start the server on whatever ``dump_path`` holds (nothing: empty)."""
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.dir),
+                "--dbfilename", self.DBFILENAME,
                 "--logfile", str(self.log_path), "--daemonize", "no"]
         if self.password:
             args += ["--requirepass", self.password]
@@ -161,6 +184,38 @@ class RedisServer:
         """Stop and start again on the same port: an empty server."""
         self.stop()
         self.start()
+
+    def snapshot(self) -> Path:
+        """``SAVE`` the data set now and keep a copy of the dump aside; pass
+        the returned path to ``restart_from``. ``--save ""`` only turns off
+        automatic snapshots: an explicit ``SAVE`` still writes ``dump_path``."""
+        with self.client() as client:
+            client.save()
+        kept = self.dir / f"snapshot-{uuid.uuid4().hex[:12]}.rdb"
+        shutil.copyfile(self.dump_path, kept)
+        return kept
+
+    def restart_from(self, snapshot: Path) -> None:
+        """Stop, then start on the same port with the data of ``snapshot``
+        (from ``snapshot()``): a server that came back behind what it had
+        acknowledged, as after a crash without AOF."""
+        if not snapshot.is_file():
+            raise RedisServerError(f"no snapshot file at {snapshot}")
+        self.stop()
+        shutil.copyfile(snapshot, self.dump_path)
+        self._launch()
+
+    def crash(self) -> None:
+        """SIGKILL the server: no shutdown, nothing saved. ``start()`` brings
+        it back empty, ``restart_from`` with older data."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
 
     def freeze(self) -> None:
         """SIGSTOP the server: connections stay open, nothing is answered."""
