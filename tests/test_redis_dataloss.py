@@ -39,21 +39,6 @@ def server() -> Iterator[RedisServer]:
     srv.cleanup()
 
 
-def snapshot(server: RedisServer) -> bytes:
-    """What an RDB snapshot taken now holds."""
-    with server.client() as client:
-        client.save()
-    return (server.dir / "dump.rdb").read_bytes()
-
-
-def restart_from(server: RedisServer, rdb: bytes) -> None:
-    """Crash-restart the server from an older snapshot, as RDB-only Redis does."""
-    server.stop()
-    (server.dir / "dump.rdb").write_bytes(rdb)
-    server.start()
-    (server.dir / "dump.rdb").unlink()
-
-
 class Writer(Actor):
     """Writes a counter into two maps and its state, in one message."""
 
@@ -106,14 +91,14 @@ async def test_older_restart_under_a_live_writer_loses_nothing(server: RedisServ
         reader = await rnode.start(Reader, "ann-reader")
         for _ in range(5):
             await writer.call("bump")
-        old = snapshot(server)
+        old = server.snapshot()
         for _ in range(5):
             await writer.call("bump")
         top, *_ = await writer.call("read")
         assert await until_version(reader, top) == (top, 10, 10)
         history = [top]
 
-        restart_from(server, old)  # the store is back at 5 bumps
+        server.restart_from(old)  # the store is back at 5 bumps
 
         # With no message at all, the writer's node notices within a third of
         # the lease and puts back what it holds.
@@ -142,13 +127,13 @@ async def test_older_restart_without_the_writer_never_shows_a_version_twice(
             reader = await rnode.start(CountingReader, "ann-reader")
             for _ in range(5):
                 await writer.call("bump")
-            old = snapshot(server)
+            old = server.snapshot()
             for _ in range(5):
                 await writer.call("bump")
             top, *_ = await writer.call("read")
             assert await until_version(reader, top) == (top, 10, 10)
         # The writer's node is gone; the store goes back to 5 bumps.
-        restart_from(server, old)
+        server.restart_from(old)
         await rnode.service.resync_all()
         # The reader keeps what it showed, across its own restart on this node
         # too, and its own commits still land (its node re-asserts its state).
