@@ -155,7 +155,7 @@ async def main(failovers: int, rounds: int, writes: int, old: bool) -> None:
                 run = await fail_over_while_writing(lag=lag, **options)
                 print(f"FAILOVER {kind:<7} {label}: {len(run.acked):5d} acknowledged, "
                       f"{len(run.lost):4d} lost, {run.ambiguous:3d} DurabilityError, "
-                      f"{run.failed:3d} other failures")
+                      f"{run.failed:3d} other failures, {run.reasserts} re-asserts")
     best = await wait_cost(rounds, writes)
     print(f"WAIT COST 100 writers: {best['rate']:8.0f} commits/s without, "
           f"{best['rate+wait']:8.0f} with wait_replicas=1 "

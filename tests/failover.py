@@ -68,6 +68,8 @@ class Failover:
     ambiguous: int
     #: Messages that failed otherwise (server gone, fenced...).
     failed: int
+    #: Times the writer's node put back what the promoted server lacked.
+    reasserts: int
 
     @property
     def lost(self) -> set[int]:
@@ -118,9 +120,10 @@ async def fail_over_while_writing(*, lag: float, before: float = 0.3, after: flo
                 await asyncio.sleep(after)
                 stop.set()
                 await writing
+                reasserts = node.service.stats.reasserts
             with replica.client() as client:
                 keys = client.hkeys(f"caf:{app}:{{ann-log}}:map:ann-log-m")
         finally:
             replica.cleanup()
     stored = {int(k[1:]) for k in keys if k.startswith(b"k")}
-    return Failover(acked, stored, counts["ambiguous"], counts["failed"])
+    return Failover(acked, stored, counts["ambiguous"], counts["failed"], reasserts)

@@ -24,10 +24,9 @@ actor) or was killed, a new incarnation starts. After ``seconds`` the harness
 lets the processes settle, stops them with SIGTERM, reads the store's final
 state and checks every record with :func:`history.check_history`.
 
-Today's code handles ``ACTOR_FAULTS``. Under ``RESYNC_FAULTS`` a reader
-now and then installs ``m`` and ``m2`` from different messages while it
-resyncs them one by one (issue 8, case 6), and ``DATA_LOSS_FAULTS`` break
-most guarantees: both are what lineage (issue 8) is for.
+Before lineage (issue 8), ``RESYNC_FAULTS`` made readers now and then install
+``m`` and ``m2`` from different messages, and ``DATA_LOSS_FAULTS`` broke most
+guarantees; with it, every fault here must leave no violation.
 """
 
 from __future__ import annotations

@@ -11,15 +11,33 @@ import pytest
 from caf_sharing import SharedMap
 from caf_sharing.backends import Backend, MapCreate
 from caf_sharing.errors import MapNotFoundError
-from caf_sharing.service import SharingService
+from caf_sharing.service import SharingService, txid_of
+
+
+class Stay:
+    """An actor's stay on a node: its chain of txids, as a node makes them."""
+
+    def __init__(self, service: SharingService, actor: str) -> None:
+        self.epoch, self.seq = uuid.uuid4().hex[:16], 0
+        self.txid: str | None = None
+        service.host_actor(actor, self.epoch, None)
+
+    def next(self) -> str:
+        self.seq += 1
+        return txid_of(self.epoch, self.seq)
 
 
 class Writer:
     """Commits to one map through a service, as an actor's node would."""
 
-    def __init__(self, service: SharingService, actor: str, map_name: str) -> None:
+    def __init__(self, service: SharingService, actor: str, map_name: str, *,
+                 stay: Stay | None = None) -> None:
         self.service, self.actor, self.name = service, actor, map_name
-        self.txid: str | None = None
+        self.stay = stay or Stay(service, actor)
+
+    @property
+    def txid(self) -> str | None:
+        return self.stay.txid
 
     async def create(self, **initial: object) -> SharedMap:
         dump = None
@@ -35,11 +53,11 @@ class Writer:
         return await self.service.primary(self.name)
 
     async def commit_refs(self, refs, creates=()) -> None:
-        txid = uuid.uuid4().hex
+        txid = self.stay.next()
         await self.service.commit(actor=self.actor, node_id="writer-node", txid=txid,
                                   prev_txid=self.txid, checkpoint={"txid": txid, "state": {}},
                                   lease_ttl=30, refs=refs, creates=creates)
-        self.txid = txid
+        self.stay.txid = txid
 
     async def write(self, **values: object) -> int:
         ref = (await self.service.primary(self.name)).ref()
@@ -193,14 +211,12 @@ async def test_aggregate_best_effort_and_release(pair) -> None:
     wsvc, rsvc = pair
     a = Writer(wsvc, "alice-admin", "alice-admin-acl")
     await a.create(__link_key__=["alice-admin-group", "alice-admin-late"], bob=True)
-    g = Writer(wsvc, "alice-admin", "alice-admin-group")
-    g.txid = a.txid
+    g = Writer(wsvc, "alice-admin", "alice-admin-group", stay=a.stay)
     await g.create(carol=True, bob=False)
     agg = await rsvc.aggregate_of("alice-admin-acl")
     snap = await agg.assemble()
     assert snap.get_all("bob") == [True, False] and snap.get_all("carol") == [True]
-    late = Writer(wsvc, "alice-admin", "alice-admin-late")
-    late.txid = g.txid
+    late = Writer(wsvc, "alice-admin", "alice-admin-late", stay=a.stay)
     await late.create(dave=1)
     assert (await agg.assemble()).get_all("dave") == [1]  # found at the next assembly
     assert await rsvc.aggregate_of("alice-admin-acl") is agg
@@ -261,8 +277,7 @@ async def test_replica_reads_several_maps_of_one_writer_at_one_commit(pair) -> N
     wsvc, rsvc = pair
     one = Writer(wsvc, "alice-admin", "alice-admin-m")
     await one.create(n=0)
-    two = Writer(wsvc, "alice-admin", "alice-admin-m2")
-    two.txid = one.txid
+    two = Writer(wsvc, "alice-admin", "alice-admin-m2", stay=one.stay)
     await two.create(n=0)
     first = await rsvc.replica_of("alice-admin-m")
     second = await rsvc.replica_of("alice-admin-m2")
@@ -275,11 +290,7 @@ async def test_replica_reads_several_maps_of_one_writer_at_one_commit(pair) -> N
             ref.set("n", n)
             ref.prepare()
             refs[name] = ref
-        txid = uuid.uuid4().hex
-        await wsvc.commit(actor="alice-admin", node_id="writer-node", txid=txid,
-                          prev_txid=two.txid, checkpoint={"txid": txid, "state": {}},
-                          lease_ttl=30, refs=refs)
-        two.txid = txid
+        await two.commit_refs(refs)
         if n % 3 == 0:
             resync = asyncio.ensure_future(rsvc.resync_all())
         for _ in range(3):

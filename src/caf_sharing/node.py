@@ -53,7 +53,7 @@ from .errors import (
 from .names import check_actor_name
 from .plug import ActorSharing
 from .proxy import SharingProxy
-from .service import SharingService
+from .service import SharingService, txid_of
 
 __all__ = ["Actor", "ActorHandle", "Node"]
 
@@ -133,6 +133,9 @@ class _Host:
         self.plug = ActorSharing(node.service, name, logger=actor.log)
         self.mailbox: asyncio.Queue[_Message | None] = asyncio.Queue(node.mailbox_size)
         self.txid: str | None = None
+        #: This stay of the actor on the node: its commits are epoch-1, epoch-2...
+        self.epoch = uuid.uuid4().hex[:16]
+        self.seq = 0
         self.state_bytes = b"{}"
         self.needs_reload = False
         self.stopping = False
@@ -211,7 +214,8 @@ class _Host:
             if not force and prepared.is_empty and state_bytes == self.state_bytes:
                 await self.plug.committed()
                 return result
-            txid = uuid.uuid4().hex
+            self.seq += 1
+            txid = txid_of(self.epoch, self.seq)
             checkpoint = {"txid": txid, "state": orjson.loads(state_bytes),
                           "maps": prepared.maps}
             await self.commit(txid, checkpoint, prepared.refs, prepared.creates)
@@ -250,9 +254,12 @@ class _Host:
         relation = service.relation(self.name, stored if isinstance(stored, str) else None,
                                     self.txid)
         if relation == "foreign":
-            self.actor.log.warning("actor %s: another node committed (%s) since this node's last "
-                             "commit (%s): taking its state", self.name, stored, self.txid)
-            service.adopt_checkpoint(self.name, stored if isinstance(stored, str) else None)
+            self.actor.log.warning("actor %s: another node committed (%s) since this node's "
+                                   "last commit (%s): taking its state", self.name, stored,
+                                   self.txid)
+            # A new stay: this node's earlier commits are no longer the chain's head.
+            self.epoch, self.seq = uuid.uuid4().hex[:16], 0
+            service.host_actor(self.name, self.epoch, stored if isinstance(stored, str) else None)
         maps = None
         if checkpoint is not None and relation in ("ahead", "foreign"):
             maps = self.restore_state(checkpoint)
@@ -287,12 +294,12 @@ class _Host:
         service = self.node.service
         checkpoint = await service.load_checkpoint(self.name)
         if checkpoint is None:
-            service.adopt_checkpoint(self.name, None)
+            service.host_actor(self.name, self.epoch, None)
             self.actor.state = {}
             await self.transaction(self.actor.init, force=True)
         else:
             self.plug.restore(self.restore_state(checkpoint))
-            service.adopt_checkpoint(self.name, self.txid)
+            service.host_actor(self.name, self.epoch, self.txid)
             await self.transaction(self.actor.resume)
         self.worker = asyncio.get_running_loop().create_task(
             self.run(), name=f"caf-sharing actor {self.name}")

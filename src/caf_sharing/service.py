@@ -52,7 +52,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
@@ -120,8 +120,17 @@ RETIRED_REPLICAS = 64
 MAX_BUFFERED_BYTES = 16 * 2**20
 #: Smallest renumbering of a map a writer adopts from the store.
 ADOPT_MARGIN = 2**20
-#: Txids of its own commits a node remembers per actor.
-_SENT_MEMORY = 64
+
+
+def txid_of(epoch: str, seq: int) -> str:
+    """The txid of commit ``seq`` of an actor's stay on a node (``epoch``):
+    the store compares txids only for equality; a node reads its own back."""
+    return f"{epoch}-{seq}"
+
+
+def _parse_txid(txid: str | None) -> tuple[str, int] | None:
+    epoch, _, seq = (txid or "").rpartition("-")
+    return (epoch, int(seq)) if epoch and seq.isdigit() else None
 
 
 def adopted_version(stored: int) -> int:
@@ -217,8 +226,9 @@ class SharingService:
         self._max_updates = max_updates
         self._log = logger or log
         self._primaries: dict[str, _Primary] = {}
-        #: Txids this node sent for each actor it hosts, oldest first.
-        self._sent: dict[str, deque[str]] = {}
+        #: The epoch of each actor this node hosts: the txids of its commits
+        #: here are ``<epoch>-<n>``, n counting up (see :func:`txid_of`).
+        self._epochs: dict[str, str] = {}
         #: The stored commit each actor started from on this node (its resume).
         self._resumed: dict[str, str] = {}
         self._replicas: dict[tuple[str, bool], _Replica] = {}
@@ -247,7 +257,7 @@ class SharingService:
     def _load_primary(self, name: str, dump: ChangeSet) -> _Primary:
         txid = dump.get("txid")
         shared = SharedMap(max_updates=self._max_updates, logger=self._log)
-        if txid is not None and txid in self._sent.get(map_owner(name), ()):
+        if self._own(map_owner(name), txid):
             shared.apply_changes(dump)
             primary = _Primary(shared, txid)
         else:
@@ -262,6 +272,11 @@ class SharingService:
         self._primaries[name] = primary
         return primary
 
+    def _own(self, actor: str, txid: str | None) -> bool:
+        """Whether this node made commit ``txid`` of ``actor`` during its stay."""
+        parsed = _parse_txid(txid)
+        return parsed is not None and parsed[0] == self._epochs.get(actor)
+
     def relation(self, actor: str, stored_txid: str | None, held_txid: str | None) -> Relation:
         """How the store's checkpoint ``stored_txid`` of ``actor`` relates to
         ``held_txid``, the last commit this node knows of: the same, a later
@@ -271,12 +286,19 @@ class SharingService:
             return "same"
         if stored_txid is None:
             return "behind"
-        sent = list(self._sent.get(actor, ()))
-        if stored_txid in sent:
-            if held_txid in sent and sent.index(stored_txid) < sent.index(held_txid):
-                return "behind"
-            return "ahead"
-        return "behind" if stored_txid == self._resumed.get(actor) else "foreign"
+        stored = _parse_txid(stored_txid)
+        if self._own(actor, stored_txid):
+            held = _parse_txid(held_txid) if self._own(actor, held_txid) else None
+            assert stored is not None
+            return "behind" if held is not None and stored[1] < held[1] else "ahead"
+        resumed_txid = self._resumed.get(actor)
+        if stored_txid == resumed_txid:
+            return "behind"
+        resumed = _parse_txid(resumed_txid)
+        if stored is not None and resumed is not None and stored[0] == resumed[0] \
+                and stored[1] < resumed[1]:  # made before it, on the node it came from
+            return "behind"
+        return "foreign"
 
     async def refresh_primary(self, name: str) -> SharedMap:
         """Bring the local primary in line with the backend after a commit
@@ -293,7 +315,7 @@ class SharingService:
         version, txid = dump_version(dump), dump.get("txid")
         if txid == held.txid and version in (held.map.version, held.rebase_from):
             return held.map
-        if version > held.map.version and txid in self._sent.get(map_owner(name), ()):
+        if version > held.map.version and self._own(map_owner(name), txid):
             held.map.apply_changes(dump)
             held.txid, held.rebase_from = txid, None
             return held.map
@@ -307,7 +329,7 @@ class SharingService:
 
     def forget_actor(self, actor: str) -> None:
         """The actor left this node: its next start here adopts the store's state."""
-        self._sent.pop(actor, None)
+        self._epochs.pop(actor, None)
         self._resumed.pop(actor, None)
 
     # -- replicas ----------------------------------------------------------
@@ -596,15 +618,15 @@ class SharingService:
     async def load_txids(self, actors: Sequence[str]) -> list[str | None]:
         return await self.backend.load_txids(actors)
 
-    def adopt_checkpoint(self, actor: str, txid: str | None) -> None:
-        """This node takes ``actor`` from a checkpoint it did not write (a
-        start, or another node's commits): its later commits follow ``txid``,
-        and the maps it loads from now on are adopted."""
-        self._sent.pop(actor, None)
-        if txid is None:
+    def host_actor(self, actor: str, epoch: str, resumed_txid: str | None) -> None:
+        """This node hosts ``actor``, committing as ``epoch`` (see
+        :func:`txid_of`), from the stored commit ``resumed_txid`` (``None``:
+        none). Maps it loads that this epoch did not write are adopted."""
+        self._epochs[actor] = epoch
+        if resumed_txid is None:
             self._resumed.pop(actor, None)
         else:
-            self._resumed[actor] = txid
+            self._resumed[actor] = resumed_txid
 
     async def commit(self, *, actor: str, node_id: str, txid: str, prev_txid: str | None,
                      checkpoint: Checkpoint, lease_ttl: float,
@@ -629,8 +651,6 @@ class SharingService:
         tx = Transaction(actor=actor, node_id=node_id, txid=txid, prev_txid=prev_txid,
                          checkpoint=checkpoint, lease_ttl=lease_ttl, writes=tuple(writes),
                          creates=tuple(creates))
-        # Sent, so possibly stored even if no reply comes back.
-        self._sent.setdefault(actor, deque(maxlen=_SENT_MEMORY)).append(txid)
         try:
             await self.backend.commit(tx)
         except MapMissingError as exc:
