@@ -13,35 +13,73 @@ The core (``caf_sharing._fastmap``) calls exactly two functions of this
 module: :func:`check_method` before ``set_fun`` stores a method, and
 :func:`call_method` from ``apply_method``.
 
-**The sandbox.** A method's source comes from a map that another actor, maybe
-on another machine, wrote; it is compiled with RestrictedPython under a
-stricter policy than RestrictedPython's default:
+**What the sandbox promises.** A method's source comes from a map that
+another actor, maybe on another machine, wrote. Whatever that source is, a
+call of it ends, within its budget, in a return value or a
+:class:`~caf_sharing.errors.MethodError`, with the process alive and nothing
+changed outside the method except, through a writable ``self``, the caller's
+own ref:
 
-* refused when the method is defined (``set_fun``) or first called: imports,
-  any name or attribute starting with ``_`` (so no ``__class__``,
-  ``__import__``, ``__globals__`` walks), frame and code attributes
-  (``gi_frame``, ``f_back``...), ``eval``/``exec``, assigning or deleting
-  attributes, ``global``/``nonlocal``, class definitions, ``yield``, async
-  code, and any global name that is not one of :data:`BUILTIN_NAMES` (so
-  ``open``, ``getattr``, ``type``, ``vars``, ``globals``, ``print``... fail
-  early with a message naming them);
-* checked while running: every attribute read goes through RestrictedPython's
-  ``safer_getattr`` (which also refuses ``str.format``/``format_map``, the
-  classic way to reach dunders from a format string); on the map reference
-  only :data:`REF_ATTRIBUTES` are reachable; item writes only work on plain
-  ``dict``/``list`` objects the method built itself (``full_write_guard``):
-  stored values are frozen and the arguments are deep-frozen before the
-  call, so a method cannot change its caller's data; and the unbound
-  mutators of the ``dict``/``list`` classes (``dict.update(value, ...)``),
-  which would bypass the frozen containers' guards, are refused;
-* ``self`` is the caller's MapRef, exactly as ``this`` in Caf.js: a method can
-  call ``self.set``/``self.delete``/``self.set_fun`` only when the caller
-  handed it a writable ref, and then it writes the caller's own map, nothing
-  else.
+* **Compile-time refusals** (at ``set_fun``, and again when a replica first
+  calls a method that arrived from a peer): a body longer than
+  :attr:`MethodLimits.max_body` bytes (UTF-8), imports, any name or attribute
+  starting with ``_``, ``eval``/``exec``, assigning or deleting attributes,
+  ``global``/``nonlocal``, classes, ``yield``, async code, ``match``, and any
+  global name that is not one of :data:`BUILTIN_NAMES`.
+* **Closed-world attribute reads.** ``obj.name`` works only when ``name`` is
+  on the allow-list of ``type(obj)`` itself (no subclass inherits it): the
+  read API of the map reference (:data:`REF_ATTRIBUTES`; the write API only
+  on a writable ref) and the methods listed in :data:`VALUE_ATTRIBUTES` for
+  ``str``, ``int``, ``bool``, ``float``, ``list``, ``tuple``, ``dict``,
+  ``set`` and the frozen ``FrozenDict``/``FrozenList``. Every other attribute
+  of every other object is refused: functions and bound methods (so neither
+  a Cython function's ``func_globals`` nor anything else on what an allowed
+  read returned), exceptions, types, modules, iterators, views, and whatever
+  future Pythons add. The builtin classes a method may name (``dict``,
+  ``list``, ``str``...) are stand-ins that construct, work with
+  ``isinstance`` and expose only the harmless unbound methods of
+  :data:`CLASS_ATTRIBUTES`.
+* **Frozen data stays frozen.** Stored values are frozen, arguments are
+  deep-frozen before the call, and no path reaches a mutator that would
+  bypass the frozen containers' guards (``dict.update(frozen, ...)`` is not
+  on any list).
+* **No lazy chains.** ``map``, ``filter``, ``zip``, ``enumerate`` and
+  ``reversed`` return lists, and generator expressions are evaluated as list
+  comprehensions, so no chain of lazy iterators can be built whose use or
+  release recurses deep in C.
+* **A budget per call** (:class:`MethodLimits`, per map or per node): a step
+  count, where one step is a loop iteration, a comprehension item, a call of
+  a function the method defines, or a share of the work of a builtin that
+  walks a large value (``sorted``, ``sum``, ``in``, ``str`` methods...), and
+  a memory count, charged *before* creation for every string, list, tuple,
+  dict, set or big integer that concatenation, repetition, ``%`` and
+  f-string formatting, ``**``, ``<<``, ``join``/``replace``/``ljust``...,
+  ``extend``/``update``, unpacking and the builtins create. Integers made by
+  ``*``, ``**``, ``<<`` and ``int()`` have at most :data:`MAX_INT_BITS` bits,
+  and arithmetic on big integers is charged steps by its quadratic cost.
+  Going over raises ``MethodError`` naming the limit; a method that calls
+  other methods shares its budget with them, and catching the error inside
+  the method does not restore it.
+* **Exceptions stay inside.** Any exception, ``BaseException`` included,
+  reaches the caller as ``MethodError`` (chained), except a ``MethodError``
+  raised by a nested ``self.apply_method``, which passes unchanged so that it
+  names the method that failed.
 
-**Limits.** There is no CPU-time or memory limit: ``while True: pass`` blocks
-the actor (and its event loop) and ``"x" * 10**10`` allocates as much as the
-process can. Open maps whose writers you do not trust with ``no_exec=True``.
+**What it does not promise.** The step count is deterministic, not a clock:
+the default (:data:`DEFAULT_MAX_STEPS`) is about 100 ms of typical method
+code on the machine it was measured on, but one step may do more work than
+another (an ``==`` between two large values, or a comparison sort of long
+strings, counts as the single operation it is), so the time is bounded by
+steps times the largest value the memory budget allows, not by 100 ms. The
+memory count is cumulative and conservative: building a long string by
+repeated ``+=`` is charged for every intermediate copy (use ``"".join``).
+The sandbox is pure Python on CPython: it relies on CPython having no bug
+reachable from the allowed operations. Methods run on the caller's thread
+(a method holds a process-wide lock while it runs, so calls from several
+threads take turns) and block the event loop for as long as they run. A
+method can read everything ``self`` can read and, on a writable ref, write
+it. Open maps whose writers you do not trust at all with ``no_exec=True``:
+then nothing stored in them ever runs.
 
 Compiled methods are cached by ``(args, body)`` in a least-recently-used
 cache of :data:`MAX_CACHE_SIZE` entries, so a hot method compiles once while
@@ -56,30 +94,38 @@ import dis
 import functools
 import keyword
 import operator
-from collections.abc import Callable, Mapping, Sequence
+import re
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import CodeType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from RestrictedPython.compile import compile_restricted_function
-from RestrictedPython.Guards import (
-    full_write_guard,
-    guarded_iter_unpack_sequence,
-    guarded_unpack_sequence,
-    safer_getattr_raise,
-)
+from RestrictedPython.Guards import full_write_guard
 from RestrictedPython.transformer import RestrictingNodeTransformer
 
 from ._fastmap import FUNCTION_MARKER, FrozenDict, FrozenList, MapRef
-from .errors import InvalidTypeError, InvalidValueError, MethodError
+from .errors import InvalidTypeError, InvalidValueError, MethodError, ReadOnlyError
 
 __all__ = [
     "BUILTIN_NAMES",
+    "CLASS_ATTRIBUTES",
+    "DEFAULT_LIMITS",
+    "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_STEPS",
     "MAX_CACHE_SIZE",
+    "MAX_INT_BITS",
     "REF_ATTRIBUTES",
+    "VALUE_ATTRIBUTES",
     "CacheInfo",
+    "MethodLimits",
     "cache_clear",
     "cache_info",
     "call_method",
+    "check_limits",
     "check_method",
 ]
 
@@ -87,34 +133,268 @@ __all__ = [
 #: its cache at the same size).
 MAX_CACHE_SIZE = 100
 
-#: What a method may use on ``self``, the MapRef it is applied to. Reading
-#: with ``self[key]``, ``key in self``, ``len(self)`` and ``for key in self``
-#: needs no attribute and works too.
-REF_ATTRIBUTES = frozenset({
-    "get", "keys", "values", "items", "to_dict", "version", "is_read_only",
-    "has_changed", "apply_method", "set", "delete", "set_fun",
-})
+#: Steps per call by default: about 100 ms of loop code on the machine it
+#: was measured on (benchmarks/compare_methods.py prints the figure).
+DEFAULT_MAX_STEPS = 400_000
+#: Bytes a call may create by default (16 MiB).
+DEFAULT_MAX_BYTES = 16 * 2**20
+#: Longest method body by default, in UTF-8 bytes (64 KiB).
+DEFAULT_MAX_BODY = 64 * 2**10
+#: The largest integer ``*``, ``**``, ``<<`` and ``int()`` may make.
+MAX_INT_BITS = 2**16
 
-_SAFE_FUNCTIONS = (
-    "abs", "all", "any", "bool", "dict", "enumerate", "filter", "float", "int",
-    "isinstance", "len", "list", "map", "max", "min", "range", "reversed",
-    "round", "sorted", "str", "sum", "tuple", "zip",
-)
-# So that methods can raise and catch the usual errors; an exception object
-# only leads to its traceback through ``__traceback__``, which is refused.
-_SAFE_EXCEPTIONS = (
-    "ArithmeticError", "Exception", "IndexError", "KeyError", "LookupError",
-    "TypeError", "ValueError", "ZeroDivisionError",
-)
 
-#: Global names a method may use (``None``, ``True`` and ``False`` are
-#: keywords and always work).
-BUILTIN_NAMES = frozenset(_SAFE_FUNCTIONS + _SAFE_EXCEPTIONS)
+@dataclass(frozen=True, slots=True)
+class MethodLimits:
+    """The budget of one method call (and of the methods it calls).
 
-# The compiled function's name is never visible to the method: it is popped
-# from the function's globals once defined.
-_FUNCTION_NAME = "serialized_method"
-_FILENAME = "<serialized method>"
+    ``max_steps``: loop iterations, comprehension items, calls of functions
+    the method defines, and shares of builtin work; ``max_bytes``: the total
+    size of what the call creates; ``max_body``: the longest body accepted,
+    in UTF-8 bytes (checked at ``set_fun`` and before each call).
+    """
+
+    max_steps: int = DEFAULT_MAX_STEPS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_body: int = DEFAULT_MAX_BODY
+
+    def __post_init__(self) -> None:
+        for field in ("max_steps", "max_bytes", "max_body"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidTypeError(
+                    f"MethodLimits.{field} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise InvalidValueError(f"MethodLimits.{field} must be >= 1, got {value}")
+
+
+DEFAULT_LIMITS = MethodLimits()
+
+
+def check_limits(limits: object) -> MethodLimits:
+    """``limits`` if it is a :class:`MethodLimits`, the defaults for None."""
+    if limits is None:
+        return DEFAULT_LIMITS
+    if type(limits) is not MethodLimits:
+        raise InvalidTypeError(
+            f"method_limits must be a MethodLimits or None, got {type(limits).__name__}")
+    return limits
+
+
+# -- the budget of the running call -------------------------------------------
+#
+# Module globals rather than an object: _step runs on every loop iteration,
+# and a global decrement is the cheapest counter Python has. _LOCK makes the
+# globals belong to one thread at a time; nested calls (a method applying
+# another) re-enter it and share the budget.
+
+_LOCK = threading.RLock()
+_depth = 0
+_steps_left = 0
+_bytes_left = 0
+
+
+class _OverBudget(BaseException):
+    """Raised inside a method when a limit is passed: a BaseException, which
+    a method cannot catch (it cannot name one, and its bare ``except:`` is
+    compiled as ``except Exception:``)."""
+
+    def __init__(self, limit: str) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def _step() -> bool:
+    global _steps_left
+    _steps_left -= 1
+    if _steps_left < 0:
+        raise _OverBudget("max_steps")
+    return True
+
+
+def _caught() -> None:
+    # Run first in every except clause: handling an exception is a step, and
+    # the handled exception forgets the one it was raised while handling, so
+    # that retries in handlers cannot grow a chain that every raise walks.
+    _step()
+    exc = sys.exception()
+    if exc is not None:
+        exc.__context__ = None
+
+
+def _charge(steps: int, nbytes: int) -> None:
+    global _steps_left, _bytes_left
+    _steps_left -= steps
+    _bytes_left -= nbytes
+    if _bytes_left < 0:
+        raise _OverBudget("max_bytes")
+    if _steps_left < 0:
+        raise _OverBudget("max_steps")
+
+
+# One step stands for about this many elements of a builtin's walk over a value.
+_ITEMS_PER_STEP = 16
+# Bytes charged per slot of a list/tuple, per entry of a dict/set.
+_SLOT = 8
+_ENTRY = 32
+
+
+def _size(value: Any) -> int:
+    """Bytes charged for a created value (its own storage, not its items')."""
+    t = type(value)
+    if t is str:
+        return len(value) if value.isascii() else 4 * len(value)
+    if t is list or t is tuple or t is FrozenList:
+        return _SLOT * len(value)
+    if t is bytes:
+        return len(value)
+    if t is dict or t is set or t is FrozenDict or t is frozenset:
+        return _ENTRY * len(value)
+    if t is int:
+        return int(value.bit_length()) >> 3
+    return 0
+
+
+def _length(value: Any) -> int:
+    try:
+        return len(value)
+    except TypeError:
+        raise TypeError(f"{type(value).__name__!r} object is not a sized collection") from None
+
+
+def _charged(result: Any) -> Any:
+    _charge(0, _size(result))
+    return result
+
+
+def _check_int(value: int) -> int:
+    if value.bit_length() > MAX_INT_BITS:
+        raise _OverBudget("MAX_INT_BITS")
+    return value
+
+
+def _big_int_cost(a: int, b: int) -> None:
+    # Schoolbook cost of multiplying/dividing two big integers, in steps.
+    cost = (a.bit_length() * b.bit_length()) >> 16
+    if cost:
+        _charge(cost, 0)
+
+
+# -- guarded operators ------------------------------------------------------------
+
+_SEQUENCES = (str, bytes, list, tuple)
+
+
+def _add(a: Any, b: Any) -> Any:
+    if (type(a) is int and type(b) is int) or type(a) is float:
+        return a + b
+    if isinstance(a, _SEQUENCES) and isinstance(b, _SEQUENCES):
+        _charge(0, _size(a) + _size(b))
+    return a + b
+
+
+def _repeat(seq: Any, times: Any) -> Any:
+    _charge(len(seq) * max(times, 0) // _ITEMS_PER_STEP, _size(seq) * max(times, 0))
+    return seq * times
+
+
+def _mul(a: Any, b: Any) -> Any:
+    if isinstance(a, int):
+        if isinstance(b, int):
+            if a.bit_length() + b.bit_length() > MAX_INT_BITS:
+                raise _OverBudget("MAX_INT_BITS")
+            _big_int_cost(a, b)
+            return a * b
+        if isinstance(b, _SEQUENCES):
+            return _repeat(b, a)
+    elif isinstance(b, int) and isinstance(a, _SEQUENCES):
+        return _repeat(a, b)
+    return a * b
+
+
+def _pow(a: Any, b: Any) -> Any:
+    if isinstance(a, int) and isinstance(b, int) and b > 1 and a.bit_length() > 1:
+        # a ** b has between (n - 1) * b + 1 and n * b bits, for a of n bits.
+        if (a.bit_length() - 1) * b + 1 > MAX_INT_BITS:
+            raise _OverBudget("MAX_INT_BITS")
+        bits = a.bit_length() * b
+        _charge((bits * bits) >> 18, bits >> 3)
+        return _check_int(a ** b)
+    return a ** b
+
+
+def _lshift(a: Any, b: Any) -> Any:
+    if isinstance(a, int) and isinstance(b, int) and a and b > 0:
+        if a.bit_length() + b > MAX_INT_BITS:
+            raise _OverBudget("MAX_INT_BITS")
+        _charge(0, (a.bit_length() + b) >> 3)
+    return a << b
+
+
+def _floordiv(a: Any, b: Any) -> Any:
+    if isinstance(a, int) and isinstance(b, int):
+        _big_int_cost(a, b)
+    return a // b
+
+
+# A %-format conversion: its width and precision (digits or '*').
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_DIGITS = re.compile(r"\d+")
+
+
+def _mod(a: Any, b: Any) -> Any:
+    if isinstance(a, str | bytes):
+        text = a if isinstance(a, str) else a.decode("latin-1")
+        _charge(len(text) // _ITEMS_PER_STEP, 0)
+        for width, precision in _PERCENT_SPEC.findall(text):
+            for number in (width, precision):
+                if number == "*":
+                    raise ValueError("'*' widths are not allowed in serialized methods")
+                if number and int(number) > _bytes_left:
+                    raise _OverBudget("max_bytes")
+        return _charged(a % b)
+    if isinstance(a, int) and isinstance(b, int):
+        _big_int_cost(a, b)
+    return a % b
+
+
+def _format(value: Any, spec: str, conversion: int) -> str:
+    """One ``{value!conversion:spec}`` of an f-string, charged before the
+    parts are joined."""
+    if conversion == ord("r"):
+        value = repr(value)
+    elif conversion == ord("a"):
+        value = ascii(value)
+    elif conversion == ord("s"):
+        value = str(value)
+    for number in _DIGITS.findall(spec):
+        if len(number) > 9 or int(number) > _bytes_left:
+            raise _OverBudget("max_bytes")
+    return _charged(format(value, spec))  # type: ignore[no-any-return]
+
+
+# Containers whose ``in`` is a hash lookup, not a walk.
+_HASHED = frozenset({dict, set, frozenset, FrozenDict, MapRef, type({}.keys()),
+                     type({}.items())})
+
+
+def _scanned(container: Any) -> Any:
+    """The right side of ``in``: charged by its length unless hashed."""
+    if type(container) not in _HASHED:
+        try:
+            n = len(container)
+        except TypeError:
+            return container
+        _charge(n // _ITEMS_PER_STEP, 0)
+    return container
+
+
+def _star(value: Any) -> Any:
+    """What ``*value`` unpacks into a call or a display: charged first."""
+    n = _length(value)
+    _charge(n // _ITEMS_PER_STEP, _SLOT * n)
+    return value
+
 
 _INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
     "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul,
@@ -125,33 +405,27 @@ _INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 
-# Refuses names starting with "_", frame/code attributes and str.format*.
-_safer_getattr: Callable[[Any, str], Any] = safer_getattr_raise
-
-
-# What a method may take from the ``dict`` and ``list`` classes themselves.
-# Their other attributes are the unbound mutators, and ``dict.update(frozen,
-# ...)`` would run dict's own code on a stored FrozenDict, past its guards.
-_CONTAINER_CLASS_ATTRIBUTES = frozenset({
-    "copy", "count", "fromkeys", "get", "index", "items", "keys", "values",
-})
-
-
-def _guarded_getattr(obj: Any, name: str) -> Any:
-    if isinstance(obj, MapRef) and name not in REF_ATTRIBUTES:
-        raise AttributeError(
-            f"serialized methods cannot use {name!r} of the map reference; "
-            f"allowed: {', '.join(sorted(REF_ATTRIBUTES))}")
-    if (isinstance(obj, type) and issubclass(obj, dict | list)
-            and name not in _CONTAINER_CLASS_ATTRIBUTES):
-        raise AttributeError(
-            f"serialized methods cannot use {obj.__name__}.{name}: it could change a "
-            f"value the method does not own; call it on a copy, e.g. {obj.__name__}(value)")
-    return _safer_getattr(obj, name)
-
-
 def _inplacevar(op: str, target: Any, value: Any) -> Any:
     # Plain ``x += y`` on a local name; frozen containers refuse it themselves.
+    if op == "+=":
+        if type(target) is int and type(value) is int:  # the usual counter
+            return target + value
+        if isinstance(target, list):  # extends in place: only the new items are created
+            _charge(0, _SLOT * _length(value))
+            return _INPLACE_OPERATORS["+="](target, value)
+        return _add(target, value)
+    if op == "*=":
+        return _mul(target, value)
+    if op == "**=":
+        return _pow(target, value)
+    if op == "<<=":
+        return _lshift(target, value)
+    if op == "%=":
+        return _mod(target, value)
+    if op == "//=":
+        return _floordiv(target, value)
+    if op == "|=" and type(target) in (dict, set):
+        _charge(0, _ENTRY * _length(value))
     return _INPLACE_OPERATORS[op](target, value)
 
 
@@ -160,16 +434,384 @@ def _apply(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return function(*args, **kwargs)
 
 
-_BUILTINS: dict[str, Any] = {name: getattr(builtins, name) for name in BUILTIN_NAMES}
+def _unpack_sequence(it: Any, spec: dict[str, Any], _getiter_: Any = iter) -> list[Any]:
+    # RestrictedPython's guarded unpacking, with the copy charged first.
+    n = _length(it)
+    _charge(n // _ITEMS_PER_STEP, _SLOT * n)
+    ret = list(it)
+    if len(ret) < spec["min_len"]:
+        return ret
+    for index, child_spec in spec["childs"]:
+        ret[index] = _unpack_sequence(ret[index], child_spec)
+    return ret
+
+
+def _iter_unpack_sequence(it: Any, spec: dict[str, Any], _getiter_: Any = iter) -> Any:
+    # Used only as the iterable of a ``for a, b in ...`` loop, never reachable
+    # by the method, so this generator cannot be chained.
+    for ob in it:
+        yield _unpack_sequence(ob, spec)
+
+
+# -- builtins ---------------------------------------------------------------------
+
+
+def _eager(function: Callable[..., Iterable[Any]], length: int, *args: Any) -> list[Any]:
+    _charge(length // _ITEMS_PER_STEP + 1, _SLOT * length)
+    return list(function(*args))
+
+
+def _map(function: Callable[..., Any], first: Any, *rest: Any) -> list[Any]:
+    length = min(_length(it) for it in (first, *rest))
+    return _eager(builtins.map, length, function, first, *rest)
+
+
+def _filter(function: Callable[[Any], Any] | None, iterable: Any) -> list[Any]:
+    return _eager(builtins.filter, _length(iterable), function, iterable)
+
+
+def _zip(*iterables: Any, strict: bool = False) -> list[tuple[Any, ...]]:
+    length = min((_length(it) for it in iterables), default=0)
+    _charge(0, _SLOT * length * len(iterables))
+    return _eager(functools.partial(builtins.zip, strict=strict), length, *iterables)
+
+
+def _enumerate(iterable: Any, start: int = 0) -> list[tuple[int, Any]]:
+    n = _length(iterable)
+    _charge(0, 2 * _SLOT * n)
+    return _eager(builtins.enumerate, n, iterable, start)
+
+
+def _reversed(sequence: Any) -> list[Any]:
+    return _eager(builtins.reversed, _length(sequence), sequence)
+
+
+def _sorted(iterable: Any, /, *, key: Callable[[Any], Any] | None = None,
+            reverse: bool = False) -> list[Any]:
+    n = _length(iterable)
+    _charge(n * max(n.bit_length(), 1) // _ITEMS_PER_STEP + 1, _SLOT * n)
+    return builtins.sorted(iterable, key=key, reverse=reverse)
+
+
+def _reduction(function: Callable[..., Any]) -> Callable[..., Any]:
+    def reduce(*args: Any, **kwargs: Any) -> Any:
+        _charge(_length(args[0]) // _ITEMS_PER_STEP if len(args) == 1 else 0, 0)
+        return function(*args, **kwargs)
+    reduce.__name__ = function.__name__
+    return reduce
+
+
+def _sum(iterable: Any, /, start: Any = 0) -> Any:
+    if isinstance(start, int | float):
+        _charge(_length(iterable) // _ITEMS_PER_STEP, 0)
+        return builtins.sum(iterable, start)
+    # Adding up lists or tuples: each addition creates a new value.
+    total = start
+    for item in iterable:
+        _step()
+        total = _add(total, item)
+    return total
+
+
+def _round(number: Any, ndigits: Any = None) -> Any:
+    if (isinstance(number, int) and isinstance(ndigits, int)
+            and -ndigits > number.bit_length() // 3 + 2):
+        return 0  # what round() gives, without computing 10 ** -ndigits
+    return round(number, ndigits)
+
+
+def _list(iterable: Any = (), /) -> list[Any]:
+    n = _length(iterable)
+    _charge(n // _ITEMS_PER_STEP, _SLOT * n)
+    return list(iterable)
+
+
+def _tuple(iterable: Any = (), /) -> tuple[Any, ...]:
+    n = _length(iterable)
+    _charge(n // _ITEMS_PER_STEP, _SLOT * n)
+    return tuple(iterable)
+
+
+def _dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
+    n = len(kwargs) + (_length(args[0]) if args else 0)
+    _charge(n // _ITEMS_PER_STEP, _ENTRY * n)
+    return dict(*args, **kwargs)
+
+
+def _str(*args: Any, **kwargs: Any) -> str:
+    return _charged(str(*args, **kwargs))  # type: ignore[no-any-return]
+
+
+def _int(*args: Any, **kwargs: Any) -> int:
+    if args and isinstance(args[0], str | bytes):
+        # Non-decimal bases escape sys.set_int_max_str_digits.
+        _charge(len(args[0]) // _ITEMS_PER_STEP, 0)
+    return _check_int(int(*args, **kwargs))
+
+
+class _BuiltinType:
+    """What a method sees for ``dict``, ``list``, ``str``...: calling it
+    constructs (charged), ``isinstance`` works, and only the unbound methods
+    in :data:`CLASS_ATTRIBUTES` can be read from it."""
+
+    __slots__ = ("_make", "_type")
+
+    def __init__(self, type_: type, make: Callable[..., Any]) -> None:
+        self._type = type_
+        self._make = make
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._make(*args, **kwargs)
+
+    def __instancecheck__(self, instance: Any) -> bool:
+        return isinstance(instance, self._type)
+
+    def __repr__(self) -> str:
+        return repr(self._type)
+
+
+_SAFE_FUNCTIONS: dict[str, Any] = {
+    # range is the real class: a range is small whatever its length, every
+    # builtin that walks one is charged by its length, and a method cannot
+    # read an attribute of a class it was not given a stand-in for.
+    "abs": abs, "isinstance": isinstance, "len": len, "range": range, "round": _round,
+    "all": _reduction(all), "any": _reduction(any), "max": _reduction(max),
+    "min": _reduction(min), "sum": _sum, "sorted": _sorted,
+    "enumerate": _enumerate, "filter": _filter, "map": _map, "reversed": _reversed,
+    "zip": _zip,
+}
+_TYPES: dict[str, _BuiltinType] = {
+    "bool": _BuiltinType(bool, bool), "dict": _BuiltinType(dict, _dict),
+    "float": _BuiltinType(float, float), "int": _BuiltinType(int, _int),
+    "list": _BuiltinType(list, _list), "str": _BuiltinType(str, _str),
+    "tuple": _BuiltinType(tuple, _tuple),
+}
+# So that methods can raise and catch the usual errors; their instances
+# expose no attribute (the closed world below).
+_SAFE_EXCEPTIONS = (
+    "ArithmeticError", "Exception", "IndexError", "KeyError", "LookupError",
+    "TypeError", "ValueError", "ZeroDivisionError",
+)
+
+#: Global names a method may use (``None``, ``True`` and ``False`` are
+#: keywords and always work).
+BUILTIN_NAMES = frozenset((*_SAFE_FUNCTIONS, *_TYPES, *_SAFE_EXCEPTIONS))
+
+
+# -- closed-world attribute reads ---------------------------------------------------
+
+#: What a method may use on ``self``, the MapRef it is applied to. Reading
+#: with ``self[key]``, ``key in self``, ``len(self)`` and ``for key in self``
+#: needs no attribute and works too. The writes (``set``, ``delete``,
+#: ``set_fun``) need a writable ref.
+REF_ATTRIBUTES = frozenset({
+    "get", "keys", "values", "items", "to_dict", "version", "is_read_only",
+    "has_changed", "apply_method", "set", "delete", "set_fun",
+})
+_REF_WRITES = frozenset({"set", "delete", "set_fun"})
+_REF_READS = REF_ATTRIBUTES - _REF_WRITES
+
+_STR_METHODS = frozenset({
+    "capitalize", "casefold", "center", "count", "endswith", "expandtabs", "find",
+    "index", "isalnum", "isalpha", "isascii", "isdecimal", "isdigit", "isidentifier",
+    "islower", "isnumeric", "isprintable", "isspace", "istitle", "isupper", "join",
+    "ljust", "lower", "lstrip", "partition", "removeprefix", "removesuffix", "replace",
+    "rfind", "rindex", "rjust", "rpartition", "rsplit", "rstrip", "split", "splitlines",
+    "startswith", "strip", "swapcase", "title", "upper", "zfill",
+})
+_INT_ATTRIBUTES = frozenset({
+    "as_integer_ratio", "bit_count", "bit_length", "conjugate", "denominator", "imag",
+    "numerator", "real",
+})
+_FLOAT_ATTRIBUTES = frozenset({
+    "as_integer_ratio", "conjugate", "hex", "imag", "is_integer", "real",
+})
+_LIST_METHODS = frozenset({
+    "append", "clear", "copy", "count", "extend", "index", "insert", "pop", "remove",
+    "reverse", "sort",
+})
+_DICT_METHODS = frozenset({
+    "clear", "copy", "get", "items", "keys", "pop", "popitem", "setdefault", "update",
+    "values",
+})
+_SET_METHODS = frozenset({
+    "add", "clear", "copy", "difference", "discard", "intersection", "isdisjoint",
+    "issubset", "issuperset", "pop", "remove", "symmetric_difference", "union", "update",
+})
+
+#: The unbound methods a method may read on the builtin classes it can name;
+#: never a mutator, which would run on a frozen value past its guards.
+CLASS_ATTRIBUTES: Mapping[str, frozenset[str]] = {
+    "dict": frozenset({"copy", "fromkeys", "get", "items", "keys", "values"}),
+    "list": frozenset({"copy", "count", "index"}),
+    "tuple": frozenset({"count", "index"}),
+    "str": _STR_METHODS - {"center", "expandtabs", "join", "ljust", "replace", "rjust",
+                           "zfill"},
+}
+_CLASS_ATTRIBUTES = {_TYPES[name]: (name, attrs) for name, attrs in CLASS_ATTRIBUTES.items()}
+
+# Methods whose result size depends on their arguments: checked before
+# they run.
+
+
+def _pad(s: str, name: str) -> Callable[..., str]:
+    method = getattr(s, name)
+
+    def pad(width: Any, *fill: Any) -> str:
+        if isinstance(width, int):
+            _charge(0, max(width, 0) * (1 if s.isascii() else 4))
+        return method(width, *fill)  # type: ignore[no-any-return]
+    return pad
+
+
+def _expandtabs(s: str, name: str) -> Callable[..., str]:
+    def expandtabs(tabsize: Any = 8) -> str:
+        if isinstance(tabsize, int):
+            _charge(0, len(s) + s.count("\t") * max(tabsize, 0))
+        return s.expandtabs(tabsize)
+    return expandtabs
+
+
+def _replace(s: str, name: str) -> Callable[..., str]:
+    def replace(old: Any, new: Any, count: Any = -1) -> str:
+        if isinstance(old, str) and isinstance(new, str) and isinstance(count, int):
+            found = s.count(old) if old else len(s) + 1
+            if count >= 0:
+                found = min(found, count)
+            _charge(0, len(s) + found * len(new))
+        return s.replace(old, new, count)
+    return replace
+
+
+def _join(s: str, name: str) -> Callable[[Any], str]:
+    def join(iterable: Any) -> str:
+        items = _list(iterable)
+        if all(type(item) is str for item in items):
+            _charge(0, sum(map(len, items)) + len(s) * max(len(items) - 1, 0))
+        return s.join(items)
+    return join
+
+
+def _growing(obj: Any, name: str) -> Callable[..., Any]:
+    # list.extend, dict.update, set.update/union...: charged by what they add.
+    method = getattr(obj, name)
+    per_item = _SLOT if isinstance(obj, list) else _ENTRY
+
+    def grow(*args: Any, **kwargs: Any) -> Any:
+        n = len(kwargs) + sum(_length(arg) for arg in args)
+        _charge(n // _ITEMS_PER_STEP, per_item * n)
+        return method(*args, **kwargs)
+    return grow
+
+
+def _copying(obj: Any, name: str) -> Callable[..., Any]:
+    # A whole copy, a sort, a split: charged by the value's size first.
+    method = getattr(obj, name)
+
+    def copy(*args: Any, **kwargs: Any) -> Any:
+        n = _length(obj)
+        _charge(n * max(n.bit_length(), 1) // _ITEMS_PER_STEP if name == "sort"
+                else n // _ITEMS_PER_STEP, _size(obj) * (_SLOT if name in _SPLITS else 1))
+        return method(*args, **kwargs)
+    return copy
+
+
+def _walking(obj: Any, name: str) -> Any:
+    # Methods that walk the value once: a share of a step per item.
+    _charge(len(obj) // _ITEMS_PER_STEP, 0)
+    return getattr(obj, name)
+
+
+_SPLITS = frozenset({"split", "rsplit", "splitlines"})
+_Guard = Callable[[Any, str], Any]
+_STR_GUARDS: dict[str, _Guard] = {name: _walking for name in _STR_METHODS}
+_STR_GUARDS.update({"center": _pad, "ljust": _pad, "rjust": _pad, "zfill": _pad,
+                    "expandtabs": _expandtabs, "replace": _replace, "join": _join,
+                    "split": _copying, "rsplit": _copying, "splitlines": _copying})
+_LIST_GUARDS: dict[str, _Guard | None] = dict.fromkeys(_LIST_METHODS)
+_LIST_GUARDS.update({"extend": _growing, "copy": _copying, "sort": _copying,
+                     "count": _walking, "index": _walking, "remove": _walking,
+                     "insert": _walking})
+_DICT_GUARDS: dict[str, _Guard | None] = dict.fromkeys(_DICT_METHODS)
+_DICT_GUARDS.update({"update": _growing, "copy": _copying})
+_SET_GUARDS: dict[str, _Guard | None] = dict.fromkeys(_SET_METHODS)
+_SET_GUARDS.update({"update": _growing, "union": _growing, "copy": _copying,
+                    "difference": _walking, "intersection": _walking,
+                    "symmetric_difference": _growing, "issubset": _walking,
+                    "issuperset": _walking, "isdisjoint": _walking})
+_RULES: dict[type, Mapping[str, _Guard | None]] = {
+    str: _STR_GUARDS, list: _LIST_GUARDS, FrozenList: _LIST_GUARDS,
+    dict: _DICT_GUARDS, FrozenDict: _DICT_GUARDS, set: _SET_GUARDS,
+    tuple: {"count": _walking, "index": _walking},
+    int: dict.fromkeys(_INT_ATTRIBUTES), bool: dict.fromkeys(_INT_ATTRIBUTES),
+    float: dict.fromkeys(_FLOAT_ATTRIBUTES),
+}
+#: The attributes a method may read on a value, by its exact type (the
+#: frozen containers have the names of the plain ones; their mutators raise).
+VALUE_ATTRIBUTES: Mapping[type, frozenset[str]] = {
+    t: frozenset(rules) for t, rules in _RULES.items()}
+
+
+def _fromkeys(iterable: Any, value: Any = None) -> dict[Any, Any]:
+    n = _length(iterable)
+    _charge(n // _ITEMS_PER_STEP, _ENTRY * n)
+    return dict.fromkeys(iterable, value)
+
+
+def _guarded_getattr(obj: Any, name: str) -> Any:
+    t = type(obj)
+    if t is MapRef:
+        if name in _REF_READS:
+            return getattr(obj, name)
+        if name in _REF_WRITES:
+            if obj.is_read_only:
+                raise ReadOnlyError(f"cannot use {name!r}: the map reference is read-only")
+            return getattr(obj, name)
+        raise AttributeError(
+            f"serialized methods cannot use {name!r} of the map reference; "
+            f"allowed: {', '.join(sorted(REF_ATTRIBUTES))}")
+    rules = _RULES.get(t)
+    if rules is not None:
+        if name in rules:
+            guard = rules[name]
+            return getattr(obj, name) if guard is None else guard(obj, name)
+    elif t is _BuiltinType and obj in _CLASS_ATTRIBUTES:
+        class_name, allowed = _CLASS_ATTRIBUTES[obj]
+        if name in allowed:
+            return _fromkeys if name == "fromkeys" else getattr(obj._type, name)
+        raise AttributeError(
+            f"serialized methods cannot use {class_name}.{name}: only "
+            f"{', '.join(sorted(allowed))} (a mutator could change a value the method "
+            f"does not own; call it on a copy, e.g. {class_name}(value))")
+    raise AttributeError(
+        f"serialized methods cannot read attribute {name!r} of a {t.__name__!r} value")
+
+
+_BUILTINS: dict[str, Any] = {name: getattr(builtins, name) for name in _SAFE_EXCEPTIONS}
+_BUILTINS.update(_SAFE_FUNCTIONS)
+_BUILTINS.update(_TYPES)
+# The helpers the policy's rewritten code calls; their names start with "_",
+# so the method's own code cannot name them.
 _BUILTINS.update({
     "_getattr_": _guarded_getattr,
     "_getitem_": operator.getitem,
     "_getiter_": iter,
-    "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
-    "_unpack_sequence_": guarded_unpack_sequence,
+    "_iter_unpack_sequence_": _iter_unpack_sequence,
+    "_unpack_sequence_": _unpack_sequence,
     "_write_": full_write_guard,
     "_inplacevar_": _inplacevar,
     "_apply_": _apply,
+    "_step_": _step,
+    "_caught_": _caught,
+    "_add_": _add,
+    "_mul_": _mul,
+    "_pow_": _pow,
+    "_lshift_": _lshift,
+    "_mod_": _mod,
+    "_floordiv_": _floordiv,
+    "_format_": _format,
+    "_scanned_": _scanned,
+    "_star_": _star,
 })
 
 _GLOBAL_NAME_OPS = frozenset({
@@ -179,10 +821,24 @@ _GLOBAL_NAME_OPS = frozenset({
 # RestrictedPython turns ``print`` into a call of this (absent) helper.
 _PRINT_HELPER = "_print_"
 
+_GUARDED_OPERATORS: dict[type[ast.operator], str] = {
+    ast.Add: "_add_", ast.Mult: "_mul_", ast.Pow: "_pow_", ast.LShift: "_lshift_",
+    ast.Mod: "_mod_", ast.FloorDiv: "_floordiv_",
+}
+
+
+def _call(helper: str, node: ast.AST, *args: ast.expr) -> ast.Call:
+    """``helper(*args)``, placed at ``node`` (compile() needs every node placed)."""
+    name = ast.copy_location(ast.Name(helper, ast.Load()), node)
+    return ast.copy_location(ast.Call(func=name, args=list(args), keywords=[]), node)
+
 
 class _MethodPolicy(RestrictingNodeTransformer):
     """RestrictedPython's policy, minus what a method that reads a map and
-    returns a value never needs."""
+    returns a value never needs, plus the rewrites that meter it: a step at
+    each loop iteration, comprehension item and call of a function the
+    method defines, and the operators that create big values routed through
+    their guards."""
 
     def _refuse(self, node: ast.AST, what: str) -> ast.AST:
         self.error(node, f"{what} not allowed in serialized methods")
@@ -208,11 +864,89 @@ class _MethodPolicy(RestrictingNodeTransformer):
     def visit_YieldFrom(self, node: ast.YieldFrom) -> ast.AST:
         return self._refuse(node, "yield is")
 
+    def visit_With(self, node: ast.With) -> ast.AST:
+        # No value a method can reach is a context manager.
+        return self._refuse(node, "with statements are")
+
     def visit_Attribute(self, node: ast.Attribute) -> Any:
         if not isinstance(node.ctx, ast.Load):
             self.error(node, f"assigning or deleting attribute {node.attr!r} is not allowed "
                              "in serialized methods")
         return super().visit_Attribute(node)
+
+    # -- metering ---------------------------------------------------------------
+
+    def _step_statement(self, node: ast.AST) -> ast.stmt:
+        return ast.copy_location(ast.Expr(_call("_step_", node)), node)
+
+    def visit_For(self, node: ast.For) -> Any:
+        node = cast(ast.For, super().visit_For(node))
+        node.body.insert(0, self._step_statement(node))
+        return node
+
+    def visit_While(self, node: ast.While) -> Any:
+        node = cast(ast.While, super().visit_While(node))
+        node.body.insert(0, self._step_statement(node))
+        return node
+
+    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> Any:
+        node = cast(ast.ExceptHandler, super().visit_ExceptHandler(node))
+        if node.type is None:
+            # A bare except catches Exception only: a method never catches
+            # the BaseException that ends it when it goes over budget.
+            node.type = ast.copy_location(ast.Name("Exception", ast.Load()), node)
+        node.body.insert(0, ast.copy_location(ast.Expr(_call("_caught_", node)), node))
+        return node
+
+    def visit_comprehension(self, node: ast.comprehension) -> Any:
+        node = cast(ast.comprehension, super().visit_comprehension(node))
+        node.ifs.insert(0, _call("_step_", node.iter))
+        return node
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> Any:
+        node = cast(ast.FunctionDef, super().visit_FunctionDef(node))
+        node.body.insert(0, self._step_statement(node))
+        return node
+
+    def visit_Lambda(self, node: ast.Lambda) -> Any:
+        node = cast(ast.Lambda, super().visit_Lambda(node))
+        node.body = ast.copy_location(
+            ast.BoolOp(op=ast.And(), values=[_call("_step_", node), node.body]), node.body)
+        return node
+
+    def visit_GeneratorExp(self, node: ast.GeneratorExp) -> Any:
+        # Evaluated eagerly: a generator would be a lazy iterator to chain.
+        node = cast(ast.GeneratorExp, super().visit_GeneratorExp(node))
+        return ast.copy_location(ast.ListComp(elt=node.elt, generators=node.generators), node)
+
+    def visit_BinOp(self, node: ast.BinOp) -> Any:
+        node = cast(ast.BinOp, super().visit_BinOp(node))
+        helper = _GUARDED_OPERATORS.get(type(node.op))
+        if helper is None:
+            return node
+        return _call(helper, node, node.left, node.right)
+
+    def visit_Compare(self, node: ast.Compare) -> Any:
+        node = cast(ast.Compare, super().visit_Compare(node))
+        node.comparators = [
+            _call("_scanned_", right, right) if isinstance(op, ast.In | ast.NotIn) else right
+            for op, right in zip(node.ops, node.comparators, strict=True)]
+        return node
+
+    def visit_Starred(self, node: ast.Starred) -> Any:
+        node = cast(ast.Starred, super().visit_Starred(node))
+        if isinstance(node.ctx, ast.Load):
+            node.value = _call("_star_", node.value, node.value)
+        return node
+
+    def visit_FormattedValue(self, node: ast.FormattedValue) -> Any:
+        node = cast(ast.FormattedValue, super().visit_FormattedValue(node))
+        spec = node.format_spec
+        if spec is None:
+            spec = ast.copy_location(ast.Constant(""), node)
+        conversion = ast.copy_location(ast.Constant(node.conversion), node)
+        value = _call("_format_", node, node.value, spec, conversion)
+        return ast.copy_location(ast.FormattedValue(value=value, conversion=-1), node)
 
 
 class _Compiled(NamedTuple):
@@ -282,6 +1016,12 @@ def _unavailable_globals(module: CodeType) -> list[str]:
     return errors
 
 
+# The compiled function's name is never visible to the method: it is popped
+# from the function's globals once defined.
+_FUNCTION_NAME = "serialized_method"
+_FILENAME = "<serialized method>"
+
+
 @functools.lru_cache(maxsize=MAX_CACHE_SIZE)
 def _compile(arg_names: tuple[str, ...], body: str) -> _Compiled:
     """Compile once per ``(arg_names, body)``; failures are cached too, so a
@@ -321,35 +1061,56 @@ def cache_clear() -> None:
     _compile.cache_clear()
 
 
-def check_method(name: str, args: Sequence[str], body: str) -> None:
+def _body_too_long(name: str, body: str, limits: MethodLimits) -> MethodError | None:
+    # Characters first: a body is never shorter in UTF-8 than in characters,
+    # and only a long one pays for the encoding.
+    if len(body) * 4 <= limits.max_body:
+        return None
+    size = len(body.encode("utf-8", "surrogatepass"))
+    if size <= limits.max_body:
+        return None
+    return MethodError(f"method {name!r} is too long: its body has {size} bytes, more than "
+                       f"the max_body limit of {limits.max_body}", method=name)
+
+
+def check_method(name: str, args: Sequence[str], body: str,
+                 limits: MethodLimits | None = None) -> None:
     """Validate a method before ``set_fun`` stores it.
 
     Raises :class:`InvalidTypeError`/:class:`InvalidValueError` for a name,
     argument list or body of the wrong type, or argument names that are not
     plain identifiers (keywords, ``self``, leading ``_``, repeated), and
-    :class:`MethodError` when the body does not compile under the sandbox's
-    restrictions (the message lists every reason, with body line numbers).
+    :class:`MethodError` when the body is longer than ``limits.max_body`` or
+    does not compile under the sandbox's restrictions (the message lists
+    every reason, with body line numbers).
     """
     if not isinstance(name, str):
         raise InvalidTypeError(f"method name must be a str, got {type(name).__name__}")
     arg_names = _check_arg_names(args, f"method {name!r}")
     if not isinstance(body, str):
         raise InvalidTypeError(f"body of method {name!r} must be a str, got {type(body).__name__}")
+    too_long = _body_too_long(name, body, limits or DEFAULT_LIMITS)
+    if too_long is not None:
+        raise too_long
     compiled = _compile(arg_names, body)
     if compiled.function is None:
         raise MethodError(_compile_message(name, compiled), method=name)
 
 
-def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any]) -> Any:
-    """Run method ``name`` described by ``desc`` with ``self=ref``.
+def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any],
+                limits: MethodLimits | None = None) -> Any:
+    """Run method ``name`` described by ``desc`` with ``self=ref``, within
+    ``limits`` (the defaults when None).
 
     ``desc`` is the stored ``{"type", "args", "body"}`` value; it may have come
     from the network, so its shape is checked. ``args`` must be a sequence of
     JSON data (as map values), one per declared argument; it is deep-frozen
-    before the call. Anything wrong, and any exception the method raises, is a
+    before the call. Anything wrong, any exception the method raises
+    (``BaseException`` included) and going over a limit is a
     :class:`MethodError` naming the method (the original exception chained).
     A :class:`MethodError` from a method it called propagates unchanged, so
-    the error names the method that failed.
+    the error names the method that failed. A method called by a method runs
+    on its caller's budget.
     """
     # Exact-type checks first: the core always passes a FrozenDict, and this
     # runs on every apply_method.
@@ -363,6 +1124,11 @@ def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any
             f"method {name!r} is malformed: 'args' must be a list of names", method=name)
     if not isinstance(body, str):
         raise MethodError(f"method {name!r} is malformed: 'body' must be a str", method=name)
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    too_long = _body_too_long(name, body, limits)
+    if too_long is not None:
+        raise too_long
     try:
         # _compile checks the names; only unhashable ones fail before it.
         compiled = _compile(tuple(arg_names), body)
@@ -387,13 +1153,42 @@ def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any
     except (TypeError, ValueError) as exc:
         raise MethodError(f"arguments of method {name!r} must be JSON data: {exc}",
                           method=name) from exc
-    try:
-        return function(ref, *frozen)
-    except MethodError:
-        raise
-    except Exception as exc:
-        raise MethodError(f"method {name!r} raised {type(exc).__name__}: {exc}",
-                          method=name) from exc
+    global _depth, _steps_left, _bytes_left
+    with _LOCK:
+        outermost = _depth == 0
+        if outermost:
+            _steps_left = limits.max_steps
+            _bytes_left = limits.max_bytes
+        _depth += 1
+        try:
+            result = function(ref, *frozen)
+            if outermost and (_steps_left < 0 or _bytes_left < 0):
+                # The method caught the limit error and returned anyway.
+                raise _OverBudget("max_steps" if _steps_left < 0 else "max_bytes")
+            return result
+        except _OverBudget as exc:
+            if not outermost:
+                raise
+            raise MethodError(_over_budget_message(name, exc.limit, limits),
+                              method=name) from None
+        except MethodError:
+            raise
+        except BaseException as exc:
+            raise MethodError(f"method {name!r} raised {type(exc).__name__}: {exc}",
+                              method=name) from exc
+        finally:
+            _depth -= 1
+
+
+def _over_budget_message(name: str, limit: str, limits: MethodLimits) -> str:
+    if limit == "max_steps":
+        return (f"method {name!r} went over its max_steps limit of {limits.max_steps} "
+                "steps (loop iterations, comprehension items, calls)")
+    if limit == "max_bytes":
+        return (f"method {name!r} went over its max_bytes limit: it would create more "
+                f"than {limits.max_bytes} bytes of values")
+    return (f"method {name!r} went over the MAX_INT_BITS limit: integers it makes have at "
+            f"most {MAX_INT_BITS} bits")
 
 
 def _compile_message(name: str, compiled: _Compiled) -> str:

@@ -39,6 +39,7 @@ from .errors import (
     PrepareRequiredError,
     SharingError,
 )
+from .methods import MethodLimits, check_limits
 
 __all__ = ["ServiceStats", "SharingService"]
 
@@ -95,14 +96,17 @@ class SharingService:
     """Primaries, replicas and aggregates of one node, over one backend."""
 
     def __init__(self, backend: Backend, *, max_updates: int = 100,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None,
+                 method_limits: MethodLimits | None = None) -> None:
         self.backend = backend
+        # The budget of methods run on this node's maps (None: the defaults).
+        self._method_limits = check_limits(method_limits)
         self.stats = ServiceStats()
         self._max_updates = max_updates
         self._log = logger or log
         self._primaries: dict[str, SharedMap] = {}
         self._replicas: dict[tuple[str, bool], _Replica] = {}
-        self._aggregates: dict[tuple[str, str], _Aggregate] = {}
+        self._aggregates: dict[tuple[str, str, bool], _Aggregate] = {}
         self._closed = False
         backend.add_reconnect_listener(self._on_reconnect)
 
@@ -119,7 +123,8 @@ class SharingService:
         found = self._primaries.get(name)
         if found is not None:  # another actor task loaded it meanwhile
             return found
-        shared = SharedMap(max_updates=self._max_updates, logger=self._log)
+        shared = SharedMap(max_updates=self._max_updates, logger=self._log,
+                           method_limits=self._method_limits)
         shared.apply_changes(dump)
         self._primaries[name] = shared
         return shared
@@ -173,7 +178,8 @@ class SharingService:
         return replica.map
 
     async def _open_replica(self, name: str, no_exec: bool) -> _Replica:
-        shared = SharedMap(no_exec=no_exec, max_updates=self._max_updates, logger=self._log)
+        shared = SharedMap(no_exec=no_exec, max_updates=self._max_updates, logger=self._log,
+                           method_limits=self._method_limits)
         replica = _Replica(self, name, shared)
         await self.backend.subscribe(name, replica.handle)
         try:
@@ -279,24 +285,27 @@ class SharingService:
 
     # -- aggregates --------------------------------------------------------
 
-    async def aggregate_of(self, name: str, *, link_key: str | None = None) -> AggregateMap:
-        """A shared AggregateMap rooted at ``name``; its maps are best-effort replicas."""
-        key = (name, link_key or DEFAULT_LINK_KEY)
+    async def aggregate_of(self, name: str, *, link_key: str | None = None,
+                           no_exec: bool = False) -> AggregateMap:
+        """A shared AggregateMap rooted at ``name``; its maps are best-effort
+        replicas, opened with ``no_exec``."""
+        key = (name, link_key or DEFAULT_LINK_KEY, no_exec)
         entry = self._aggregates.get(key)
         if entry is not None:
             entry.count += 1
             return entry.map
 
         async def find_map(map_name: str) -> SharedMap | None:
-            return await self.replica_of(map_name, best_effort=True)
+            return await self.replica_of(map_name, best_effort=True, no_exec=no_exec)
 
-        agg = AggregateMap(name, find_map, key[1])
+        agg = AggregateMap(name, find_map, key[1], no_exec=no_exec)
         self._aggregates[key] = _Aggregate(agg)
         return agg
 
     async def release_aggregate(self, name: str, agg: AggregateMap) -> None:
         """Drop one reference; release its replicas when it was the last one."""
-        if self._drop_reference(self._aggregates, (name, agg.link_key), agg) is None:
+        if self._drop_reference(self._aggregates, (name, agg.link_key, agg.no_exec),
+                                agg) is None:
             return
         for map_name, shared in list(agg.maps.items()):
             await self.release_replica(map_name, shared)
