@@ -293,8 +293,14 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
+def _charge_repeat(seq: Any, times: int) -> None:
+    # A repetition is a memory copy: a step per few hundred items.
+    times = max(times, 0)
+    _charge((len(seq) * times) >> 8, _size(seq) * times)
+
+
 def _repeat(seq: Any, times: Any) -> Any:
-    _charge(len(seq) * max(times, 0) // _ITEMS_PER_STEP, _size(seq) * max(times, 0))
+    _charge_repeat(seq, times)
     return seq * times
 
 
@@ -415,6 +421,9 @@ def _inplacevar(op: str, target: Any, value: Any) -> Any:
             return _INPLACE_OPERATORS["+="](target, value)
         return _add(target, value)
     if op == "*=":
+        if isinstance(target, list) and isinstance(value, int):  # repeats in place
+            _charge_repeat(target, value - 1)
+            return _INPLACE_OPERATORS[op](target, value)
         return _mul(target, value)
     if op == "**=":
         return _pow(target, value)
