@@ -392,6 +392,12 @@ HUGE = [
     ("x = ['x' * 10**6]\nreturn [s + 'y' for s in x * 100]", "max_bytes"),
     ("return sum([[1] * 1000] * 100000, [])", "max_bytes"),
     ("return ('a ' * 1500000).split()", "max_bytes"),
+    ("s = 'x' * 10**6\nkept = []\nfor i in range(100):\n    kept.append(s[1:])", "max_bytes"),
+    ("x = [0] * 10**5\nkept = []\nfor i in range(100):\n    kept.append(x[::-1])", "max_bytes"),
+    ("d = dict.fromkeys(range(10**5))\nkept = []\nfor i in range(100):\n"
+     "    kept.append({**d})", "max_bytes"),
+    ("d = dict.fromkeys(map(str, range(10**5)))\nkept = []\nfor i in range(100):\n"
+     "    kept.append(dict(**d))", "max_bytes"),
 ]
 
 
@@ -411,6 +417,31 @@ def test_the_memory_limit_is_per_map() -> None:
             call(path, "return len('x' * n)", ["n"], [5000], small)
 
 
+def test_to_dict_is_charged_by_the_size_of_the_map() -> None:
+    shared = SharedMap(method_limits=MethodLimits(max_bytes=10_000))
+    shared.apply_changes(change_set(**{f"k{i}": i for i in range(1000)}))
+    ref = shared.ref()
+    ref.set_fun("copy", [], "return len(self.to_dict())")
+    with pytest.raises(MethodError, match="max_bytes"):
+        ref.apply_method("copy", [])
+    assert SharedMap().ref().set_fun("copy", [], "return len(self.to_dict())").apply_method(
+        "copy", []) == 1
+
+
+@pytest.mark.parametrize("body", [
+    "def f(v):\n    return v\nreturn f",
+    "return lambda v: v",
+    "return list",
+    "return [].extend",
+    "return 'x'.join",
+])
+def test_what_a_method_returns_cannot_run_outside_it(body: str) -> None:
+    returned = call("peer", body)
+    with pytest.raises(MethodError, match="can only run inside a method call"):
+        returned(["a", "b"])
+    assert call("peer", "return 1") == 1
+
+
 def test_star_widths_in_percent_formats_are_refused() -> None:
     with pytest.raises(MethodError, match="'\\*' widths"):
         call("peer", "return '%*d' % (10**9, 1)")
@@ -425,12 +456,15 @@ for w in words:
 table = [f'{w:>8}: {n:05d}' for w, n in sorted(counts.items())]
 return ['|'.join(table), sum(range(10000)), 2 ** 100, max(map(len, words)),
         list(enumerate('ab')), list(zip('ab', 'cd')), list(reversed([1, 2])),
-        '%s-%d' % ('a', 1), 'x'.center(9, '*'), ' a '.strip(), 'a\\tb'.expandtabs(4)]
+        '%s-%d' % ('a', 1), 'x'.center(9, '*'), ' a '.strip(), 'a\\tb'.expandtabs(4),
+        'abcdef'[1:4], [1, 2, 3][::-1], {**{'a': 1}, 'b': 2}, sum([[1], [2]], []),
+        dict(**{'k': 1})]
 """
     result = call("peer", body)
     assert result[0].startswith("    amet: 02000|   dolor: 02000|")
     assert result[1:] == [49995000, 2 ** 100, 5, [(0, "a"), (1, "b")], [("a", "c"), ("b", "d")],
-                          [2, 1], "a-1", "****x****", "a", "a   b"]
+                          [2, 1], "a-1", "****x****", "a", "a   b", "bcd", [3, 2, 1],
+                          {"a": 1, "b": 2}, [1, 2], {"k": 1}]
 
 
 # -- exceptions that try to get past the caller ---------------------------------------------

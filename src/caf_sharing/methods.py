@@ -100,7 +100,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import CodeType
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, NoReturn, cast
 
 from RestrictedPython.compile import compile_restricted_function
 from RestrictedPython.Guards import full_write_guard
@@ -190,8 +190,10 @@ def check_limits(limits: object) -> MethodLimits:
 
 _LOCK = threading.RLock()
 _depth = 0
-_steps_left = 0
-_bytes_left = 0
+# Both below zero between calls: a function or stand-in that a method
+# returned cannot run outside the call (see _over).
+_steps_left = -1
+_bytes_left = -1
 
 
 class _OverBudget(BaseException):
@@ -204,11 +206,18 @@ class _OverBudget(BaseException):
         self.limit = limit
 
 
+def _over(limit: str) -> NoReturn:
+    if _depth == 0:
+        raise MethodError("a function or builtin that a serialized method returned can "
+                          "only run inside a method call", method="")
+    raise _OverBudget(limit)
+
+
 def _step() -> bool:
     global _steps_left
     _steps_left -= 1
     if _steps_left < 0:
-        raise _OverBudget("max_steps")
+        _over("max_steps")
     return True
 
 
@@ -227,9 +236,9 @@ def _charge(steps: int, nbytes: int) -> None:
     _steps_left -= steps
     _bytes_left -= nbytes
     if _bytes_left < 0:
-        raise _OverBudget("max_bytes")
+        _over("max_bytes")
     if _steps_left < 0:
-        raise _OverBudget("max_steps")
+        _over("max_steps")
 
 
 # One step stands for about this many elements of a builtin's walk over a value.
@@ -269,7 +278,7 @@ def _charged(result: Any) -> Any:
 
 def _check_int(value: int) -> int:
     if value.bit_length() > MAX_INT_BITS:
-        raise _OverBudget("MAX_INT_BITS")
+        _over("MAX_INT_BITS")
     return value
 
 
@@ -307,9 +316,11 @@ def _repeat(seq: Any, times: Any) -> Any:
 def _mul(a: Any, b: Any) -> Any:
     if isinstance(a, int):
         if isinstance(b, int):
-            if a.bit_length() + b.bit_length() > MAX_INT_BITS:
-                raise _OverBudget("MAX_INT_BITS")
-            _big_int_cost(a, b)
+            bits = a.bit_length() + b.bit_length()
+            if bits > 128:
+                if bits > MAX_INT_BITS:
+                    _over("MAX_INT_BITS")
+                _big_int_cost(a, b)
             return a * b
         if isinstance(b, _SEQUENCES):
             return _repeat(b, a)
@@ -322,7 +333,7 @@ def _pow(a: Any, b: Any) -> Any:
     if isinstance(a, int) and isinstance(b, int) and b > 1 and a.bit_length() > 1:
         # a ** b has between (n - 1) * b + 1 and n * b bits, for a of n bits.
         if (a.bit_length() - 1) * b + 1 > MAX_INT_BITS:
-            raise _OverBudget("MAX_INT_BITS")
+            _over("MAX_INT_BITS")
         bits = a.bit_length() * b
         _charge((bits * bits) >> 18, bits >> 3)
         return _check_int(a ** b)
@@ -332,7 +343,7 @@ def _pow(a: Any, b: Any) -> Any:
 def _lshift(a: Any, b: Any) -> Any:
     if isinstance(a, int) and isinstance(b, int) and a and b > 0:
         if a.bit_length() + b > MAX_INT_BITS:
-            raise _OverBudget("MAX_INT_BITS")
+            _over("MAX_INT_BITS")
         _charge(0, (a.bit_length() + b) >> 3)
     return a << b
 
@@ -357,7 +368,7 @@ def _mod(a: Any, b: Any) -> Any:
                 if number == "*":
                     raise ValueError("'*' widths are not allowed in serialized methods")
                 if number and int(number) > _bytes_left:
-                    raise _OverBudget("max_bytes")
+                    _over("max_bytes")
         return _charged(a % b)
     if isinstance(a, int) and isinstance(b, int):
         _big_int_cost(a, b)
@@ -375,7 +386,7 @@ def _format(value: Any, spec: str, conversion: int) -> str:
         value = str(value)
     for number in _DIGITS.findall(spec):
         if len(number) > 9 or int(number) > _bytes_left:
-            raise _OverBudget("max_bytes")
+            _over("max_bytes")
     return _charged(format(value, spec))  # type: ignore[no-any-return]
 
 
@@ -393,6 +404,15 @@ def _scanned(container: Any) -> Any:
             return container
         _charge(n // _ITEMS_PER_STEP, 0)
     return container
+
+
+def _getitem(obj: Any, key: Any) -> Any:
+    if type(key) is slice and type(obj) is not range:
+        # A slice copies: charged like the copy it makes.
+        length = _length(obj)
+        n = len(range(*key.indices(length)))
+        _charge(n >> 8, _size(obj) * n // length if length else 0)
+    return obj[key]
 
 
 def _star(value: Any) -> Any:
@@ -514,6 +534,8 @@ def _sum(iterable: Any, /, start: Any = 0) -> Any:
     if isinstance(start, int | float):
         _charge(_length(iterable) // _ITEMS_PER_STEP, 0)
         return builtins.sum(iterable, start)
+    if isinstance(start, str):
+        raise TypeError("sum() can't sum strings [use ''.join(seq) instead]")
     # Adding up lists or tuples: each addition creates a new value.
     total = start
     for item in iterable:
@@ -771,6 +793,8 @@ def _guarded_getattr(obj: Any, name: str) -> Any:
     t = type(obj)
     if t is MapRef:
         if name in _REF_READS:
+            if name == "to_dict":  # a deep copy of the whole map
+                _charge(len(obj) // _ITEMS_PER_STEP, _ENTRY * len(obj))
             return getattr(obj, name)
         if name in _REF_WRITES:
             if obj.is_read_only:
@@ -803,7 +827,7 @@ _BUILTINS.update(_TYPES)
 # so the method's own code cannot name them.
 _BUILTINS.update({
     "_getattr_": _guarded_getattr,
-    "_getitem_": operator.getitem,
+    "_getitem_": _getitem,
     "_getiter_": iter,
     "_iter_unpack_sequence_": _iter_unpack_sequence,
     "_unpack_sequence_": _unpack_sequence,
@@ -885,6 +909,8 @@ class _MethodPolicy(RestrictingNodeTransformer):
 
     # -- metering ---------------------------------------------------------------
 
+    _in_method = False
+
     def _step_statement(self, node: ast.AST) -> ast.stmt:
         return ast.copy_location(ast.Expr(_call("_step_", node)), node)
 
@@ -913,8 +939,13 @@ class _MethodPolicy(RestrictingNodeTransformer):
         return node
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> Any:
+        # The first one is the method itself: call_method charges a step for
+        # each nested call of it, so a top-level call pays none.
+        outermost = not self._in_method
+        self._in_method = True
         node = cast(ast.FunctionDef, super().visit_FunctionDef(node))
-        node.body.insert(0, self._step_statement(node))
+        if not outermost:
+            node.body.insert(0, self._step_statement(node))
         return node
 
     def visit_Lambda(self, node: ast.Lambda) -> Any:
@@ -945,6 +976,18 @@ class _MethodPolicy(RestrictingNodeTransformer):
     def visit_Starred(self, node: ast.Starred) -> Any:
         node = cast(ast.Starred, super().visit_Starred(node))
         if isinstance(node.ctx, ast.Load):
+            node.value = _call("_star_", node.value, node.value)
+        return node
+
+    def visit_Dict(self, node: ast.Dict) -> Any:
+        node = cast(ast.Dict, super().visit_Dict(node))
+        node.values = [_call("_star_", value, value) if key is None else value
+                       for key, value in zip(node.keys, node.values, strict=True)]
+        return node
+
+    def visit_keyword(self, node: ast.keyword) -> Any:
+        node = cast(ast.keyword, super().visit_keyword(node))
+        if node.arg is None:
             node.value = _call("_star_", node.value, node.value)
         return node
 
@@ -1168,11 +1211,13 @@ def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any
         if outermost:
             _steps_left = limits.max_steps
             _bytes_left = limits.max_bytes
+        else:
+            _step()
         _depth += 1
         try:
             result = function(ref, *frozen)
             if outermost and (_steps_left < 0 or _bytes_left < 0):
-                # The method caught the limit error and returned anyway.
+                # A ``finally: return`` swallowed the limit error.
                 raise _OverBudget("max_steps" if _steps_left < 0 else "max_bytes")
             return result
         except _OverBudget as exc:
@@ -1187,6 +1232,8 @@ def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any
                               method=name) from exc
         finally:
             _depth -= 1
+            if outermost:
+                _steps_left = _bytes_left = -1
 
 
 def _over_budget_message(name: str, limit: str, limits: MethodLimits) -> str:
