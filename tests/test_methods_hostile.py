@@ -254,6 +254,66 @@ def test_chains_build_and_free_without_crashing(name: str) -> None:
     assert done.stdout.endswith("alive\n")
 
 
+DEEP_TUPLE = "t = 1\nfor i in range(300000):\n    t = (t,)\n"
+DAG_TUPLE = "t = 1\nfor i in range(200):\n    t = (t, t)\n"
+HASHED = {
+    "dict display": "return {t: 1}",
+    "set display": "return {t}",
+    "starred set": "return {*[t]}",
+    "dict comprehension": "return {k: 1 for k in [t]}",
+    "set comprehension": "return {k for k in [t]}",
+    "subscript": "return {}[t]",
+    "store": "d = {}\nd[t] = 1",
+    "delete": "d = {}\ndel d[t]",
+    "in dict": "return t in {}",
+    "in set": "return t in {1}",
+    "in ref": "return t in self",
+    "ref get": "return self.get(t)",
+    "dict.get": "return {}.get(t)",
+    "dict.setdefault": "return {}.setdefault(t)",
+    "dict.pop": "return {}.pop(t, 0)",
+    "dict.update": "d = {}\nd.update([(t, 1)])",
+    "dict(pairs)": "return dict([(t, 1)])",
+    "dict.fromkeys": "return dict.fromkeys([t])",
+    "unbound dict.get": "return dict.get({}, t)",
+    "set.add": "s = {1}\ns.add(t)",
+    "set.update": "s = {1}\ns.update([t])",
+    "set.issubset": "return {1}.issubset([t])",
+    "keys view |": "return {}.keys() | [t]",
+    "keys view -": "return {}.keys() - [t]",
+    "keys view &=": "k = {}.keys()\nk &= [t]",
+}
+
+
+@pytest.mark.parametrize("site", sorted(HASHED))
+def test_hashing_a_deep_tuple_is_refused_not_a_crash(site: str) -> None:
+    """Hashing a tuple recurses in C with no depth check: 10**5 levels
+    overflow the stack. In a child, in case it does."""
+    done = run_child(DEEP_TUPLE + HASHED[site], str(10**7))
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    if site == "ref get":  # the map never hashes a key that is not a str
+        assert done.stdout.startswith("returned NoneType"), done.stdout
+    else:
+        assert done.stdout.startswith("MethodError: method 'm' raised ValueError: serialized "
+                                      "methods cannot hash a tuple nested more than 100"), \
+            done.stdout
+    assert done.stdout.endswith("alive\n")
+
+
+@pytest.mark.parametrize("site", ["dict display", "in set", "subscript", "set.add"])
+def test_hashing_a_tuple_dag_is_charged(site: str) -> None:
+    with pytest.raises(MethodError, match="max_steps"):
+        call("peer", DAG_TUPLE.replace("200", "40") + HASHED[site])
+
+
+def test_tuple_keys_still_work() -> None:
+    body = ("d = {(1, 2): 'a', ((1,), 2): 'b'}\nd[(3, 4)] = 'c'\n"
+            "return [d[(1, 2)], d.get(((1,), 2)), (3, 4) in d, {(1, 2)} | {(5, 6)} == "
+            "{(1, 2), (5, 6)}, sorted(dict([((0, 1), 1)]).items()), {1, 2} - {2}, 7 - 2, "
+            "5 | 2, 6 & 3, 6 ^ 3]")
+    assert call("peer", body) == ["a", "b", True, True, [((0, 1), 1)], {1}, 5, 7, 2, 5]
+
+
 def test_chain_under_the_default_budget_ends_in_a_method_error() -> None:
     done = run_child(CHAINS["enumerate"], "default")
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])

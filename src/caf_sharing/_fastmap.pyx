@@ -605,6 +605,15 @@ cdef class FrozenList(list):
 # Keys
 # ---------------------------------------------------------------------------
 
+cdef int _check_hashable(object key) except -1:
+    """Raises TypeError for a key of an unhashable type, as a dict lookup
+    would, without hashing it: a non-str key is never present, and hashing a
+    deeply nested tuple recurses in C with no depth check."""
+    if type(key).__hash__ is None:
+        raise TypeError(f"unhashable type: '{_type_name(key)}'")
+    return 0
+
+
 cdef str _check_key(object key, str action):
     """Returns `key` as an exact str, or raises naming it."""
     if type(key) is not str:
@@ -1751,7 +1760,7 @@ cdef class MapRef:
         cdef PyObject* p
         if type(key) is not str:
             if not isinstance(key, str):
-                PyObject_Hash(key)
+                _check_hashable(key)
                 return _MISSING
             key = PyUnicode_FromObject(key)
         if self._edits is not None:
@@ -2075,7 +2084,7 @@ cdef class _KeysView(_View):
     def __contains__(self, key):
         if type(key) is not str:
             if not isinstance(key, str):
-                PyObject_Hash(key)
+                _check_hashable(key)
                 return False
             key = PyUnicode_FromObject(key)
         return _find(_root_ptr(self._root), <str>key, PyObject_Hash(key) & self._mask) != NULL

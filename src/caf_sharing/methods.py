@@ -118,6 +118,7 @@ __all__ = [
     "DEFAULT_MAX_STEPS",
     "MAX_CACHE_SIZE",
     "MAX_INT_BITS",
+    "MAX_KEY_DEPTH",
     "REF_ATTRIBUTES",
     "VALUE_ATTRIBUTES",
     "CacheInfo",
@@ -142,6 +143,8 @@ DEFAULT_MAX_BYTES = 16 * 2**20
 DEFAULT_MAX_BODY = 64 * 2**10
 #: The largest integer ``*``, ``**``, ``<<`` and ``int()`` may make.
 MAX_INT_BITS = 2**16
+#: How deeply a tuple used as a dict key or set member may nest.
+MAX_KEY_DEPTH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,7 +410,9 @@ def _scanned(container: Any) -> Any:
 
 
 def _getitem(obj: Any, key: Any) -> Any:
-    if type(key) is slice and type(obj) is not range:
+    if type(key) is tuple:
+        _check_key(key)
+    elif type(key) is slice and type(obj) is not range:
         # A slice copies: charged like the copy it makes.
         length = _length(obj)
         n = len(range(*key.indices(length)))
@@ -420,6 +425,77 @@ def _star(value: Any) -> Any:
     n = _length(value)
     _charge(n // _ITEMS_PER_STEP, _SLOT * n)
     return value
+
+
+# -- hashing --------------------------------------------------------------------------
+#
+# CPython hashes a tuple by hashing its items, recursively in C and with no
+# depth check: a tuple key nested some 10**5 deep overflows the C stack, and
+# one nested as a DAG ((t, t), each level) costs exponential time. So a tuple
+# is walked, as the hash will walk it, before it is used as a dict key, a set
+# member or the left side of ``in``.
+
+
+def _check_key(key: tuple[Any, ...]) -> None:
+    budget = max(_steps_left, 0) * _ITEMS_PER_STEP
+    pending = [(key, 1)]
+    seen = 0
+    while pending:
+        items, depth = pending.pop()
+        if depth > MAX_KEY_DEPTH:
+            raise ValueError(f"serialized methods cannot hash a tuple nested more than "
+                             f"{MAX_KEY_DEPTH} levels deep")
+        seen += len(items)
+        if seen > budget:
+            _over("max_steps")
+        pending.extend((item, depth + 1) for item in items if type(item) is tuple)
+    _charge(seen // _ITEMS_PER_STEP, 0)
+
+
+def _key(key: Any) -> Any:
+    if type(key) is tuple:
+        _check_key(key)
+    return key
+
+
+def _check_elements(iterable: Any) -> None:
+    # Elements about to be hashed; those of sets and dicts were already.
+    t = type(iterable)
+    if t is list or t is tuple or t is FrozenList:
+        for item in iterable:
+            if type(item) is tuple:
+                _check_key(item)
+
+
+def _elements(iterable: Any) -> Any:
+    """What ``*iterable`` puts in a set display: checked first."""
+    _check_elements(iterable)
+    return iterable
+
+
+def _check_pairs(iterable: Any) -> None:
+    # (key, value) pairs about to become dict entries.
+    t = type(iterable)
+    if t is list or t is tuple or t is FrozenList:
+        for pair in iterable:
+            if type(pair) in (tuple, list) and len(pair) == 2 and type(pair[0]) is tuple:
+                _check_key(pair[0])
+
+
+def _set_operator(operation: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    # |, &, ^ and - of dict views hash the elements of a list or tuple operand.
+    def apply(a: Any, b: Any) -> Any:
+        if type(a) is not int and type(a) is not bool:
+            _check_elements(a)
+            _check_elements(b)
+        return operation(a, b)
+    return apply
+
+
+_or = _set_operator(operator.or_)
+_and = _set_operator(operator.and_)
+_xor = _set_operator(operator.xor)
+_sub = _set_operator(operator.sub)
 
 
 _INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
@@ -453,8 +529,10 @@ def _inplacevar(op: str, target: Any, value: Any) -> Any:
         return _mod(target, value)
     if op == "//=":
         return _floordiv(target, value)
-    if op == "|=" and type(target) in (dict, set):
-        _charge(0, _ENTRY * _length(value))
+    if op in ("|=", "&=", "^=", "-=") and type(target) is not int:
+        _check_elements(value)
+        if op == "|=" and type(target) in (dict, set):
+            _charge(0, _ENTRY * _length(value))
     return _INPLACE_OPERATORS[op](target, value)
 
 
@@ -566,6 +644,8 @@ def _tuple(iterable: Any = (), /) -> tuple[Any, ...]:
 def _dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
     n = len(kwargs) + (_length(args[0]) if args else 0)
     _charge(n // _ITEMS_PER_STEP, _ENTRY * n)
+    if args:
+        _check_pairs(args[0])
     return dict(*args, **kwargs)
 
 
@@ -728,11 +808,37 @@ def _growing(obj: Any, name: str) -> Callable[..., Any]:
     method = getattr(obj, name)
     per_item = _SLOT if isinstance(obj, list) else _ENTRY
 
+    check = _check_pairs if isinstance(obj, dict) else _check_elements
+
     def grow(*args: Any, **kwargs: Any) -> Any:
         n = len(kwargs) + sum(_length(arg) for arg in args)
         _charge(n // _ITEMS_PER_STEP, per_item * n)
+        for arg in args:
+            check(arg)
         return method(*args, **kwargs)
     return grow
+
+
+def _hashing(obj: Any, name: str) -> Callable[..., Any]:
+    # dict.get/pop/setdefault, set.add/discard/remove: the first argument is hashed.
+    method = getattr(obj, name)
+
+    def call(key: Any = None, *rest: Any) -> Any:
+        return method(_key(key), *rest)
+    return call
+
+
+def _hashing_all(obj: Any, name: str) -> Callable[..., Any]:
+    # set.intersection/difference/issubset...: every element of every argument.
+    method = getattr(obj, name)
+
+    def call(*others: Any) -> Any:
+        _charge(len(obj) // _ITEMS_PER_STEP, 0)
+        for other in others:
+            _charge(_length(other) // _ITEMS_PER_STEP, 0)
+            _check_elements(other)
+        return method(*others)
+    return call
 
 
 def _copying(obj: Any, name: str) -> Callable[..., Any]:
@@ -764,12 +870,14 @@ _LIST_GUARDS.update({"extend": _growing, "copy": _copying, "sort": _copying,
                      "count": _walking, "index": _walking, "remove": _walking,
                      "insert": _walking})
 _DICT_GUARDS: dict[str, _Guard | None] = dict.fromkeys(_DICT_METHODS)
-_DICT_GUARDS.update({"update": _growing, "copy": _copying})
+_DICT_GUARDS.update({"update": _growing, "copy": _copying, "get": _hashing,
+                     "pop": _hashing, "setdefault": _hashing})
 _SET_GUARDS: dict[str, _Guard | None] = dict.fromkeys(_SET_METHODS)
 _SET_GUARDS.update({"update": _growing, "union": _growing, "copy": _copying,
-                    "difference": _walking, "intersection": _walking,
-                    "symmetric_difference": _growing, "issubset": _walking,
-                    "issuperset": _walking, "isdisjoint": _walking})
+                    "add": _hashing, "discard": _hashing, "remove": _hashing,
+                    "difference": _hashing_all, "intersection": _hashing_all,
+                    "symmetric_difference": _growing, "issubset": _hashing_all,
+                    "issuperset": _hashing_all, "isdisjoint": _hashing_all})
 _RULES: dict[type, Mapping[str, _Guard | None]] = {
     str: _STR_GUARDS, list: _LIST_GUARDS, FrozenList: _LIST_GUARDS,
     dict: _DICT_GUARDS, FrozenDict: _DICT_GUARDS, set: _SET_GUARDS,
@@ -786,7 +894,16 @@ VALUE_ATTRIBUTES: Mapping[type, frozenset[str]] = {
 def _fromkeys(iterable: Any, value: Any = None) -> dict[Any, Any]:
     n = _length(iterable)
     _charge(n // _ITEMS_PER_STEP, _ENTRY * n)
+    _check_elements(iterable)
     return dict.fromkeys(iterable, value)
+
+
+def _unbound_get(mapping: Any, key: Any, default: Any = None) -> Any:
+    return dict.get(mapping, _key(key), default)
+
+
+_CLASS_GUARDS: dict[tuple[str, str], Callable[..., Any]] = {
+    ("dict", "fromkeys"): _fromkeys, ("dict", "get"): _unbound_get}
 
 
 def _guarded_getattr(obj: Any, name: str) -> Any:
@@ -811,7 +928,7 @@ def _guarded_getattr(obj: Any, name: str) -> Any:
     elif t is _BuiltinType and obj in _CLASS_ATTRIBUTES:
         class_name, allowed = _CLASS_ATTRIBUTES[obj]
         if name in allowed:
-            return _fromkeys if name == "fromkeys" else getattr(obj._type, name)
+            return _CLASS_GUARDS.get((class_name, name)) or getattr(obj._type, name)
         raise AttributeError(
             f"serialized methods cannot use {class_name}.{name}: only "
             f"{', '.join(sorted(allowed))} (a mutator could change a value the method "
@@ -845,6 +962,12 @@ _BUILTINS.update({
     "_format_": _format,
     "_scanned_": _scanned,
     "_star_": _star,
+    "_key_": _key,
+    "_elements_": _elements,
+    "_or_": _or,
+    "_and_": _and,
+    "_xor_": _xor,
+    "_sub_": _sub,
 })
 
 _GLOBAL_NAME_OPS = frozenset({
@@ -856,7 +979,8 @@ _PRINT_HELPER = "_print_"
 
 _GUARDED_OPERATORS: dict[type[ast.operator], str] = {
     ast.Add: "_add_", ast.Mult: "_mul_", ast.Pow: "_pow_", ast.LShift: "_lshift_",
-    ast.Mod: "_mod_", ast.FloorDiv: "_floordiv_",
+    ast.Mod: "_mod_", ast.FloorDiv: "_floordiv_", ast.BitOr: "_or_", ast.BitAnd: "_and_",
+    ast.BitXor: "_xor_", ast.Sub: "_sub_",
 }
 
 
@@ -968,9 +1092,12 @@ class _MethodPolicy(RestrictingNodeTransformer):
 
     def visit_Compare(self, node: ast.Compare) -> Any:
         node = cast(ast.Compare, super().visit_Compare(node))
-        node.comparators = [
-            _call("_scanned_", right, right) if isinstance(op, ast.In | ast.NotIn) else right
-            for op, right in zip(node.ops, node.comparators, strict=True)]
+        operands = [node.left, *node.comparators]
+        for i, op in enumerate(node.ops):
+            if isinstance(op, ast.In | ast.NotIn):
+                operands[i] = _call("_key_", operands[i], operands[i])
+                operands[i + 1] = _call("_scanned_", operands[i + 1], operands[i + 1])
+        node.left, node.comparators = operands[0], operands[1:]
         return node
 
     def visit_Starred(self, node: ast.Starred) -> Any:
@@ -983,7 +1110,35 @@ class _MethodPolicy(RestrictingNodeTransformer):
         node = cast(ast.Dict, super().visit_Dict(node))
         node.values = [_call("_star_", value, value) if key is None else value
                        for key, value in zip(node.keys, node.values, strict=True)]
+        node.keys = [None if key is None else _call("_key_", key, key) for key in node.keys]
         return node
+
+    def visit_Set(self, node: ast.Set) -> Any:
+        node = cast(ast.Set, super().visit_Set(node))
+        for i, elt in enumerate(node.elts):
+            if isinstance(elt, ast.Starred):
+                elt.value = _call("_elements_", elt.value, elt.value)
+            else:
+                node.elts[i] = _call("_key_", elt, elt)
+        return node
+
+    def visit_DictComp(self, node: ast.DictComp) -> Any:
+        node = cast(ast.DictComp, super().visit_DictComp(node))
+        node.key = _call("_key_", node.key, node.key)
+        return node
+
+    def visit_SetComp(self, node: ast.SetComp) -> Any:
+        node = cast(ast.SetComp, super().visit_SetComp(node))
+        node.elt = _call("_key_", node.elt, node.elt)
+        return node
+
+    def visit_Subscript(self, node: ast.Subscript) -> Any:
+        ctx = node.ctx
+        new = super().visit_Subscript(node)
+        if not isinstance(ctx, ast.Load):
+            subscript = cast(ast.Subscript, new)
+            subscript.slice = _call("_key_", subscript.slice, subscript.slice)
+        return new
 
     def visit_keyword(self, node: ast.keyword) -> Any:
         node = cast(ast.keyword, super().visit_keyword(node))
