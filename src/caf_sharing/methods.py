@@ -22,9 +22,10 @@ own ref:
 
 * **Compile-time refusals** (at ``set_fun``, and again when a replica first
   calls a method that arrived from a peer): a body longer than
-  :attr:`MethodLimits.max_body` bytes (UTF-8), imports, any name or attribute
-  starting with ``_``, ``eval``/``exec``, assigning or deleting attributes,
-  ``global``/``nonlocal``, classes, ``yield``, async code, ``match``, and any
+  :attr:`MethodLimits.max_body` bytes (UTF-8; checked before compiling, on
+  every call), imports, any name or attribute starting with ``_``,
+  ``eval``/``exec``, assigning or deleting attributes, ``global``/
+  ``nonlocal``, classes, ``yield``, async code, ``with``, ``match``, and any
   global name that is not one of :data:`BUILTIN_NAMES`.
 * **Closed-world attribute reads.** ``obj.name`` works only when ``name`` is
   on the allow-list of ``type(obj)`` itself (no subclass inherits it): the
@@ -43,10 +44,13 @@ own ref:
   deep-frozen before the call, and no path reaches a mutator that would
   bypass the frozen containers' guards (``dict.update(frozen, ...)`` is not
   on any list).
-* **No lazy chains.** ``map``, ``filter``, ``zip``, ``enumerate`` and
-  ``reversed`` return lists, and generator expressions are evaluated as list
-  comprehensions, so no chain of lazy iterators can be built whose use or
-  release recurses deep in C.
+* **No lazy chains, no deep hashing.** ``map``, ``filter``, ``zip``,
+  ``enumerate`` and ``reversed`` return lists, and generator expressions are
+  evaluated as list comprehensions, so no chain of lazy iterators can be
+  built whose use or release recurses deep in C. A tuple is walked before it
+  is hashed (as a dict key, set member or left side of ``in``): nested more
+  than :data:`MAX_KEY_DEPTH` levels it is refused, and the walk is charged,
+  because CPython hashes tuples recursively with no depth check.
 * **A budget per call** (:class:`MethodLimits`, per map or per node): a step
   count, where one step is a loop iteration, a comprehension item, a call of
   a function the method defines, or a share of the work of a builtin that
@@ -58,22 +62,29 @@ own ref:
   ``*``, ``**``, ``<<`` and ``int()`` have at most :data:`MAX_INT_BITS` bits,
   and arithmetic on big integers is charged steps by its quadratic cost.
   Going over raises ``MethodError`` naming the limit; a method that calls
-  other methods shares its budget with them, and catching the error inside
-  the method does not restore it.
+  other methods shares its budget with them, and it cannot catch the error
+  (a bare ``except:`` catches ``Exception`` only; a ``finally: return`` that
+  swallows it is caught at the end of the call). Functions and builtins a
+  method returns refuse to run once its call is over.
 * **Exceptions stay inside.** Any exception, ``BaseException`` included,
   reaches the caller as ``MethodError`` (chained), except a ``MethodError``
   raised by a nested ``self.apply_method``, which passes unchanged so that it
   names the method that failed.
 
 **What it does not promise.** The step count is deterministic, not a clock:
-the default (:data:`DEFAULT_MAX_STEPS`) is about 100 ms of typical method
-code on the machine it was measured on, but one step may do more work than
-another (an ``==`` between two large values, or a comparison sort of long
-strings, counts as the single operation it is), so the time is bounded by
-steps times the largest value the memory budget allows, not by 100 ms. The
-memory count is cumulative and conservative: building a long string by
-repeated ``+=`` is charged for every intermediate copy (use ``"".join``).
-The sandbox is pure Python on CPython: it relies on CPython having no bug
+the default (:data:`DEFAULT_MAX_STEPS`) is 75-140 ms of typical loop code on
+the 2-core development machine (26 ms for an empty loop; see
+``benchmarks/compare_methods.py``), but one step may do more work than
+another: an ``==`` between two large values counts as the one operation it
+is, and a value that shares itself, a DAG such as ``a = [a, a]`` repeated,
+costs time exponential in its depth when it is compared, turned into a
+string, stored with ``self.set`` or passed to ``self.apply_method``, which
+no step sees. The memory count is cumulative and conservative: building a
+long string by repeated ``+=`` is charged for every intermediate copy (use
+``"".join``), and it counts what operators and builtins create, not the
+small objects each step makes (bounded by the step count). Values a method
+returns are the caller's to check: they may be nested as deep as the budget
+allowed. The sandbox is pure Python on CPython: it relies on CPython having no bug
 reachable from the allowed operations. Methods run on the caller's thread
 (a method holds a process-wide lock while it runs, so calls from several
 threads take turns) and block the event loop for as long as they run. A
