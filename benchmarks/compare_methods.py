@@ -29,6 +29,7 @@ from caf_sharing.errors import MethodError
 CASES = {
     "get * n": (["k", "n"], "return self.get(k) * n", ["price", 3]),
     "short loop": (["n"], "t = 0\nfor i in range(n):\n    t += i\nreturn t", [10]),
+    "compare, in": (["k"], "v = self.get(k)\nreturn v > 3 and k in self", ["price"]),
 }
 
 STEP_BODIES = {

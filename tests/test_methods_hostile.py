@@ -306,6 +306,41 @@ def test_hashing_a_tuple_dag_is_charged(site: str) -> None:
         call("peer", DAG_TUPLE.replace("200", "40") + HASHED[site])
 
 
+DAG_LIST = "a = [1]\nb = [1]\nfor i in range(60):\n    a = [a, a]\n    b = [b, b]\n"
+DAG_USES = {
+    "==": "return a == b",
+    "<": "return a < b",
+    "in": "return a in [b]",
+    "str": "return len(str(a))",
+    "f-string": "return len(f'{a}')",
+    "f-string !r": "return len(f'{a!r}')",
+    "%": "return len('%s' % (a,))",
+    "sorted": "return sorted([a, b])",
+    "max": "return max(a, b)",
+    "sort key": "return sorted([1, 2], key=lambda v: a)",
+    "count": "return [a].count(b)",
+    "values view": "return b in {'k': a}.values()",
+    "set": "self.set('k', a)",
+    "apply_method": "return self.apply_method('m', [a])",
+}
+
+
+@pytest.mark.parametrize("use", sorted(DAG_USES))
+def test_a_value_shared_with_itself_is_charged_as_the_tree_it_is(use: str) -> None:
+    """2**60 paths in 120 lists: comparing or printing it would never end."""
+    with pytest.raises(MethodError, match="max_steps"):
+        call("peer", DAG_LIST + DAG_USES[use], ["x"], [1])
+
+
+def test_exception_arguments_are_tamed_before_anyone_prints_them() -> None:
+    with pytest.raises(MethodError) as info:
+        call("peer", DAG_LIST + "raise ValueError(a, 'x' * 10**6)")
+    assert len(str(info.value)) < 1200
+    assert len(str(info.value.__cause__)) < 1100
+    with pytest.raises(MethodError, match="raised KeyError: 'missing'"):
+        call("peer", "return {}['missing']")
+
+
 def test_tuple_keys_still_work() -> None:
     body = ("d = {(1, 2): 'a', ((1,), 2): 'b'}\nd[(3, 4)] = 'c'\n"
             "return [d[(1, 2)], d.get(((1,), 2)), (3, 4) in d, {(1, 2)} | {(5, 6)} == "

@@ -50,7 +50,13 @@ own ref:
   built whose use or release recurses deep in C. A tuple is walked before it
   is hashed (as a dict key, set member or left side of ``in``): nested more
   than :data:`MAX_KEY_DEPTH` levels it is refused, and the walk is charged,
-  because CPython hashes tuples recursively with no depth check.
+  because CPython hashes tuples recursively with no depth check. Likewise
+  the operands of comparisons, sorting, ``min``/``max``, ``in``,
+  ``count``/``index``, ``str()``/formatting, ``self.set`` and
+  ``self.apply_method`` are walked first, charged as the tree the operation
+  will walk, so a value shared many times inside itself (``a = [a, a]``,
+  repeated: 2**60 paths in 120 lists) ends in the step limit, not a hang.
+  Exception arguments are shortened before the message is built.
 * **A budget per call** (:class:`MethodLimits`, per map or per node): a step
   count, where one step is a loop iteration, a comprehension item, a call of
   a function the method defines, or a share of the work of a builtin that
@@ -75,11 +81,10 @@ own ref:
 the default (:data:`DEFAULT_MAX_STEPS`) is 75-140 ms of typical loop code on
 the 2-core development machine (26 ms for an empty loop; see
 ``benchmarks/compare_methods.py``), but one step may do more work than
-another: an ``==`` between two large values counts as the one operation it
-is, and a value that shares itself, a DAG such as ``a = [a, a]`` repeated,
-costs time exponential in its depth when it is compared, turned into a
-string, stored with ``self.set`` or passed to ``self.apply_method``, which
-no step sees. The memory count is cumulative and conservative: building a
+another: builtins that work in C are charged by the size of what they get
+(about 16 items a step, a repetition 256 items a step), which only
+approximates their time, and big-integer arithmetic is charged by its
+quadratic cost. The memory count is cumulative and conservative: building a
 long string by repeated ``+=`` is charged for every intermediate copy (use
 ``"".join``), and it counts what operators and builtins create, not the
 small objects each step makes (bounded by the step count). Values a method
@@ -106,6 +111,7 @@ import functools
 import keyword
 import operator
 import re
+import reprlib
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -383,7 +389,7 @@ def _mod(a: Any, b: Any) -> Any:
                     raise ValueError("'*' widths are not allowed in serialized methods")
                 if number and int(number) > _bytes_left:
                     _over("max_bytes")
-        return _charged(a % b)
+        return _charged(a % _tree(b))
     if isinstance(a, int) and isinstance(b, int):
         _big_int_cost(a, b)
     return a % b
@@ -392,6 +398,8 @@ def _mod(a: Any, b: Any) -> Any:
 def _format(value: Any, spec: str, conversion: int) -> str:
     """One ``{value!conversion:spec}`` of an f-string, charged before the
     parts are joined."""
+    if conversion != -1:
+        _tree(value)
     if conversion == ord("r"):
         value = repr(value)
     elif conversion == ord("a"):
@@ -401,7 +409,7 @@ def _format(value: Any, spec: str, conversion: int) -> str:
     for number in _DIGITS.findall(spec):
         if len(number) > 9 or int(number) > _bytes_left:
             _over("max_bytes")
-    return _charged(format(value, spec))  # type: ignore[no-any-return]
+    return _charged(format(_tree(value), spec))  # type: ignore[no-any-return]
 
 
 # Containers whose ``in`` is a hash lookup, not a walk.
@@ -410,13 +418,20 @@ _HASHED = frozenset({dict, set, frozenset, FrozenDict, MapRef, type({}.keys()),
 
 
 def _scanned(container: Any) -> Any:
-    """The right side of ``in``: charged by its length unless hashed."""
-    if type(container) not in _HASHED:
+    """The right side of ``in``: walked unless hashed (a walk compares)."""
+    t = type(container)
+    if t in _NESTED:
+        if t is not dict and t is not set and t is not FrozenDict:
+            _check_tree(container)
+    elif t not in _HASHED:
         try:
             n = len(container)
         except TypeError:
             return container
-        _charge(n // _ITEMS_PER_STEP, 0)
+        if n and t is not str and t is not bytes and t is not range:
+            _check_tree(list(container))  # a values view
+        else:
+            _charge(n // _ITEMS_PER_STEP, 0)
     return container
 
 
@@ -447,20 +462,27 @@ def _star(value: Any) -> Any:
 # member or the left side of ``in``.
 
 
+# Steps charged per container a walk visits (its Python overhead), on top of
+# a share per item.
+_CONTAINER_STEPS = 4
+_TUPLE = frozenset({tuple})
+
+
 def _check_key(key: tuple[Any, ...]) -> None:
-    budget = max(_steps_left, 0) * _ITEMS_PER_STEP
+    budget = max(_steps_left, 0)
     pending = [(key, 1)]
-    seen = 0
+    steps = 0
     while pending:
         items, depth = pending.pop()
         if depth > MAX_KEY_DEPTH:
             raise ValueError(f"serialized methods cannot hash a tuple nested more than "
                              f"{MAX_KEY_DEPTH} levels deep")
-        seen += len(items)
-        if seen > budget:
+        steps += _CONTAINER_STEPS + len(items) // _ITEMS_PER_STEP
+        if steps > budget:
             _over("max_steps")
-        pending.extend((item, depth + 1) for item in items if type(item) is tuple)
-    _charge(seen // _ITEMS_PER_STEP, 0)
+        if not _TUPLE.isdisjoint(map(type, items)):
+            pending.extend((item, depth + 1) for item in items if type(item) is tuple)
+    _charge(steps, 0)
 
 
 def _key(key: Any) -> Any:
@@ -476,6 +498,47 @@ def _check_elements(iterable: Any) -> None:
         for item in iterable:
             if type(item) is tuple:
                 _check_key(item)
+
+
+# -- comparing and printing ------------------------------------------------------------
+#
+# ==, <, sorting, ``in``, str() and freezing walk a value as a tree: one
+# shared many times inside itself (``a = [a, a]``, repeated) is a tree
+# exponentially larger than its memory. So such operations first walk their
+# operands as the operation will, charged, and stop at the budget.
+
+_NESTED = frozenset({list, tuple, dict, set, FrozenList, FrozenDict})
+
+
+def _check_tree(value: Any) -> None:
+    budget = max(_steps_left, 0)
+    pending = [value]
+    steps = 0
+    while pending:
+        container = pending.pop()
+        steps += _CONTAINER_STEPS + len(container) // _ITEMS_PER_STEP
+        if steps > budget:
+            _over("max_steps")
+        items: Iterable[Any] = container
+        if isinstance(container, dict):
+            items = [*container, *container.values()]
+        if not _NESTED.isdisjoint(map(type, items)):
+            pending.extend(item for item in items if type(item) in _NESTED)
+    _charge(steps, 0)
+
+
+def _tree(value: Any) -> Any:
+    if type(value) in _NESTED:
+        _check_tree(value)
+    return value
+
+
+def _trees(function: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:
+    """A sort key whose results are checked like the values they stand for."""
+    if function is None:
+        return None
+    key = function
+    return lambda item: _tree(key(item))
 
 
 def _elements(iterable: Any) -> Any:
@@ -608,12 +671,18 @@ def _sorted(iterable: Any, /, *, key: Callable[[Any], Any] | None = None,
             reverse: bool = False) -> list[Any]:
     n = _length(iterable)
     _charge(n * max(n.bit_length(), 1) // _ITEMS_PER_STEP + 1, _SLOT * n)
-    return builtins.sorted(iterable, key=key, reverse=reverse)
+    items = list(iterable)
+    _check_tree(items)
+    return builtins.sorted(items, key=_trees(key), reverse=reverse)
 
 
-def _reduction(function: Callable[..., Any]) -> Callable[..., Any]:
+def _reduction(function: Callable[..., Any], compares: bool) -> Callable[..., Any]:
     def reduce(*args: Any, **kwargs: Any) -> Any:
         _charge(_length(args[0]) // _ITEMS_PER_STEP if len(args) == 1 else 0, 0)
+        if compares:
+            _check_tree(list(args[0]) if len(args) == 1 else args)
+            if "key" in kwargs:
+                kwargs["key"] = _trees(kwargs["key"])
         return function(*args, **kwargs)
     reduce.__name__ = function.__name__
     return reduce
@@ -661,6 +730,8 @@ def _dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
 
 
 def _str(*args: Any, **kwargs: Any) -> str:
+    if args:
+        _tree(args[0])
     return _charged(str(*args, **kwargs))  # type: ignore[no-any-return]
 
 
@@ -697,8 +768,8 @@ _SAFE_FUNCTIONS: dict[str, Any] = {
     # builtin that walks one is charged by its length, and a method cannot
     # read an attribute of a class it was not given a stand-in for.
     "abs": abs, "isinstance": isinstance, "len": len, "range": range, "round": _round,
-    "all": _reduction(all), "any": _reduction(any), "max": _reduction(max),
-    "min": _reduction(min), "sum": _sum, "sorted": _sorted,
+    "all": _reduction(all, False), "any": _reduction(any, False),
+    "max": _reduction(max, True), "min": _reduction(min, True), "sum": _sum, "sorted": _sorted,
     "enumerate": _enumerate, "filter": _filter, "map": _map, "reversed": _reversed,
     "zip": _zip,
 }
@@ -870,6 +941,25 @@ def _walking(obj: Any, name: str) -> Any:
     return getattr(obj, name)
 
 
+def _comparing(obj: Any, name: str) -> Callable[..., Any]:
+    # list.count/index/remove, tuple.count/index: compare with every item.
+    method = getattr(obj, name)
+
+    def compare(value: Any, *rest: Any) -> Any:
+        _check_tree(obj)
+        return method(_tree(value), *rest)
+    return compare
+
+
+def _sorting(obj: list[Any], name: str) -> Callable[..., None]:
+    def sort(*, key: Callable[[Any], Any] | None = None, reverse: bool = False) -> None:
+        n = len(obj)
+        _charge(n * max(n.bit_length(), 1) // _ITEMS_PER_STEP, 0)
+        _check_tree(obj)
+        obj.sort(key=_trees(key), reverse=reverse)
+    return sort
+
+
 _SPLITS = frozenset({"split", "rsplit", "splitlines"})
 _Guard = Callable[[Any, str], Any]
 _STR_GUARDS: dict[str, _Guard] = {name: _walking for name in _STR_METHODS}
@@ -877,8 +967,8 @@ _STR_GUARDS.update({"center": _pad, "ljust": _pad, "rjust": _pad, "zfill": _pad,
                     "expandtabs": _expandtabs, "replace": _replace, "join": _join,
                     "split": _copying, "rsplit": _copying, "splitlines": _copying})
 _LIST_GUARDS: dict[str, _Guard | None] = dict.fromkeys(_LIST_METHODS)
-_LIST_GUARDS.update({"extend": _growing, "copy": _copying, "sort": _copying,
-                     "count": _walking, "index": _walking, "remove": _walking,
+_LIST_GUARDS.update({"extend": _growing, "copy": _copying, "sort": _sorting,
+                     "count": _comparing, "index": _comparing, "remove": _comparing,
                      "insert": _walking})
 _DICT_GUARDS: dict[str, _Guard | None] = dict.fromkeys(_DICT_METHODS)
 _DICT_GUARDS.update({"update": _growing, "copy": _copying, "get": _hashing,
@@ -892,7 +982,7 @@ _SET_GUARDS.update({"update": _growing, "union": _growing, "copy": _copying,
 _RULES: dict[type, Mapping[str, _Guard | None]] = {
     str: _STR_GUARDS, list: _LIST_GUARDS, FrozenList: _LIST_GUARDS,
     dict: _DICT_GUARDS, FrozenDict: _DICT_GUARDS, set: _SET_GUARDS,
-    tuple: {"count": _walking, "index": _walking},
+    tuple: {"count": _comparing, "index": _comparing},
     int: dict.fromkeys(_INT_ATTRIBUTES), bool: dict.fromkeys(_INT_ATTRIBUTES),
     float: dict.fromkeys(_FLOAT_ATTRIBUTES),
 }
@@ -913,6 +1003,16 @@ def _unbound_get(mapping: Any, key: Any, default: Any = None) -> Any:
     return dict.get(mapping, _key(key), default)
 
 
+def _freezing(method: Callable[..., Any], position: int) -> Callable[..., Any]:
+    # self.set(key, value), self.apply_method(name, args): the value is
+    # deep-frozen, a copy that walks it as a tree.
+    def freeze(*args: Any) -> Any:
+        if len(args) > position:
+            _tree(args[position])
+        return method(*args)
+    return freeze
+
+
 _CLASS_GUARDS: dict[tuple[str, str], Callable[..., Any]] = {
     ("dict", "fromkeys"): _fromkeys, ("dict", "get"): _unbound_get}
 
@@ -923,11 +1023,13 @@ def _guarded_getattr(obj: Any, name: str) -> Any:
         if name in _REF_READS:
             if name == "to_dict":  # a deep copy of the whole map
                 _charge(len(obj) // _ITEMS_PER_STEP, _ENTRY * len(obj))
+            elif name == "apply_method":  # its arguments are frozen: a copy
+                return _freezing(obj.apply_method, 1)
             return getattr(obj, name)
         if name in _REF_WRITES:
             if obj.is_read_only:
                 raise ReadOnlyError(f"cannot use {name!r}: the map reference is read-only")
-            return getattr(obj, name)
+            return _freezing(obj.set, 1) if name == "set" else getattr(obj, name)
         raise AttributeError(
             f"serialized methods cannot use {name!r} of the map reference; "
             f"allowed: {', '.join(sorted(REF_ATTRIBUTES))}")
@@ -974,6 +1076,7 @@ _BUILTINS.update({
     "_scanned_": _scanned,
     "_star_": _star,
     "_key_": _key,
+    "_tree_": _tree,
     "_elements_": _elements,
     "_or_": _or,
     "_and_": _and,
@@ -1108,6 +1211,12 @@ class _MethodPolicy(RestrictingNodeTransformer):
             if isinstance(op, ast.In | ast.NotIn):
                 operands[i] = _call("_key_", operands[i], operands[i])
                 operands[i + 1] = _call("_scanned_", operands[i + 1], operands[i + 1])
+            elif not isinstance(op, ast.Is | ast.IsNot):
+                operands[i] = _call("_tree_", operands[i], operands[i])
+                operands[i + 1] = _call("_tree_", operands[i + 1], operands[i + 1])
+        for i, op in enumerate(node.ops):
+            if isinstance(op, ast.In | ast.NotIn):
+                operands[i] = _call("_tree_", operands[i], operands[i])
         node.left, node.comparators = operands[0], operands[1:]
         return node
 
@@ -1394,12 +1503,33 @@ def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any
         except MethodError:
             raise
         except BaseException as exc:
-            raise MethodError(f"method {name!r} raised {type(exc).__name__}: {exc}",
+            raise MethodError(f"method {name!r} raised {type(exc).__name__}: {_tame(exc)}",
                               method=name) from exc
         finally:
             _depth -= 1
             if outermost:
                 _steps_left = _bytes_left = -1
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel = 3
+_SHORT.maxstring = _SHORT.maxother = 200
+_MAX_MESSAGE = 1000
+
+
+def _tame(exc: BaseException) -> str:
+    """The exception's text, made short and cheap: its arguments may be
+    anything the method built (a huge string, a value shared with itself),
+    so they are replaced by a bounded description before anyone prints it."""
+    args = exc.args
+    if all(type(arg) is str for arg in args):
+        text = ", ".join(args) if len(args) != 1 else args[0]
+    else:
+        text = ", ".join(_SHORT.repr(arg) for arg in args)
+    if len(text) > _MAX_MESSAGE:
+        text = text[:_MAX_MESSAGE] + "..."
+    exc.args = (text,)
+    return str(exc)
 
 
 def _over_budget_message(name: str, limit: str, limits: MethodLimits) -> str:
