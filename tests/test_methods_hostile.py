@@ -432,6 +432,24 @@ def test_threads_take_turns_each_with_its_own_budget() -> None:
     assert results == [300_000] * 3
 
 
+def test_compiling_is_charged() -> None:
+    """Compiling costs time no loop step sees: set_fun in a loop, or applying
+    more distinct stored methods than the cache keeps."""
+    body = "x = 1\n" * 500 + "return x"
+    limits = MethodLimits(max_steps=50_000)
+    with pytest.raises(MethodError, match="max_steps"):
+        call("set_fun", f"for i in range(1000):\n    self.set_fun('f' + str(i), [], {body!r})",
+             limits=limits)
+    shared = SharedMap(method_limits=limits)
+    ref = shared.ref()
+    for i in range(methods.MAX_CACHE_SIZE + 1):
+        ref.set_fun(f"f{i}", [], body + f" + {i}")  # distinct bodies
+    ref.set_fun("all", [], f"for n in range(50):\n    for i in range({methods.MAX_CACHE_SIZE + 1}):"
+                           "\n        self.apply_method('f' + str(i), [])")
+    with pytest.raises(MethodError, match="max_steps"):
+        ref.apply_method("all", [])
+
+
 def test_reader_stays_usable_and_map_untouched_after_going_over() -> None:
     shared = defined("self.set('n', 1)\nwhile True:\n    pass", [])
     before = shared.ref().dump()

@@ -12,6 +12,9 @@ from .errors import MethodError
 
 #: The largest integer ``*``, ``**``, ``<<`` and ``int()`` may make.
 MAX_INT_BITS = 2**16
+#: Steps charged per character of a body a method compiles, by
+#: ``self.set_fun`` or by applying a method that was not cached.
+COMPILE_STEPS_PER_CHAR = 2
 
 
 # -- the budget of the running call -------------------------------------------

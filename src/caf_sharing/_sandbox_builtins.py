@@ -13,6 +13,7 @@ from RestrictedPython.Guards import full_write_guard
 
 from ._fastmap import FrozenDict, FrozenList, MapRef
 from ._sandbox_budget import (
+    COMPILE_STEPS_PER_CHAR,
     ENTRY,
     ITEMS_PER_STEP,
     SLOT,
@@ -422,6 +423,14 @@ def _unbound_get(mapping: Any, key: Any, default: Any = None) -> Any:
     return dict.get(mapping, _key(key), default)
 
 
+def _compiling(set_fun: Callable[..., Any]) -> Callable[..., Any]:
+    def compile_and_set(name: Any, args: Any, body: Any) -> Any:
+        if isinstance(body, str):
+            charge(COMPILE_STEPS_PER_CHAR * len(body), 0)
+        return set_fun(name, args, body)
+    return compile_and_set
+
+
 def _freezing(method: Callable[..., Any], position: int) -> Callable[..., Any]:
     # self.set(key, value), self.apply_method(name, args): the value is
     # deep-frozen, a copy that walks it as a tree.
@@ -448,7 +457,9 @@ def _guarded_getattr(obj: Any, name: str) -> Any:
         if name in _REF_WRITES:
             if obj.is_read_only:
                 raise ReadOnlyError(f"cannot use {name!r}: the map reference is read-only")
-            return _freezing(obj.set, 1) if name == "set" else getattr(obj, name)
+            if name == "set":
+                return _freezing(obj.set, 1)
+            return _compiling(obj.set_fun) if name == "set_fun" else getattr(obj, name)
         raise AttributeError(
             f"serialized methods cannot use {name!r} of the map reference; "
             f"allowed: {', '.join(sorted(REF_ATTRIBUTES))}")

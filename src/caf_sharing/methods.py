@@ -381,6 +381,7 @@ def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any
     too_long = _body_too_long(name, body, limits)
     if too_long is not None:
         raise too_long
+    misses = _compile.cache_info().misses
     try:
         # _compile checks the names; only unhashable ones fail before it.
         compiled = _compile(tuple(arg_names), body)
@@ -411,7 +412,10 @@ def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any
             budget.steps_left = limits.max_steps
             budget.bytes_left = limits.max_bytes
         else:
-            budget.step()
+            # A nested call: a step, and its compilation if it was not cached.
+            compiled_now = _compile.cache_info().misses != misses
+            budget.charge(1 + (budget.COMPILE_STEPS_PER_CHAR * len(body) if compiled_now else 0),
+                          0)
         budget.depth += 1
         try:
             result = function(ref, *frozen)
