@@ -381,7 +381,8 @@ def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any
     too_long = _body_too_long(name, body, limits)
     if too_long is not None:
         raise too_long
-    misses = _compile.cache_info().misses
+    # Only a nested call pays for compiling (inside its caller's budget).
+    misses = _compile.cache_info().misses if budget.depth else 0
     try:
         # _compile checks the names; only unhashable ones fail before it.
         compiled = _compile(tuple(arg_names), body)
