@@ -691,7 +691,14 @@ class Owner(Actor):
         ref = self.sharing.maps.m
         ref.set("__link_key__", links)
         ref.set_fun("f", [], "return 'ran'")
+        ref.set_fun("loop", ["n"], "for i in range(n):\n    pass\nreturn n")
         channel.send(ref, "c", [METHOD])
+
+    async def loop(self, n: int) -> Any:
+        try:
+            return self.sharing.maps.m.apply_method("loop", [n])
+        except MethodError as exc:
+            return str(exc)
 
     async def pull(self, alias: str) -> Any:
         return self.sharing.pull_update(alias)
@@ -721,6 +728,12 @@ class Peer(Actor):
 
     async def pull(self) -> Any:
         return self.sharing.pull_update("peer")
+
+    async def loop(self, n: int) -> Any:
+        try:
+            return self.sharing.maps.peer.apply_method("loop", [n])
+        except MethodError as exc:
+            return str(exc)
 
 
 @pytest.fixture
@@ -791,10 +804,9 @@ async def test_node_limits_reach_every_map(backend_url: str, app: str) -> None:
         peer = await node.start(Peer, "carol-p")
         await peer.call("follow", "alice-a-m", False, False)
         assert await peer.call("run_everywhere") == {"peer": "ran"}
-        assert node.service._method_limits is limits
-        for shared in [*node.service._primaries.values(),
-                       *(r.map for r in node.service._replicas.values())]:
-            assert shared.method_limits is limits
+        for handle in (a, peer):  # the writer's primary and the reader's replica
+            assert await handle.call("loop", 40) == 40
+            assert "max_steps limit of 50 steps" in await handle.call("loop", 60)
 
 
 # -- aggregate lookups of missing maps back off ----------------------------------------------
