@@ -75,9 +75,10 @@ class Bench:
         self.versions: dict[str, int] = {}
 
     async def setup(self) -> None:
-        self.a = make_backend(self.url, app="bench")
-        self.b = make_backend(self.url, app="bench")
-        self.w = make_backend(self.url, app="bench")
+        # restart_grace off: the server is new, and no lease is lost here.
+        self.a = make_backend(self.url, app="bench", restart_grace=False)
+        self.b = make_backend(self.url, app="bench", restart_grace=False)
+        self.w = make_backend(self.url, app="bench", restart_grace=False)
         for backend in (self.a, self.b, self.w):
             await backend.start()
         self.raw_pub = aioredis.Redis(host="127.0.0.1", port=self.server.port)

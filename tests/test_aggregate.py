@@ -138,7 +138,7 @@ async def test_cycle_and_self_link() -> None:
 
 async def test_missing_map_is_skipped_and_retried_until_it_appears() -> None:
     reg = Registry(a=linked("ghost", "b", k="a"), b=linked("ghost", k="b"))
-    agg = AggregateMap("a", reg.find_map)
+    agg = AggregateMap("a", reg.find_map, retry_delays=(0.0, 0.0))  # no backoff
     snap = await agg.assemble()
     assert snap.names == ("a", "b")
     assert reg.calls["ghost"] == 1  # linked twice, looked up once per assembly

@@ -259,7 +259,7 @@ def test_no_exec_and_unknown_methods() -> None:
     ("m", [], "  return 1", MethodError, "IndentationError"),
     ("m", [], "return 1\x00", MethodError, "method 'm' does not compile"),
     ("m", [], "(" * 300 + ")" * 300, MethodError, "method 'm' does not compile"),
-    ("m", [], "return " + "-" * 100_000 + "1", MethodError, "method 'm' does not compile"),
+    ("m", [], "return " + "-" * 60_000 + "1", MethodError, "method 'm' does not compile"),
     ("m", [], "break", MethodError, "'break' outside loop"),
     ("m", ["print"], "return 1", MethodError, '"print" is a reserved name'),
 ])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import orjson
 import pytest
 
 from caf_sharing import SharedMap
+from caf_sharing.aggregate import DEFAULT_RETRY_DELAYS
 from caf_sharing.backends import Backend, MapCreate
 from caf_sharing.errors import MapNotFoundError
 from caf_sharing.service import SharingService, txid_of
@@ -218,7 +220,10 @@ async def test_aggregate_best_effort_and_release(pair) -> None:
     assert snap.get_all("bob") == [True, False] and snap.get_all("carol") == [True]
     late = Writer(wsvc, "alice-admin", "alice-admin-late", stay=a.stay)
     await late.create(dave=1)
-    assert (await agg.assemble()).get_all("dave") == [1]  # found at the next assembly
+    assert (await agg.assemble()).get_all("dave") == []  # not looked up again so soon
+    # found by the first assembly after the retry delay
+    agg._clock = lambda: time.monotonic() + DEFAULT_RETRY_DELAYS[0]
+    assert (await agg.assemble()).get_all("dave") == [1]
     assert await rsvc.aggregate_of("alice-admin-acl") is agg
     await rsvc.release_aggregate("alice-admin-acl", agg)
     assert rsvc._replicas  # still held by the second reference

@@ -3,6 +3,8 @@
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Generic, NoReturn, Protocol, SupportsIndex, TypeAlias, TypeVar
 
+from .methods import MethodLimits
+
 __all__ = [
     "FIRST_VERSION",
     "FUNCTION_MARKER",
@@ -83,7 +85,8 @@ class _ItemsView:
 
 class SharedMap:
     def __init__(
-        self, *, no_exec: bool = False, max_updates: int = 100, logger: _Logger | None = None
+        self, *, no_exec: bool = False, max_updates: int = 100, logger: _Logger | None = None,
+        method_limits: MethodLimits | None = None,
     ) -> None: ...
     @property
     def version(self) -> int: ...
@@ -93,6 +96,8 @@ class SharedMap:
     def max_updates(self) -> int: ...
     @max_updates.setter
     def max_updates(self, value: int) -> None: ...
+    @property
+    def method_limits(self) -> MethodLimits | None: ...
     def ref(self, read_only: bool = False) -> MapRef: ...
     def commit(self, ref: MapRef) -> None: ...
     def apply_changes(self, changes: ChangeSetLike | Sequence[ChangeSetLike]) -> None: ...

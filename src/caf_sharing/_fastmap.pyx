@@ -605,6 +605,15 @@ cdef class FrozenList(list):
 # Keys
 # ---------------------------------------------------------------------------
 
+cdef int _check_hashable(object key) except -1:
+    """Raises TypeError for a key of an unhashable type, as a dict lookup
+    would, without hashing it: a non-str key is never present, and hashing a
+    deeply nested tuple recurses in C with no depth check."""
+    if type(key).__hash__ is None:
+        raise TypeError(f"unhashable type: '{_type_name(key)}'")
+    return 0
+
+
 cdef str _check_key(object key, str action):
     """Returns `key` as an exact str, or raises naming it."""
     if type(key) is not str:
@@ -1483,19 +1492,27 @@ cdef FrozenDict _record_of(_Parsed p):
 cdef class SharedMap:
     """A versioned, single-writer map of JSON data with snapshot refs.
 
-    ``SharedMap(*, no_exec=False, max_updates=100, logger=None)``: `no_exec`
-    disables serialized methods, `max_updates` bounds the change sets kept for
-    ``updates_slice`` (0 keeps none), `logger` gets ``debug()`` calls for
-    ignored replays.
+    ``SharedMap(*, no_exec=False, max_updates=100, logger=None,
+    method_limits=None)``: `no_exec` disables serialized methods,
+    `max_updates` bounds the change sets kept for ``updates_slice`` (0 keeps
+    none), `logger` gets ``debug()`` calls for ignored replays, and
+    `method_limits` (a ``caf_sharing.methods.MethodLimits``, None for the
+    defaults) is the budget of each method call on this map's refs.
     """
     cdef _Snapshot _cur
     cdef bint _no_exec
+    cdef object _method_limits
     cdef Py_ssize_t _max_updates
     cdef object _logger
     cdef Py_hash_t _mask  # bits of hash() the trie uses: all but in collision tests
 
-    def __init__(self, *, bint no_exec=False, max_updates=100, logger=None):
+    def __init__(self, *, bint no_exec=False, max_updates=100, logger=None,
+                 method_limits=None):
         self._max_updates = _check_max_updates(max_updates)
+        if method_limits is not None:
+            from caf_sharing import methods
+            methods.check_limits(method_limits)
+        self._method_limits = method_limits
         self._no_exec = no_exec
         self._logger = logger
         self._mask = -1
@@ -1512,6 +1529,11 @@ cdef class SharedMap:
     @property
     def max_updates(self) -> int:
         return self._max_updates
+
+    @property
+    def method_limits(self):
+        """The MethodLimits given at creation, or None (the defaults)."""
+        return self._method_limits
 
     @max_updates.setter
     def max_updates(self, value):
@@ -1744,7 +1766,7 @@ cdef class MapRef:
         cdef PyObject* p
         if type(key) is not str:
             if not isinstance(key, str):
-                PyObject_Hash(key)
+                _check_hashable(key)
                 return _MISSING
             key = PyUnicode_FromObject(key)
         if self._edits is not None:
@@ -1952,7 +1974,7 @@ cdef class MapRef:
         self._check_writable(name, "set")
         cdef str k = _check_key(name, "set")
         from caf_sharing import methods
-        methods.check_method(k, args, body)
+        methods.check_method(k, args, body, self._map._method_limits)
         desc = {"type": _FUNCTION_MARKER, "args": list(args), "body": body}
         self._put(k, _freeze_value(k, desc))
         return self
@@ -1966,7 +1988,7 @@ cdef class MapRef:
         if type(desc) is not FrozenDict or dict.get(desc, "type") != _FUNCTION_MARKER:
             raise UnknownMethodError(f"unknown method {name!r}: no serialized method there")
         from caf_sharing import methods
-        return methods.call_method(self, name, desc, args)
+        return methods.call_method(self, name, desc, args, self._map._method_limits)
 
     def prepare(self):
         """The normalised change set of this ref's edits; the ref becomes
@@ -2068,7 +2090,7 @@ cdef class _KeysView(_View):
     def __contains__(self, key):
         if type(key) is not str:
             if not isinstance(key, str):
-                PyObject_Hash(key)
+                _check_hashable(key)
                 return False
             key = PyUnicode_FromObject(key)
         return _find(_root_ptr(self._root), <str>key, PyObject_Hash(key) & self._mask) != NULL

@@ -14,14 +14,20 @@ Behaviour, as in Caf.js:
 
 * maps are found with ``find_map(name)`` (an async callable). It may return
   ``None``: the map is skipped (best effort; that is safe for ACLs, whose
-  rules are monotonic) and looked up again at the next ``assemble``. An
+  rules are monotonic) and looked up again by a later ``assemble``. An
   exception from it propagates out of ``assemble``.
 * every map found is kept in :attr:`AggregateMap.maps` and reused by later
   assemblies without calling ``find_map`` again, even if it is no longer
   linked (its owner, e.g. the sharing service, releases them all at once).
 * cycles and self links are allowed; each map appears once in a snapshot.
 
-Beyond Caf.js: the snapshot's order is deterministic (breadth first from the
+Beyond Caf.js: a missing map is not looked up again by every assembly but
+after a delay that doubles from ``retry_delays[0]`` to ``retry_delays[1]``
+seconds (1 s to 30 s by default) while it stays missing, so links to maps
+that do not exist cost a lookup per delay, not per message; with
+``no_exec=True`` every map found must be a ``no_exec`` SharedMap (the
+sharing service opens them so), so methods stored in linked maps never
+run; the snapshot's order is deterministic (breadth first from the
 first map, each map's links in list order); names found on the same level are
 looked up concurrently; and concurrent assemblies of one AggregateMap share
 their lookups, so ``find_map`` runs once per name even then (which keeps the
@@ -33,16 +39,21 @@ belong to the same moment of the event loop.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
 from ._fastmap import MapRef, SharedMap
-from .errors import InvalidTypeError
+from .errors import InvalidTypeError, InvalidValueError
 
-__all__ = ["DEFAULT_LINK_KEY", "AggregateMap", "AggregateSnapshot", "FindMap"]
+__all__ = [
+    "DEFAULT_LINK_KEY", "DEFAULT_RETRY_DELAYS", "AggregateMap", "AggregateSnapshot", "FindMap",
+]
 
 DEFAULT_LINK_KEY = "__link_key__"
+#: First and longest delay (seconds) before a missing map is looked up again.
+DEFAULT_RETRY_DELAYS = (1.0, 30.0)
 
 FindMap = Callable[[str], Awaitable[SharedMap | None]]
 """``async def find_map(name) -> SharedMap | None``."""
@@ -96,13 +107,29 @@ class AggregateSnapshot:
         return f"AggregateSnapshot({list(self._names)!r})"
 
 
-class AggregateMap:
-    """Links the maps reachable from ``first_name`` through ``link_key``."""
+class _Missing:
+    """When a map that was not found may be looked up again."""
 
-    __slots__ = ("_find_map", "_first_name", "_link_key", "_lookups", "maps")
+    __slots__ = ("delay", "retry_at")
+
+    def __init__(self, delay: float, retry_at: float) -> None:
+        self.delay = delay
+        self.retry_at = retry_at
+
+
+class AggregateMap:
+    """Links the maps reachable from ``first_name`` through ``link_key``.
+
+    ``clock`` (seconds, monotonic) times the retries of missing maps.
+    """
+
+    __slots__ = ("_clock", "_find_map", "_first_name", "_link_key", "_lookups", "_missing",
+                 "_no_exec", "_retry_delays", "maps")
 
     def __init__(self, first_name: str, find_map: FindMap,
-                 link_key: str = DEFAULT_LINK_KEY) -> None:
+                 link_key: str = DEFAULT_LINK_KEY, *, no_exec: bool = False,
+                 retry_delays: tuple[float, float] = DEFAULT_RETRY_DELAYS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not isinstance(first_name, str):
             raise InvalidTypeError(
                 f"first map name must be a str, got {type(first_name).__name__}")
@@ -111,6 +138,16 @@ class AggregateMap:
                 f"find_map must be an async callable, got {type(find_map).__name__}")
         if not isinstance(link_key, str):
             raise InvalidTypeError(f"link_key must be a str, got {type(link_key).__name__}")
+        first, longest = retry_delays
+        if not 0 <= first <= longest:
+            raise InvalidValueError(
+                f"retry_delays must be (first, longest) with 0 <= first <= longest, "
+                f"got {retry_delays!r}")
+        self._no_exec = bool(no_exec)
+        self._retry_delays = (float(first), float(longest))
+        self._clock = clock
+        # Maps not found, with when to look them up again.
+        self._missing: dict[str, _Missing] = {}
         self._first_name = first_name
         self._find_map = find_map
         self._link_key = link_key
@@ -127,13 +164,19 @@ class AggregateMap:
     def link_key(self) -> str:
         return self._link_key
 
+    @property
+    def no_exec(self) -> bool:
+        return self._no_exec
+
     async def assemble(self) -> AggregateSnapshot:
         """Follow the links from the first map and snapshot every map reached."""
         refs: dict[str, MapRef] = {}
         seen = {self._first_name}
         level = [self._first_name]
+        now = self._clock()
         while level:
-            unknown = [name for name in level if name not in self.maps]
+            unknown = [name for name in level
+                       if name not in self.maps and self._may_look_up(name, now)]
             if unknown:
                 await asyncio.gather(*(self._lookup(name) for name in unknown))
             next_level: list[str] = []
@@ -173,16 +216,29 @@ class AggregateMap:
             # Marks the exception retrieved when every waiter was cancelled.
             future.exception()
 
+    def _may_look_up(self, name: str, now: float) -> bool:
+        missing = self._missing.get(name)
+        return missing is None or now >= missing.retry_at
+
     async def _find(self, name: str) -> SharedMap | None:
         found = await self._find_map(name)
         if found is None:
+            missing = self._missing.get(name)
+            first, longest = self._retry_delays
+            delay = first if missing is None else min(max(missing.delay * 2, first), longest)
+            self._missing[name] = _Missing(delay, self._clock() + delay)
             return None
         if not isinstance(found, SharedMap):
             raise InvalidTypeError(
                 f"find_map({name!r}) returned {type(found).__name__}, "
                 "expected a SharedMap or None")
+        if self._no_exec and not found.no_exec:
+            raise InvalidValueError(
+                f"find_map({name!r}) returned a SharedMap that runs methods, "
+                "but this aggregate is no_exec")
+        self._missing.pop(name, None)
         return self.maps.setdefault(name, found)
 
     def __repr__(self) -> str:
         return (f"AggregateMap({self._first_name!r}, link_key={self._link_key!r}, "
-                f"maps={list(self.maps)!r})")
+                f"no_exec={self._no_exec}, maps={list(self.maps)!r})")

@@ -13,35 +13,89 @@ The core (``caf_sharing._fastmap``) calls exactly two functions of this
 module: :func:`check_method` before ``set_fun`` stores a method, and
 :func:`call_method` from ``apply_method``.
 
-**The sandbox.** A method's source comes from a map that another actor, maybe
-on another machine, wrote; it is compiled with RestrictedPython under a
-stricter policy than RestrictedPython's default:
+**What the sandbox promises.** A method's source comes from a map that
+another actor, maybe on another machine, wrote. Whatever that source is, a
+call of it ends, within its budget, in a return value or a
+:class:`~caf_sharing.errors.MethodError`, with the process alive and nothing
+changed outside the method except, through a writable ``self``, the caller's
+own ref:
 
-* refused when the method is defined (``set_fun``) or first called: imports,
-  any name or attribute starting with ``_`` (so no ``__class__``,
-  ``__import__``, ``__globals__`` walks), frame and code attributes
-  (``gi_frame``, ``f_back``...), ``eval``/``exec``, assigning or deleting
-  attributes, ``global``/``nonlocal``, class definitions, ``yield``, async
-  code, and any global name that is not one of :data:`BUILTIN_NAMES` (so
-  ``open``, ``getattr``, ``type``, ``vars``, ``globals``, ``print``... fail
-  early with a message naming them);
-* checked while running: every attribute read goes through RestrictedPython's
-  ``safer_getattr`` (which also refuses ``str.format``/``format_map``, the
-  classic way to reach dunders from a format string); on the map reference
-  only :data:`REF_ATTRIBUTES` are reachable; item writes only work on plain
-  ``dict``/``list`` objects the method built itself (``full_write_guard``):
-  stored values are frozen and the arguments are deep-frozen before the
-  call, so a method cannot change its caller's data; and the unbound
-  mutators of the ``dict``/``list`` classes (``dict.update(value, ...)``),
-  which would bypass the frozen containers' guards, are refused;
-* ``self`` is the caller's MapRef, exactly as ``this`` in Caf.js: a method can
-  call ``self.set``/``self.delete``/``self.set_fun`` only when the caller
-  handed it a writable ref, and then it writes the caller's own map, nothing
-  else.
+* **Compile-time refusals** (at ``set_fun``, and again when a replica first
+  calls a method that arrived from a peer): a body longer than
+  :attr:`MethodLimits.max_body` bytes (UTF-8; checked before compiling, on
+  every call), imports, any name or attribute starting with ``_``,
+  ``eval``/``exec``, assigning or deleting attributes, ``global``/
+  ``nonlocal``, classes, ``yield``, async code, ``with``, ``match``, and any
+  global name that is not one of :data:`BUILTIN_NAMES`.
+* **Closed-world attribute reads.** ``obj.name`` works only when ``name`` is
+  on the allow-list of ``type(obj)`` itself (no subclass inherits it): the
+  read API of the map reference (:data:`REF_ATTRIBUTES`; the write API only
+  on a writable ref) and the methods listed in :data:`VALUE_ATTRIBUTES` for
+  ``str``, ``int``, ``bool``, ``float``, ``list``, ``tuple``, ``dict``,
+  ``set`` and the frozen ``FrozenDict``/``FrozenList``. Every other attribute
+  of every other object is refused: functions and bound methods (so neither
+  a Cython function's ``func_globals`` nor anything else on what an allowed
+  read returned), exceptions, types, modules, iterators, views, and whatever
+  future Pythons add. The builtin classes a method may name (``dict``,
+  ``list``, ``str``...) are stand-ins that construct, work with
+  ``isinstance`` and expose only the harmless unbound methods of
+  :data:`CLASS_ATTRIBUTES`.
+* **Frozen data stays frozen.** Stored values are frozen, arguments are
+  deep-frozen before the call, and no path reaches a mutator that would
+  bypass the frozen containers' guards (``dict.update(frozen, ...)`` is not
+  on any list).
+* **No lazy chains, no deep hashing.** ``map``, ``filter``, ``zip``,
+  ``enumerate`` and ``reversed`` return lists, and generator expressions are
+  evaluated as list comprehensions, so no chain of lazy iterators can be
+  built whose use or release recurses deep in C. A tuple is walked before it
+  is hashed (as a dict key, set member or left side of ``in``): nested more
+  than :data:`MAX_KEY_DEPTH` levels it is refused, and the walk is charged,
+  because CPython hashes tuples recursively with no depth check. Likewise
+  the operands of comparisons, sorting, ``min``/``max``, ``in``,
+  ``count``/``index``, ``str()``/formatting, ``self.set`` and
+  ``self.apply_method`` are walked first, charged as the tree the operation
+  will walk, so a value shared many times inside itself (``a = [a, a]``,
+  repeated: 2**60 paths in 120 lists) ends in the step limit, not a hang.
+  Exception arguments are shortened before the message is built.
+* **A budget per call** (:class:`MethodLimits`, per map or per node): a step
+  count, where one step is a loop iteration, a comprehension item, a call of
+  a function the method defines, or a share of the work of a builtin that
+  walks a large value (``sorted``, ``sum``, ``in``, ``str`` methods...), and
+  a memory count, charged *before* creation for every string, list, tuple,
+  dict, set or big integer that concatenation, repetition, ``%`` and
+  f-string formatting, ``**``, ``<<``, ``join``/``replace``/``ljust``...,
+  ``extend``/``update``, unpacking and the builtins create. Integers made by
+  ``*``, ``**``, ``<<`` and ``int()`` have at most :data:`MAX_INT_BITS` bits,
+  and arithmetic on big integers is charged steps by its quadratic cost.
+  Going over raises ``MethodError`` naming the limit; a method that calls
+  other methods shares its budget with them, and it cannot catch the error
+  (a bare ``except:`` catches ``Exception`` only; a ``finally: return`` that
+  swallows it is caught at the end of the call). Functions and builtins a
+  method returns refuse to run once its call is over.
+* **Exceptions stay inside.** Any exception, ``BaseException`` included,
+  reaches the caller as ``MethodError`` (chained), except a ``MethodError``
+  raised by a nested ``self.apply_method``, which passes unchanged so that it
+  names the method that failed.
 
-**Limits.** There is no CPU-time or memory limit: ``while True: pass`` blocks
-the actor (and its event loop) and ``"x" * 10**10`` allocates as much as the
-process can. Open maps whose writers you do not trust with ``no_exec=True``.
+**What it does not promise.** The step count is deterministic, not a clock:
+the default (:data:`DEFAULT_MAX_STEPS`) is 75-140 ms of typical loop code on
+the 2-core development machine (26 ms for an empty loop; see
+``benchmarks/compare_methods.py``), but one step may do more work than
+another: builtins that work in C are charged by the size of what they get
+(about 16 items a step, a repetition 256 items a step), which only
+approximates their time, and big-integer arithmetic is charged by its
+quadratic cost. The memory count is cumulative and conservative: building a
+long string by repeated ``+=`` is charged for every intermediate copy (use
+``"".join``), and it counts what operators and builtins create, not the
+small objects each step makes (bounded by the step count). Values a method
+returns are the caller's to check: they may be nested as deep as the budget
+allowed. The sandbox is pure Python on CPython: it relies on CPython having no bug
+reachable from the allowed operations. Methods run on the caller's thread
+(a method holds a process-wide lock while it runs, so calls from several
+threads take turns) and block the event loop for as long as they run. A
+method can read everything ``self`` can read and, on a writable ref, write
+it. Open maps whose writers you do not trust at all with ``no_exec=True``:
+then nothing stored in them ever runs.
 
 Compiled methods are cached by ``(args, body)`` in a least-recently-used
 cache of :data:`MAX_CACHE_SIZE` entries, so a hot method compiles once while
@@ -50,36 +104,49 @@ a stream of distinct bodies cannot grow memory without bound.
 
 from __future__ import annotations
 
-import ast
-import builtins
 import dis
 import functools
 import keyword
-import operator
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import CodeType
 from typing import Any, NamedTuple
 
 from RestrictedPython.compile import compile_restricted_function
-from RestrictedPython.Guards import (
-    full_write_guard,
-    guarded_iter_unpack_sequence,
-    guarded_unpack_sequence,
-    safer_getattr_raise,
-)
-from RestrictedPython.transformer import RestrictingNodeTransformer
 
-from ._fastmap import FUNCTION_MARKER, FrozenDict, FrozenList, MapRef
+from . import _sandbox_budget as budget
+from ._fastmap import FUNCTION_MARKER, FrozenDict, FrozenList
+from ._sandbox_budget import MAX_INT_BITS, OverBudget
+from ._sandbox_builtins import (
+    _BUILTINS,
+    BUILTIN_NAMES,
+    CLASS_ATTRIBUTES,
+    REF_ATTRIBUTES,
+    VALUE_ATTRIBUTES,
+)
+from ._sandbox_operators import MAX_KEY_DEPTH
+from ._sandbox_policy import _GLOBAL_NAME_OPS, _PRINT_HELPER, _MethodPolicy
 from .errors import InvalidTypeError, InvalidValueError, MethodError
 
 __all__ = [
     "BUILTIN_NAMES",
+    "CLASS_ATTRIBUTES",
+    "DEFAULT_LIMITS",
+    "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_STEPS",
     "MAX_CACHE_SIZE",
+    "MAX_INT_BITS",
+    "MAX_KEY_DEPTH",
     "REF_ATTRIBUTES",
+    "VALUE_ATTRIBUTES",
     "CacheInfo",
+    "MethodLimits",
     "cache_clear",
     "cache_info",
     "call_method",
+    "check_limits",
     "check_method",
 ]
 
@@ -87,132 +154,51 @@ __all__ = [
 #: its cache at the same size).
 MAX_CACHE_SIZE = 100
 
-#: What a method may use on ``self``, the MapRef it is applied to. Reading
-#: with ``self[key]``, ``key in self``, ``len(self)`` and ``for key in self``
-#: needs no attribute and works too.
-REF_ATTRIBUTES = frozenset({
-    "get", "keys", "values", "items", "to_dict", "version", "is_read_only",
-    "has_changed", "apply_method", "set", "delete", "set_fun",
-})
-
-_SAFE_FUNCTIONS = (
-    "abs", "all", "any", "bool", "dict", "enumerate", "filter", "float", "int",
-    "isinstance", "len", "list", "map", "max", "min", "range", "reversed",
-    "round", "sorted", "str", "sum", "tuple", "zip",
-)
-# So that methods can raise and catch the usual errors; an exception object
-# only leads to its traceback through ``__traceback__``, which is refused.
-_SAFE_EXCEPTIONS = (
-    "ArithmeticError", "Exception", "IndexError", "KeyError", "LookupError",
-    "TypeError", "ValueError", "ZeroDivisionError",
-)
-
-#: Global names a method may use (``None``, ``True`` and ``False`` are
-#: keywords and always work).
-BUILTIN_NAMES = frozenset(_SAFE_FUNCTIONS + _SAFE_EXCEPTIONS)
-
-# The compiled function's name is never visible to the method: it is popped
-# from the function's globals once defined.
-_FUNCTION_NAME = "serialized_method"
-_FILENAME = "<serialized method>"
-
-_INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
-    "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul,
-    "/=": operator.itruediv, "//=": operator.ifloordiv, "%=": operator.imod,
-    "**=": operator.ipow, "<<=": operator.ilshift, ">>=": operator.irshift,
-    "&=": operator.iand, "|=": operator.ior, "^=": operator.ixor,
-    "@=": operator.imatmul,
-}
+#: Steps per call by default: 75-140 ms of typical loop code (26-46 ms of an
+#: empty loop) on the 2-core machine it was measured on, by
+#: benchmarks/compare_methods.py, which prints the figures.
+DEFAULT_MAX_STEPS = 400_000
+#: Bytes a call may create by default (16 MiB).
+DEFAULT_MAX_BYTES = 16 * 2**20
+#: Longest method body by default, in UTF-8 bytes (64 KiB).
+DEFAULT_MAX_BODY = 64 * 2**10
 
 
-# Refuses names starting with "_", frame/code attributes and str.format*.
-_safer_getattr: Callable[[Any, str], Any] = safer_getattr_raise
+@dataclass(frozen=True, slots=True)
+class MethodLimits:
+    """The budget of one method call (and of the methods it calls).
+
+    ``max_steps``: loop iterations, comprehension items, calls of functions
+    the method defines, and shares of builtin work; ``max_bytes``: the total
+    size of what the call creates; ``max_body``: the longest body accepted,
+    in UTF-8 bytes (checked at ``set_fun`` and before each call).
+    """
+
+    max_steps: int = DEFAULT_MAX_STEPS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_body: int = DEFAULT_MAX_BODY
+
+    def __post_init__(self) -> None:
+        for field in ("max_steps", "max_bytes", "max_body"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidTypeError(
+                    f"MethodLimits.{field} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise InvalidValueError(f"MethodLimits.{field} must be >= 1, got {value}")
 
 
-# What a method may take from the ``dict`` and ``list`` classes themselves.
-# Their other attributes are the unbound mutators, and ``dict.update(frozen,
-# ...)`` would run dict's own code on a stored FrozenDict, past its guards.
-_CONTAINER_CLASS_ATTRIBUTES = frozenset({
-    "copy", "count", "fromkeys", "get", "index", "items", "keys", "values",
-})
+DEFAULT_LIMITS = MethodLimits()
 
 
-def _guarded_getattr(obj: Any, name: str) -> Any:
-    if isinstance(obj, MapRef) and name not in REF_ATTRIBUTES:
-        raise AttributeError(
-            f"serialized methods cannot use {name!r} of the map reference; "
-            f"allowed: {', '.join(sorted(REF_ATTRIBUTES))}")
-    if (isinstance(obj, type) and issubclass(obj, dict | list)
-            and name not in _CONTAINER_CLASS_ATTRIBUTES):
-        raise AttributeError(
-            f"serialized methods cannot use {obj.__name__}.{name}: it could change a "
-            f"value the method does not own; call it on a copy, e.g. {obj.__name__}(value)")
-    return _safer_getattr(obj, name)
-
-
-def _inplacevar(op: str, target: Any, value: Any) -> Any:
-    # Plain ``x += y`` on a local name; frozen containers refuse it themselves.
-    return _INPLACE_OPERATORS[op](target, value)
-
-
-def _apply(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    # RestrictedPython routes ``f(*args, **kwargs)`` calls through here.
-    return function(*args, **kwargs)
-
-
-_BUILTINS: dict[str, Any] = {name: getattr(builtins, name) for name in BUILTIN_NAMES}
-_BUILTINS.update({
-    "_getattr_": _guarded_getattr,
-    "_getitem_": operator.getitem,
-    "_getiter_": iter,
-    "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
-    "_unpack_sequence_": guarded_unpack_sequence,
-    "_write_": full_write_guard,
-    "_inplacevar_": _inplacevar,
-    "_apply_": _apply,
-})
-
-_GLOBAL_NAME_OPS = frozenset({
-    "LOAD_GLOBAL", "LOAD_NAME", "STORE_GLOBAL", "STORE_NAME", "DELETE_GLOBAL", "DELETE_NAME",
-})
-
-# RestrictedPython turns ``print`` into a call of this (absent) helper.
-_PRINT_HELPER = "_print_"
-
-
-class _MethodPolicy(RestrictingNodeTransformer):
-    """RestrictedPython's policy, minus what a method that reads a map and
-    returns a value never needs."""
-
-    def _refuse(self, node: ast.AST, what: str) -> ast.AST:
-        self.error(node, f"{what} not allowed in serialized methods")
-        return node
-
-    def visit_Import(self, node: ast.Import) -> ast.AST:
-        return self._refuse(node, "imports are")
-
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST:
-        return self._refuse(node, "imports are")
-
-    def visit_Global(self, node: ast.Global) -> ast.AST:
-        # Globals are shared by every call of a cached method: no state there.
-        return self._refuse(node, "global statements are")
-
-    def visit_ClassDef(self, node: ast.ClassDef) -> ast.AST:
-        return self._refuse(node, "class definitions are")
-
-    def visit_Yield(self, node: ast.Yield) -> ast.AST:
-        # A generator would run the method's code later, outside call_method.
-        return self._refuse(node, "yield is")
-
-    def visit_YieldFrom(self, node: ast.YieldFrom) -> ast.AST:
-        return self._refuse(node, "yield is")
-
-    def visit_Attribute(self, node: ast.Attribute) -> Any:
-        if not isinstance(node.ctx, ast.Load):
-            self.error(node, f"assigning or deleting attribute {node.attr!r} is not allowed "
-                             "in serialized methods")
-        return super().visit_Attribute(node)
+def check_limits(limits: object) -> MethodLimits:
+    """``limits`` if it is a :class:`MethodLimits`, the defaults for None."""
+    if limits is None:
+        return DEFAULT_LIMITS
+    if type(limits) is not MethodLimits:
+        raise InvalidTypeError(
+            f"method_limits must be a MethodLimits or None, got {type(limits).__name__}")
+    return limits
 
 
 class _Compiled(NamedTuple):
@@ -282,6 +268,12 @@ def _unavailable_globals(module: CodeType) -> list[str]:
     return errors
 
 
+# The compiled function's name is never visible to the method: it is popped
+# from the function's globals once defined.
+_FUNCTION_NAME = "serialized_method"
+_FILENAME = "<serialized method>"
+
+
 @functools.lru_cache(maxsize=MAX_CACHE_SIZE)
 def _compile(arg_names: tuple[str, ...], body: str) -> _Compiled:
     """Compile once per ``(arg_names, body)``; failures are cached too, so a
@@ -321,35 +313,56 @@ def cache_clear() -> None:
     _compile.cache_clear()
 
 
-def check_method(name: str, args: Sequence[str], body: str) -> None:
+def _body_too_long(name: str, body: str, limits: MethodLimits) -> MethodError | None:
+    # Characters first: a body is never shorter in UTF-8 than in characters,
+    # and only a long one pays for the encoding.
+    if len(body) * 4 <= limits.max_body:
+        return None
+    size = len(body.encode("utf-8", "surrogatepass"))
+    if size <= limits.max_body:
+        return None
+    return MethodError(f"method {name!r} is too long: its body has {size} bytes, more than "
+                       f"the max_body limit of {limits.max_body}", method=name)
+
+
+def check_method(name: str, args: Sequence[str], body: str,
+                 limits: MethodLimits | None = None) -> None:
     """Validate a method before ``set_fun`` stores it.
 
     Raises :class:`InvalidTypeError`/:class:`InvalidValueError` for a name,
     argument list or body of the wrong type, or argument names that are not
     plain identifiers (keywords, ``self``, leading ``_``, repeated), and
-    :class:`MethodError` when the body does not compile under the sandbox's
-    restrictions (the message lists every reason, with body line numbers).
+    :class:`MethodError` when the body is longer than ``limits.max_body`` or
+    does not compile under the sandbox's restrictions (the message lists
+    every reason, with body line numbers).
     """
     if not isinstance(name, str):
         raise InvalidTypeError(f"method name must be a str, got {type(name).__name__}")
     arg_names = _check_arg_names(args, f"method {name!r}")
     if not isinstance(body, str):
         raise InvalidTypeError(f"body of method {name!r} must be a str, got {type(body).__name__}")
+    too_long = _body_too_long(name, body, limits or DEFAULT_LIMITS)
+    if too_long is not None:
+        raise too_long
     compiled = _compile(arg_names, body)
     if compiled.function is None:
         raise MethodError(_compile_message(name, compiled), method=name)
 
 
-def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any]) -> Any:
-    """Run method ``name`` described by ``desc`` with ``self=ref``.
+def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any],
+                limits: MethodLimits | None = None) -> Any:
+    """Run method ``name`` described by ``desc`` with ``self=ref``, within
+    ``limits`` (the defaults when None).
 
     ``desc`` is the stored ``{"type", "args", "body"}`` value; it may have come
     from the network, so its shape is checked. ``args`` must be a sequence of
     JSON data (as map values), one per declared argument; it is deep-frozen
-    before the call. Anything wrong, and any exception the method raises, is a
+    before the call. Anything wrong, any exception the method raises
+    (``BaseException`` included) and going over a limit is a
     :class:`MethodError` naming the method (the original exception chained).
     A :class:`MethodError` from a method it called propagates unchanged, so
-    the error names the method that failed.
+    the error names the method that failed. A method called by a method runs
+    on its caller's budget.
     """
     # Exact-type checks first: the core always passes a FrozenDict, and this
     # runs on every apply_method.
@@ -363,6 +376,13 @@ def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any
             f"method {name!r} is malformed: 'args' must be a list of names", method=name)
     if not isinstance(body, str):
         raise MethodError(f"method {name!r} is malformed: 'body' must be a str", method=name)
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    too_long = _body_too_long(name, body, limits)
+    if too_long is not None:
+        raise too_long
+    # Only a nested call pays for compiling (inside its caller's budget).
+    misses = _compile.cache_info().misses if budget.depth else 0
     try:
         # _compile checks the names; only unhashable ones fail before it.
         compiled = _compile(tuple(arg_names), body)
@@ -387,13 +407,69 @@ def call_method(ref: Any, name: str, desc: Mapping[str, Any], args: Sequence[Any
     except (TypeError, ValueError) as exc:
         raise MethodError(f"arguments of method {name!r} must be JSON data: {exc}",
                           method=name) from exc
-    try:
-        return function(ref, *frozen)
-    except MethodError:
-        raise
-    except Exception as exc:
-        raise MethodError(f"method {name!r} raised {type(exc).__name__}: {exc}",
-                          method=name) from exc
+    with budget.LOCK:
+        outermost = budget.depth == 0
+        if outermost:
+            budget.steps_left = limits.max_steps
+            budget.bytes_left = limits.max_bytes
+        else:
+            # A nested call: a step, and its compilation if it was not cached.
+            compiled_now = _compile.cache_info().misses != misses
+            budget.charge(1 + (budget.COMPILE_STEPS_PER_CHAR * len(body) if compiled_now else 0),
+                          0)
+        budget.depth += 1
+        try:
+            result = function(ref, *frozen)
+            if outermost and (budget.steps_left < 0 or budget.bytes_left < 0):
+                # A ``finally: return`` swallowed the limit error.
+                raise OverBudget("max_steps" if budget.steps_left < 0 else "max_bytes")
+            return result
+        except OverBudget as exc:
+            if not outermost:
+                raise
+            raise MethodError(_over_budget_message(name, exc.limit, limits),
+                              method=name) from None
+        except MethodError:
+            raise
+        except BaseException as exc:
+            raise MethodError(f"method {name!r} raised {type(exc).__name__}: {_tame(exc)}",
+                              method=name) from exc
+        finally:
+            budget.depth -= 1
+            if outermost:
+                budget.steps_left = budget.bytes_left = -1
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel = 3
+_SHORT.maxstring = _SHORT.maxother = 200
+_MAX_MESSAGE = 1000
+
+
+def _tame(exc: BaseException) -> str:
+    """The exception's text, made short and cheap: its arguments may be
+    anything the method built (a huge string, a value shared with itself),
+    so they are replaced by a bounded description before anyone prints it."""
+    args = exc.args
+    if all(type(arg) is str for arg in args):
+        text = ", ".join(args) if len(args) != 1 else args[0]
+    else:
+        text = ", ".join(_SHORT.repr(arg) for arg in args)
+    if len(text) > _MAX_MESSAGE:
+        text = text[:_MAX_MESSAGE] + "..."
+    exc.args = (text,)
+    return str(exc)
+
+
+def _over_budget_message(name: str, limit: str, limits: MethodLimits) -> str:
+    if limit == "max_steps":
+        return (f"method {name!r} went over its max_steps limit of {limits.max_steps} "
+                "steps (loop iterations, comprehension items, calls)")
+    if limit == "max_bytes":
+        return (f"method {name!r} went over its max_bytes limit: it would create more "
+                f"than {limits.max_bytes} bytes of values")
+    return (f"method {name!r} went over the MAX_INT_BITS limit: integers it makes have at "
+            f"most {MAX_INT_BITS} bits")
 
 
 def _compile_message(name: str, compiled: _Compiled) -> str:

@@ -50,6 +50,7 @@ from .errors import (
     SharingError,
     UnknownActorMethodError,
 )
+from .methods import MethodLimits
 from .names import check_actor_name
 from .plug import ActorSharing
 from .proxy import SharingProxy
@@ -354,7 +355,8 @@ class Node:
     def __init__(self, url: str = "memory://", *, node_id: str | None = None,
                  app: str = "default", lease_ttl: float = 10.0, mailbox_size: int = 1024,
                  max_updates: int = 100, backend: Backend | None = None,
-                 logger: logging.Logger | None = None, **backend_options: Any) -> None:
+                 logger: logging.Logger | None = None, method_limits: MethodLimits | None = None,
+                 **backend_options: Any) -> None:
         if lease_ttl <= 0:
             raise ValueError(f"lease_ttl must be > 0, got {lease_ttl!r}")
         if mailbox_size < 1:
@@ -365,7 +367,8 @@ class Node:
         self.mailbox_size = mailbox_size
         self.log = logger or logging.getLogger("caf_sharing.node")
         self.backend = backend or make_backend(url, app=app, **backend_options)
-        self.service = SharingService(self.backend, max_updates=max_updates, logger=self.log)
+        self.service = SharingService(self.backend, max_updates=max_updates, logger=self.log,
+                                      method_limits=method_limits)
         self._hosts: dict[str, _Host] = {}
         self._starting: set[str] = set()
         self._renewer: asyncio.Task[None] | None = None

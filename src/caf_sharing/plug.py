@@ -282,7 +282,8 @@ class ActorSharing:
         if info.writable:
             return await self._service.primary(info.name)
         if info.aggregate:
-            return await self._service.aggregate_of(info.name, link_key=info.link_key)
+            return await self._service.aggregate_of(info.name, link_key=info.link_key,
+                                                    no_exec=info.no_exec)
         return await self._service.replica_of(
             info.name, best_effort=info.best_effort, no_exec=info.no_exec)
 

@@ -80,6 +80,7 @@ from .errors import (
     PrepareRequiredError,
     SharingError,
 )
+from .methods import MethodLimits, check_limits
 from .names import map_owner
 
 __all__ = ["ServiceStats", "SharingService"]
@@ -220,8 +221,11 @@ class SharingService:
     """Primaries, replicas and aggregates of one node, over one backend."""
 
     def __init__(self, backend: Backend, *, max_updates: int = 100,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None,
+                 method_limits: MethodLimits | None = None) -> None:
         self.backend = backend
+        # The budget of methods run on this node's maps (None: the defaults).
+        self._method_limits = check_limits(method_limits)
         self.stats = ServiceStats()
         self._max_updates = max_updates
         self._log = logger or log
@@ -235,7 +239,7 @@ class SharingService:
         self._retired: OrderedDict[tuple[str, bool], _Replica] = OrderedDict()
         self._resyncs: dict[str, asyncio.Task[None]] = {}
         self._resync_again: set[str] = set()
-        self._aggregates: dict[tuple[str, str], _Aggregate] = {}
+        self._aggregates: dict[tuple[str, str, bool], _Aggregate] = {}
         self._closed = False
         backend.add_reconnect_listener(self._on_reconnect)
 
@@ -256,7 +260,8 @@ class SharingService:
 
     def _load_primary(self, name: str, dump: ChangeSet) -> _Primary:
         txid = dump.get("txid")
-        shared = SharedMap(max_updates=self._max_updates, logger=self._log)
+        shared = SharedMap(max_updates=self._max_updates, logger=self._log,
+                           method_limits=self._method_limits)
         if self._own(map_owner(name), txid):
             shared.apply_changes(dump)
             primary = _Primary(shared, txid)
@@ -370,7 +375,8 @@ class SharingService:
         else:
             replica = _Replica(self, name, SharedMap(no_exec=no_exec,
                                                      max_updates=self._max_updates,
-                                                     logger=self._log))
+                                                     logger=self._log,
+                                                     method_limits=self._method_limits))
         await self.backend.subscribe(name, replica.handle)
         try:
             dump = await self.backend.read_map(name)
@@ -579,24 +585,27 @@ class SharingService:
 
     # -- aggregates --------------------------------------------------------
 
-    async def aggregate_of(self, name: str, *, link_key: str | None = None) -> AggregateMap:
-        """A shared AggregateMap rooted at ``name``; its maps are best-effort replicas."""
-        key = (name, link_key or DEFAULT_LINK_KEY)
+    async def aggregate_of(self, name: str, *, link_key: str | None = None,
+                           no_exec: bool = False) -> AggregateMap:
+        """A shared AggregateMap rooted at ``name``; its maps are best-effort
+        replicas, opened with ``no_exec``."""
+        key = (name, link_key or DEFAULT_LINK_KEY, no_exec)
         entry = self._aggregates.get(key)
         if entry is not None:
             entry.count += 1
             return entry.map
 
         async def find_map(map_name: str) -> SharedMap | None:
-            return await self.replica_of(map_name, best_effort=True)
+            return await self.replica_of(map_name, best_effort=True, no_exec=no_exec)
 
-        agg = AggregateMap(name, find_map, key[1])
+        agg = AggregateMap(name, find_map, key[1], no_exec=no_exec)
         self._aggregates[key] = _Aggregate(agg)
         return agg
 
     async def release_aggregate(self, name: str, agg: AggregateMap) -> None:
         """Drop one reference; release its replicas when it was the last one."""
-        if self._drop_reference(self._aggregates, (name, agg.link_key), agg) is None:
+        if self._drop_reference(self._aggregates, (name, agg.link_key, agg.no_exec),
+                                agg) is None:
             return
         for map_name, shared in list(agg.maps.items()):
             await self.release_replica(map_name, shared)
