@@ -1,5 +1,6 @@
 """Shared fixtures: a real redis-server and started backends of every kind.
 
+* ``server``: a server of the test's own (it may stop, restart, lose data).
 * ``redis_server`` (session): a :class:`tests.redisserver.RedisServer` on a
   free port. Without a redis-server binary the tests that need it are
   skipped — or fail when the environment variable CI is "true", so CI never
@@ -47,6 +48,15 @@ def require_redis_server() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}; CI must run the Redis tests")
         pytest.skip(reason)
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, for tests that stop, restart or
+    empty it."""
+    require_redis_server()
+    with RedisServer() as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ Each test runs its own server, since they all take its data away.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +17,7 @@ from caf_sharing import Actor, Node
 from caf_sharing.backends import MapWrite, make_backend
 from caf_sharing.errors import LeaseHeldError
 from caf_sharing.service import ADOPT_MARGIN
-from conftest import require_redis_server, until_version
+from conftest import until_version
 from redisserver import RedisServer
 from relay import Relay
 from test_backend_contract import ACTOR, MAP, NODE, OTHER, V, as_dict, changes, tx
@@ -28,15 +28,6 @@ pytestmark = pytest.mark.redis
 # once it is that old, and heals a store that went back within a third of it.
 TTL = 1.5
 OPTIONS: dict[str, Any] = {"max_retries": 2, "retry_delay": 0.05, "lease_ttl": TTL}
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    require_redis_server()
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.cleanup()
 
 
 class Writer(Actor):
@@ -78,6 +69,20 @@ class CountingReader(Reader):
         return seen
 
 
+async def ten_bumps_snapshot_after_five(server: RedisServer, writer: Any,
+                                        reader: Any) -> tuple[Path, int]:
+    """Bump 10 times, snapshot the store after 5; return the snapshot and the
+    version of the 10th bump, once the reader has it."""
+    for _ in range(5):
+        await writer.call("bump")
+    old = server.snapshot()
+    for _ in range(5):
+        await writer.call("bump")
+    top, *_ = await writer.call("read")
+    assert await until_version(reader, top) == (top, 10, 10)
+    return old, top
+
+
 async def until(predicate: Any, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not await predicate():
@@ -89,13 +94,7 @@ async def test_older_restart_under_a_live_writer_loses_nothing(server: RedisServ
             Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
         writer = await wnode.start(Writer, "ann-writer")
         reader = await rnode.start(Reader, "ann-reader")
-        for _ in range(5):
-            await writer.call("bump")
-        old = server.snapshot()
-        for _ in range(5):
-            await writer.call("bump")
-        top, *_ = await writer.call("read")
-        assert await until_version(reader, top) == (top, 10, 10)
+        old, top = await ten_bumps_snapshot_after_five(server, writer, reader)
         history = [top]
 
         server.restart_from(old)  # the store is back at 5 bumps
@@ -125,13 +124,7 @@ async def test_older_restart_without_the_writer_never_shows_a_version_twice(
         async with Node(server.url, app="f", node_id="w1", **OPTIONS) as w1:
             writer = await w1.start(Writer, "ann-writer")
             reader = await rnode.start(CountingReader, "ann-reader")
-            for _ in range(5):
-                await writer.call("bump")
-            old = server.snapshot()
-            for _ in range(5):
-                await writer.call("bump")
-            top, *_ = await writer.call("read")
-            assert await until_version(reader, top) == (top, 10, 10)
+            old, top = await ten_bumps_snapshot_after_five(server, writer, reader)
         # The writer's node is gone; the store goes back to 5 bumps.
         server.restart_from(old)
         await rnode.service.resync_all()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
 from caf_sharing import Actor, Node
 from caf_sharing.errors import BackendUnavailableError
-from conftest import require_redis_server, until_version
+from conftest import until_version
 from redisserver import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -17,16 +16,6 @@ pytestmark = pytest.mark.redis
 # A short lease: each test starts its own server, and a node takes a lease on
 # a server younger than one lease only once it is that old.
 FAST = {"max_retries": 2, "retry_delay": 0.05, "lease_ttl": 1.5}
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    """A server of this test's own, since these tests stop and restart it."""
-    require_redis_server()
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.cleanup()
 
 
 class Writer(Actor):
