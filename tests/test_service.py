@@ -13,7 +13,7 @@ from caf_sharing import SharedMap
 from caf_sharing.aggregate import DEFAULT_RETRY_DELAYS
 from caf_sharing.backends import Backend, MapCreate
 from caf_sharing.errors import MapNotFoundError
-from caf_sharing.service import SharingService, txid_of
+from caf_sharing.service import MAX_BUFFERED_BYTES, SharingService, txid_of
 
 
 class Stay:
@@ -304,3 +304,29 @@ async def test_replica_reads_several_maps_of_one_writer_at_one_commit(pair) -> N
     await resync
     await until(lambda: first.ref().get("n") == 29)
     assert second.ref().get("n") == 29
+
+
+async def test_a_flood_during_a_resync_is_dropped_past_the_bound(pair) -> None:
+    wsvc, rsvc = pair
+    writer = Writer(wsvc, "alice-admin", "alice-admin-m")
+    await writer.create(a=1)
+    v = await writer.write(a=2)
+    replica = await rsvc.replica_of("alice-admin-m")
+    assert replica is not None
+    entry = rsvc._replicas[("alice-admin-m", False)]
+    # A resync starts; before it can read, 2,000 messages of 100 KB arrive
+    # (the handler is what the backend calls for each message).
+    rsvc._schedule_resync(entry)
+    flood = orjson.dumps({"version": 10**6, "remove": [], "add": ["x", "y" * 100_000],
+                          "txid": "f", "base_txid": "g"})
+    peak = 0
+    for _ in range(2000):
+        entry.handle(flood)
+        peak = max(peak, entry.buffered)
+    assert peak <= MAX_BUFFERED_BYTES + len(flood)
+    assert rsvc.stats.overflows >= 2000 * len(flood) // MAX_BUFFERED_BYTES - 1
+    # The resyncs that follow leave the replica at the store's version.
+    await until(lambda: not rsvc._resyncs)
+    assert replica.version == v and replica.ref().to_dict() == {"a": 2}
+    assert await writer.write(a=3) == v + 1
+    await until(lambda: replica.version == v + 1)
