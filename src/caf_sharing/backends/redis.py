@@ -87,6 +87,7 @@ from .wire import (
     check_app,
     check_open,
     decode_checkpoint,
+    decode_fields,
     decode_version,
     encode_dump,
     encode_transaction,
@@ -104,7 +105,6 @@ Command = tuple[Any, ...]
 _RETRYABLE = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 #: Connection errors that retrying cannot fix.
 _FATAL = (rexc.AuthenticationError, rexc.AuthorizationError)
-_VERSION = VERSION_FIELD.encode()
 #: Longest pause between two pub/sub reconnection attempts, past max_retries.
 _MAX_SLOW_DELAY = 5.0
 
@@ -537,22 +537,7 @@ class RedisBackend:
 
     @staticmethod
     def _decode_pairs(name: str, pairs: Iterable[tuple[bytes, bytes]]) -> ChangeSet:
-        items: list[Any] = []
-        version: int | None = None
-        key = b""
-        try:
-            for key, raw in pairs:
-                if key == _VERSION:
-                    version = decode_version(name, raw)
-                else:
-                    items.append(key.decode())
-                    items.append(orjson.loads(raw))
-        except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BackendError(f"map {name!r}: field {key.decode(errors='replace')!r} "
-                               f"holds undecodable data: {exc}") from None
-        if version is None:
-            raise BackendError(f"map {name!r} has no {VERSION_FIELD!r} field")
-        return make_dump(version, items)
+        return decode_fields(name, pairs)
 
     async def read_map(self, name: str) -> ChangeSet | None:
         check_map_name(name)
