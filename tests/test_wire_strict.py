@@ -9,13 +9,14 @@ the data in a real Redis.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
 import orjson
 import pytest
 
-from caf_sharing import SharedMap
+from caf_sharing import Actor, Node, SharedMap
 from caf_sharing.backends import MapWrite, make_backend
 from caf_sharing.backends.wire import (
     MAX_VERSION,
@@ -27,6 +28,7 @@ from caf_sharing.backends.wire import (
     encode_transaction,
 )
 from caf_sharing.errors import BackendError, InvalidChangeSetError
+from conftest import until_version
 from redisserver import RedisServer
 from test_backend_contract import ACTOR, MAP, NODE, V, changes, dump, tx
 
@@ -208,3 +210,52 @@ def test_a_store_s_fields_decode_together_and_a_bad_one_is_named() -> None:
         decode_fields("alice-admin-x", fields(raws)[1:])
     with pytest.raises(BackendError, match="version"):
         decode_fields("alice-admin-x", [(V.encode(), b"+5")])
+
+
+class Writer(Actor):
+    async def init(self) -> None:
+        self.sharing.add_writable_map("m", "data", initial_value={"a": 0})
+
+    async def bump(self) -> int:
+        ref = self.sharing.maps.m
+        ref.set("a", ref.get("a") + 1)
+        return int(ref.version) + 1
+
+
+class Reader(Actor):
+    async def init(self) -> None:
+        self.sharing.add_read_only_map("m", "alice-writer-data")
+
+    async def read(self) -> tuple[int, Any]:
+        ref = self.sharing.maps.m
+        return int(ref.version), ref.get("a")
+
+
+@pytest.mark.redis
+async def test_forged_publishes_do_not_pin_a_replica(redis_server: RedisServer) -> None:
+    # One PUBLISH with __ca_version__ 2**63 - 1 used to move every replica
+    # there for good; a list with a bad third element left two applied.
+    app = f"w{uuid.uuid4().hex[:12]}"
+    channel = f"caf:{app}:{{alice-writer}}:chan:alice-writer-data"
+    async with Node(redis_server.url, app=app) as wnode, \
+            Node(redis_server.url, app=app) as rnode:
+        writer = await wnode.start(Writer, "alice-writer")
+        reader = await rnode.start(Reader, "alice-reader")
+        v = await writer.call("bump")
+        await until_version(reader, v)
+        forged = [
+            {"version": v, "remove": [], "add": ["a", 666, V, 2 ** 63 - 1]},
+            {"version": v, "remove": [], "add": ["a", 666, V, v + 5]},
+            {"version": 0, "remove": [], "add": ["a", 666, V, 2 ** 53]},
+            [{"version": v, "remove": [], "add": ["a", 666, V, v + 1]},
+             {"version": v + 1, "remove": [], "add": ["a", 667, V, v + 2]},
+             {"version": v + 2, "remove": [], "add": ["a", float("inf"), V, v + 3]}],
+        ]
+        with redis_server.client() as client:
+            for message in forged:
+                client.publish(channel, json.dumps(message).encode())
+        for _ in range(3):
+            v = await writer.call("bump")
+            seen = await until_version(reader, v)
+            assert seen[0] == v, f"replica at {seen[0]}, writer at {v}"
+        assert seen == (v, v - 1)
