@@ -1769,11 +1769,14 @@ cdef class SharedMap:
         if p.version < current:
             return False
         if p.version > current:
-            where = "change set" if index < 0 else f"change set [{index}]"
-            raise MissedUpdateError(
-                f"{where} has version {p.version} but the map is at version {current}: "
-                "updates were missed (resync from a dump)",
-                version=p.version, current=current)
+            if index < 0:
+                msg = (f"change set has version {p.version} but the map is at version "
+                       f"{current}: updates were missed (resync from a dump)")
+            else:
+                msg = (f"change set [{index}] has version {p.version} but the ones before it "
+                       f"end at version {current}: updates were missed (nothing applied; "
+                       "resync from a dump)")
+            raise MissedUpdateError(msg, version=p.version, current=self._cur.version)
         return True
 
     cdef int _log_ignored(self, _Parsed p, long long current) except -1:
