@@ -314,6 +314,7 @@ _DIGIT_RUN = b"1" * 19
 def _has_digit_run(raw: bytes) -> bool:
     return len(raw) >= 19 and _DIGIT_RUN in raw.translate(_DIGIT_MAP)
 
+
 # The tokens of valid JSON that hold digits: whole strings (so no number is
 # found inside one) and numbers.
 _JSON_DIGIT_TOKENS = re.compile(
