@@ -230,6 +230,7 @@ def p3_p4_writes(report: Report, big: int, rounds: int, hot: bool) -> None:
             add: list[Any] = []
             for k in batch:
                 add += (k, next(fresh))
+            add += (VERSION_KEY, m.version + 1)
             changes = {"version": m.version, "remove": [], "add": add}
             start = time.perf_counter()
             m.apply_changes(changes)

@@ -213,9 +213,11 @@ async def test_versions_compare_as_numbers(backend: Backend) -> None:
             await backend.commit(tx(f"s{stale}", prev=last, writes=[
                 MapWrite(MAP, changes(stale))]))
         assert (info.value.name, info.value.expected, info.value.current) == (MAP, stale, 12)
-    assert await backend.commit(tx("jump", prev=last, writes=[MapWrite(MAP, {
-        "version": 12, "remove": [], "add": ["n", 0, V, 98]})]))
-    last = await advance(backend, 98, 102, prev="jump", prefix="u")
+    # A change set makes exactly base + 1 (a jump is refused): walk to 102.
+    with pytest.raises(InvalidChangeSetError, match=r"is not its base version 12 \+ 1"):
+        await backend.commit(tx("jump", prev=last, writes=[MapWrite(MAP, {
+            "version": 12, "remove": [], "add": ["n", 0, V, 98]})]))
+    last = await advance(backend, 12, 102, prev=last, prefix="u")
     assert as_dict(await backend.read_map(MAP)) == {"n": 102, V: 102}
     with pytest.raises(ConcurrentUpdateError) as info:
         await backend.commit(tx("s99", prev=last, writes=[MapWrite(MAP, changes(99))]))
@@ -352,7 +354,7 @@ async def test_invalid_transactions_are_refused_before_anything_is_stored(
         (tx("c", writes=[MapWrite(MAP, {"version": 0, "remove": [V], "add": []})]),
          InvalidChangeSetError, "reserved"),
         (tx("d", writes=[MapWrite(MAP, {"version": 3, "remove": [], "add": [V, 3]})]),
-         InvalidChangeSetError, "not past"),
+         InvalidChangeSetError, "is not its base version 3 [+] 1"),
         (tx("e", writes=[MapWrite(MAP, changes(0)), MapWrite(MAP, changes(1))]), ValueError,
          "more than once"),
         (tx("f", writes=[MapWrite(MAP, changes(0), full=dump(7, {}))]), InvalidChangeSetError,

@@ -904,15 +904,19 @@ def test_apply_removes_then_adds() -> None:
     assert m.ref().to_dict() == {"b": 3, "c": [4]}
 
 
-def test_apply_with_explicit_version_jump() -> None:
+def test_a_change_set_makes_exactly_its_version_plus_one() -> None:
     m = SharedMap()
-    m.apply_changes(change(0, [], ["a", 1, VERSION_KEY, 7]))
+    m.apply_changes(change(0, [], ["a", 1, VERSION_KEY, 7]))  # a dump: any version
     assert m.version == 7
-    m.apply_changes(change(7, [], ["a", 2, VERSION_KEY, 12]))
-    assert m.version == 12
-    m.apply_changes(change(12, [], ["a", 3]))  # no pair: base + 1
-    assert m.version == 13
+    m.apply_changes(change(7, [], ["a", 2, VERSION_KEY, 8]))
+    assert m.version == 8
+    m.apply_changes(change(8, [], ["a", 3]))  # no pair: base + 1 all the same
+    assert m.version == 9
     assert m.ref().get("a") == 3
+    # A jump would let one message move a replica anywhere, for good.
+    with pytest.raises(InvalidChangeSetError, match=r"must be its 'version' \+ 1 = 10, got 12"):
+        m.apply_changes(change(9, [], ["a", 4, VERSION_KEY, 12]))
+    assert m.version == 9 and m.ref().get("a") == 3
 
 
 def test_apply_takes_the_last_of_repeated_keys() -> None:
@@ -981,19 +985,20 @@ def test_older_or_equal_dumps_are_ignored(dump_version: int,
     commit(m, a=2)
     before = state(m)
     with caplog.at_level(logging.DEBUG, logger=logger.name):
-        m.apply_changes(change(0, [], ["z", 1, VERSION_KEY, dump_version]))
+        # (A dump of version 0 is the empty map: it holds nothing.)
+        m.apply_changes(change(0, [], ["z", 1] * (dump_version > 0) + [VERSION_KEY, dump_version]))
     assert state(m) == before
     assert f"ignoring a dump of version {dump_version} (map at version 2)" in caplog.text
 
 
-def test_dump_without_version_pair_is_version_0() -> None:
+def test_a_dump_must_say_its_version() -> None:
+    # It used to count as version 0 and be ignored; a dump without its
+    # version is malformed, and a sender must learn that.
     m = SharedMap()
     commit(m, a=1)
-    m.apply_changes(change(0, [], ["z", 1]))
-    assert m.ref().to_dict() == {"a": 1}
-    fresh = SharedMap()
-    fresh.apply_changes(change(0, [], ["z", 1]))
-    assert fresh.version == 0 and len(fresh.ref()) == 0
+    with pytest.raises(InvalidChangeSetError, match="without a '__ca_version__' pair"):
+        m.apply_changes(change(0, [], ["z", 1]))
+    assert m.ref().to_dict() == {"a": 1} and m.version == 1
 
 
 def test_dump_of_an_empty_map_applies_to_a_fresh_one() -> None:
@@ -1029,15 +1034,19 @@ def test_a_list_of_change_sets_applies_in_order() -> None:
     assert replica.version == 5
 
 
-def test_a_bad_change_set_in_a_list_stops_there() -> None:
+def test_a_bad_change_set_in_a_list_changes_nothing() -> None:
+    # A list used to apply element by element, so the good change sets before
+    # a bad one stayed; it is one message, applied whole or not at all.
     m = SharedMap()
     good = [change(0, [], ["a", 1, VERSION_KEY, 1]), change(1, [], ["a", 2])]
     bad = change(2, [], ["a", float("nan")])
     later = change(3, [], ["a", 4])
     with pytest.raises(InvalidChangeSetError, match=r"change set \[2\]"):
         m.apply_changes([*good, bad, later])
-    assert m.version == 2
-    assert m.ref().get("a") == 2
+    assert m.version == 0
+    assert m.ref().to_dict() == {}
+    m.apply_changes([*good, change(2, [], ["a", 3])])
+    assert m.version == 3 and m.ref().get("a") == 3
 
 
 def test_apply_records_frozen_history() -> None:
@@ -1045,7 +1054,8 @@ def test_apply_records_frozen_history() -> None:
     m.apply_changes(change(0, [], ["a", {"x": [1]}, VERSION_KEY, 1]))
     m.apply_changes({"version": 1, "remove": ("a",), "add": ("b", (1, 2))})
     (entry,) = history(m.ref(read_only=True), 1)
-    assert entry == {"version": 1, "remove": ["a"], "add": ["b", [1, 2]]}
+    # Recorded as prepare() makes it: with the version pair.
+    assert entry == {"version": 1, "remove": ["a"], "add": ["b", [1, 2], VERSION_KEY, 2]}
     assert type(entry) is FrozenDict
     assert type(entry["remove"]) is FrozenList
     assert type(entry["add"][1]) is FrozenList
@@ -1168,7 +1178,7 @@ def test_commit_and_apply_both_record() -> None:
     m.apply_changes(change(1, [], ["b", 2]))
     c3 = commit(m, c=3)
     slice_ = m.ref(read_only=True).updates_slice(1)
-    assert slice_ == [change(1, [], ["b", 2]), c3]
+    assert slice_ == [change(1, [], ["b", 2, VERSION_KEY, 2]), c3]
     assert m.ref(read_only=True).updates_slice(0) is None
     assert c1["version"] == 0
 

@@ -28,6 +28,7 @@ from caf_sharing import FUNCTION_MARKER, MapRef, SharedMap
 from caf_sharing._fastmap import VERSION_KEY, _map_with_hash_bits, _trie_invariants
 from caf_sharing.errors import (
     ConcurrentUpdateError,
+    InvalidChangeSetError,
     MissedUpdateError,
     PrepareRequiredError,
     ReadOnlyError,
@@ -205,16 +206,22 @@ class MapMachine(RuleBasedStateMachine):
     # -- replication-side operations on the same map -----------------------
 
     @rule(removes=st.lists(KEYS, max_size=3), adds=st.dictionaries(KEYS, VALUES, max_size=3),
-          jump=st.sampled_from([0, 0, 1, 9]), wire=st.booleans())
-    def apply_current(self, removes: list[str], adds: dict[str, Any], jump: int,
+          jump=st.sampled_from([0, 0, 1, 9]), pair=st.booleans(), wire=st.booleans())
+    def apply_current(self, removes: list[str], adds: dict[str, Any], jump: int, pair: bool,
                       wire: bool) -> None:
         add: list[Any] = [x for kv in adds.items() for x in kv]
         new_version = self.version + 1 + jump
-        if jump or self.version == 0:
+        if jump or pair or self.version == 0:
             add += [VERSION_KEY, new_version]
         changes = {"version": self.version, "remove": removes, "add": add}
         if wire:
             changes = orjson.loads(orjson.dumps(changes))
+        if jump and (self.version or removes):
+            # A change set makes exactly its version + 1, and a dump (version
+            # 0) of a later version than 1 has nothing to remove: refused.
+            with pytest.raises(InvalidChangeSetError):
+                self.m.apply_changes(changes)
+            return
         self.m.apply_changes(changes)
         if self.version == 0:
             # A version-0 change set is a dump: it replaces (the empty content).
@@ -224,7 +231,11 @@ class MapMachine(RuleBasedStateMachine):
             for k in removes:
                 self.model.pop(k, None)
             self.model.update((k, norm(v)) for k, v in adds.items())
-            self.record(norm(changes))
+            # What is recorded always carries the version pair.
+            recorded = norm(changes)
+            if not pair:
+                recorded["add"] += [VERSION_KEY, new_version]
+            self.record(recorded)
         self.version = new_version
 
     @precondition(lambda self: self.history)

@@ -384,13 +384,21 @@ BAD_CHANGE_SETS: list[tuple[Any, str]] = [
     ({"remove": [], "add": []}, "change set has no 'version' field"),
     ({"version": 1, "add": []}, "change set has no 'remove' field"),
     ({"version": 1, "remove": []}, "change set has no 'add' field"),
-    ({"version": 1, "remove": [], "add": [], "extra": 1}, "unknown field 'extra'"),
+    ({"version": 1, "remove": [], "add": [], 2: 1}, "has a field 2 whose name is not a str"),
+    ({"version": 1, "remove": [], "add": [], "note": {1, 2}},
+     "change set field 'note': type set is not JSON data"),
+    ({"version": 1, "remove": [], "add": [], "txid": 5},
+     "change set 'txid' must be None or a str of 1-64 characters"),
+    ({"version": 1, "remove": [], "add": [], "base_txid": "x" * 65},
+     "change set 'base_txid' must be None or a str of 1-64 characters"),
     ({"version": "1", "remove": [], "add": []}, "'version' must be an int, got '1' (str)"),
     ({"version": 1.0, "remove": [], "add": []}, "'version' must be an int, got 1.0 (float)"),
     ({"version": True, "remove": [], "add": []}, "'version' must be an int, got True (bool)"),
     ({"version": None, "remove": [], "add": []}, "'version' must be an int"),
-    ({"version": -1, "remove": [], "add": []}, "'version' must be in [0, 2**63-1], got -1"),
-    ({"version": 2 ** 63, "remove": [], "add": []}, "'version' must be in [0, 2**63-1]"),
+    ({"version": -1, "remove": [], "add": []}, "'version' must be in [0, 2**53 - 1)"),
+    ({"version": 2 ** 63, "remove": [], "add": []}, "'version' must be in [0, 2**53 - 1)"),
+    ({"version": 2 ** 53 - 1, "remove": [], "add": []},
+     "'version' must be in [0, 2**53 - 1) (versions stay below 2**53), got 9007199254740991"),
     ({"version": 1, "remove": "a", "add": []}, "'remove' must be a list, got str"),
     ({"version": 1, "remove": {"a": 1}, "add": []}, "'remove' must be a list, got dict"),
     ({"version": 1, "remove": [], "add": {"a": 1}}, "'add' must be a list, got dict"),
@@ -414,13 +422,30 @@ BAD_CHANGE_SETS: list[tuple[Any, str]] = [
     (add_of(VERSION_KEY, "2"), "'__ca_version__' must be an int, got '2' (str)"),
     (add_of(VERSION_KEY, True), "'__ca_version__' must be an int, got True (bool)"),
     (add_of(VERSION_KEY, 2.0), "'__ca_version__' must be an int, got 2.0 (float)"),
-    (add_of(VERSION_KEY, 1), "'__ca_version__' must be an int > the base version 1, got 1"),
-    (add_of(VERSION_KEY, 0), "'__ca_version__' must be an int > the base version 1, got 0"),
-    (add_of(VERSION_KEY, 2 ** 63), "must be an int > the base version 1, got 9223372036854775808"),
+    (add_of(VERSION_KEY, 1), "'__ca_version__' must be its 'version' + 1 = 2, got 1"),
+    (add_of(VERSION_KEY, 0), "'__ca_version__' must be its 'version' + 1 = 2, got 0"),
+    (add_of(VERSION_KEY, 3), "'__ca_version__' must be its 'version' + 1 = 2, got 3"),
+    (add_of(VERSION_KEY, 2 ** 63 - 1), "'version' + 1 = 2, got 9223372036854775807"),
+    (add_of(VERSION_KEY, 2 ** 63), "'version' + 1 = 2, got 9223372036854775808"),
+    (add_of(VERSION_KEY, 2, VERSION_KEY, 2), "'add'[2] holds '__ca_version__' a second time"),
     ({"version": 0, "remove": [], "add": [VERSION_KEY, -1]},
-     "'__ca_version__' of a dump must be in [0, 2**63-1], got -1"),
-    # The first set of a list is an ignored replay, so nothing changes at all.
-    ([{"version": 0, "remove": [], "add": []}, "oops"], "change set [1] must be a dict, got str"),
+     "change set is a dump (version 0): its '__ca_version__' must be in [0, 2**53), got -1"),
+    ({"version": 0, "remove": [], "add": [VERSION_KEY, 2 ** 53]},
+     "must be in [0, 2**53), got 9007199254740992"),
+    ({"version": 0, "remove": [], "add": [VERSION_KEY, 2 ** 63 - 1]},
+     "must be in [0, 2**53), got 9223372036854775807"),
+    ({"version": 0, "remove": [], "add": ["a", 1]},
+     "change set is a dump (version 0) without a '__ca_version__' pair"),
+    ({"version": 0, "remove": [], "add": ["a", 1, VERSION_KEY, 0]},
+     "change set is a dump of version 0, the empty map, but adds 1 keys"),
+    ({"version": 0, "remove": ["a"], "add": [VERSION_KEY, 5]},
+     "change set is a dump (version 0) of version 5: it must not remove keys, got 1"),
+    # The first set of a list is an ignored replay, and nothing changes at all.
+    ([{"version": 0, "remove": [], "add": [VERSION_KEY, 0]}, "oops"],
+     "change set [1] must be a dict, got str"),
+    # The first set would apply, but a list is applied whole or not at all.
+    ([add_of("b", 2), {"version": 2, "remove": [], "add": [VERSION_KEY, 4]}],
+     "change set [1] '__ca_version__' must be its 'version' + 1 = 3, got 4"),
     ([{"version": 1, "remove": [], "add": [1]}], "change set [0] 'add' must alternate"),
 ]
 
@@ -459,5 +484,5 @@ def test_change_set_keys_and_values_are_normalised() -> None:
     result = m.ref(read_only=True).updates_slice(1)
     assert result is not None
     (entry,) = result
-    assert entry == {"version": 1, "remove": ["a"], "add": ["b", {"x": [1]}]}
+    assert entry == {"version": 1, "remove": ["a"], "add": ["b", {"x": [1]}, VERSION_KEY, 2]}
     assert type(entry["remove"][0]) is str

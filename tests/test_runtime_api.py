@@ -11,6 +11,7 @@ from caf_sharing import Actor, MapRef, Node
 from caf_sharing.errors import (
     ActorError,
     ActorStoppedError,
+    InvalidChangeSetError,
     InvalidNameError,
     InvalidTypeError,
     MailboxFullError,
@@ -187,7 +188,8 @@ async def test_pull_update_and_apply_delta(url) -> None:
         await owner.call("delta", "mine", delta)  # old now: ignored
         with pytest.raises(MissedUpdateError):
             await owner.call("delta", "mine", {"version": 99, "remove": [], "add": []})
-        with pytest.raises(InvalidTypeError):
+        # Checked as apply_changes checks a change set: InvalidChangeSetError.
+        with pytest.raises(InvalidChangeSetError, match="'bad': type set is not JSON"):
             await owner.call("delta", "mine", {"version": v + 3, "remove": ["z"],
                                                 "add": ["ok", 1, "bad", {1, 2}]})
         assert await owner.call("get", "mine", "z") == {"q": 1}  # nothing applied

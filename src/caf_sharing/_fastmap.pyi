@@ -24,6 +24,12 @@ VERSION_KEY: Final = "__ca_version__"
 class _Logger(Protocol):
     def debug(self, msg: str, /, *args: Any) -> object: ...
 
+# Frozen containers are trusted as valid JSON data only when built by their
+# constructor or by the core: one made by __new__ alone is refused wherever a
+# value is taken (InvalidTypeError, or InvalidChangeSetError inside a change
+# set). Reads check depth rather than trust it (to_dict raises
+# InvalidValueError past MAX_DEPTH), so one altered through a method of dict
+# or list cannot crash the process.
 class FrozenDict(dict[str, Any]):
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
     def __setitem__(self, key: str, value: Any, /) -> NoReturn: ...
@@ -59,6 +65,18 @@ class FrozenList(list[Any]):
 # A change set as accepted by apply_changes: the wire format
 # {"version": int, "remove": [key, ...], "add": [k1, v1, ...]}. Lists of them
 # must be list or tuple at run time (other sequences are rejected).
+#
+# Versions stay below 2**53 (exact in Lua and JavaScript numbers). Checked
+# before anything changes; a breach raises InvalidChangeSetError naming it:
+# - "version" is an int (not bool) in [0, 2**53 - 1).
+# - The pair "__ca_version__", v in "add" (at most once, an int) is the
+#   version the change set makes. For "version" >= 1, v == version + 1
+#   exactly (an absent pair means the same; prepare() and Caf.js always send
+#   it). "version" 0 is a dump: v is required, in [0, 2**53); a dump of
+#   version 0 (the empty map) adds no keys, and only a dump of version 1
+#   (also the first change set of a map) may list removes.
+# - Other fields (lineage, DESIGN section 9) are accepted: str names, JSON
+#   values, kept in the recorded change set.
 ChangeSetLike: TypeAlias = dict[str, Any]
 
 _T = TypeVar("_T", covariant=True)
@@ -83,6 +101,9 @@ class _ItemsView:
     def __iter__(self) -> _TrieIter[tuple[str, Any]]: ...
     def __contains__(self, item: object, /) -> bool: ...
 
+# Objects of this module made by __new__ alone (no constructor) raise TypeError
+# from every method and property; SharedMap.__init__ runs only once
+# (TypeError afterwards).
 class SharedMap:
     def __init__(
         self, *, no_exec: bool = False, max_updates: int = 100, logger: _Logger | None = None,
@@ -100,6 +121,9 @@ class SharedMap:
     def method_limits(self) -> MethodLimits | None: ...
     def ref(self, read_only: bool = False) -> MapRef: ...
     def commit(self, ref: MapRef) -> None: ...
+    # One change set, or a list applied whole or not at all: all are checked
+    # and their versions chained (MissedUpdateError on a gap) before the map
+    # changes. Old change sets and dumps no newer than the map are ignored.
     def apply_changes(self, changes: ChangeSetLike | Sequence[ChangeSetLike]) -> None: ...
     def reset(self) -> None: ...
 
@@ -125,6 +149,7 @@ class MapRef:
     def delete(self, key: str) -> MapRef: ...
     def set_fun(self, name: str, args: Sequence[str], body: str) -> MapRef: ...
     def apply_method(self, name: str, args: Sequence[Any]) -> Any: ...
+    # InvalidChangeSetError at version 2**53 - 1: no later version exists.
     def prepare(self) -> FrozenDict: ...
     def dump(self) -> FrozenDict: ...
     def updates_slice(self, first_version: int) -> list[FrozenDict] | None: ...

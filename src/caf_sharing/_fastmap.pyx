@@ -92,6 +92,13 @@ O(1) and ``updates_slice`` can serve replicas. A change set with version 0
 is a full dump (the Caf.js wire format): it is loaded only if its version is
 newer than the map's, and it restarts the history instead of being recorded.
 
+Versions come from the wire, and a replica never goes back, so one forged
+version would pin it for good: a change set must make exactly its version
++ 1, a dump a version below 2**53 (the versions Lua and JavaScript numbers
+hold exactly), and ``prepare`` refuses to go past it. A list of change sets
+is one message: all of it is checked, versions chained, before any of it is
+applied.
+
 Iteration order is trie order (by hash bits), not insertion order. String
 hashes are randomized per process (PYTHONHASHSEED), so the order differs
 between processes; compare contents, not sequences.
@@ -253,7 +260,9 @@ VERSION_KEY = "__ca_version__"
 cdef int _MAX_DEPTH = 64
 cdef str _VERSION_KEY = "__ca_version__"
 cdef str _FUNCTION_MARKER = "function_PlkW02z*Z10"
-cdef object _PY_INT64_MAX = 2 ** 63 - 1
+# Versions stay below 2**53: they travel through Lua and JavaScript, whose
+# numbers are doubles, exact only up to there.
+cdef long long _VERSION_LIMIT = 2 ** 53
 
 # Marks a missing entry in trie lookups (None is a valid value).
 cdef object _MISSING = object()
@@ -311,6 +320,14 @@ cdef inline int _height(object v):
     return 0
 
 
+cdef inline bint _is_sealed(object v):
+    """Whether a FrozenDict/FrozenList (exact type) was built by the core or
+    its constructor."""
+    if type(v) is FrozenDict:
+        return (<FrozenDict>v)._sealed
+    return (<FrozenList>v)._sealed
+
+
 cdef int _check_str(str s) except -1:
     """Rejects lone surrogates (not encodable as UTF-8). Latin-1 strings (one
     byte per char) cannot hold any, so the common case is one branch."""
@@ -355,6 +372,11 @@ cdef object _freeze(object v, int level):
             raise _PathError(False, f"float {v!r} is not allowed (JSON has no Infinity)")
         return v
     if t is FrozenDict or t is FrozenList:
+        # Trusted as frozen and valid only when sealed: one made by
+        # __new__ alone was never validated, and its height is not known.
+        if not _is_sealed(v):
+            raise _PathError(True, f"{_type_name(v)} was never initialised (made by "
+                                   "__new__ without its constructor)")
         if level + _height(v) > _MAX_DEPTH:
             raise _PathError(False, f"nesting deeper than MAX_DEPTH={_MAX_DEPTH}")
         return v
@@ -398,6 +420,7 @@ cdef FrozenList _freeze_list(object v, int level):
         PyList_Append(out, item)
         i += 1
     out._height = h + 1
+    out._sealed = True
     return out
 
 
@@ -426,17 +449,25 @@ cdef FrozenDict _freeze_dict(object v, int level):
             h = ch
         PyDict_SetItem(out, key, item)
     out._height = h + 1
+    out._sealed = True
     return out
 
 
-cdef object _thaw(object v):
-    """Plain mutable deep copy of frozen data."""
+cdef object _thaw(object v, int level):
+    """Plain mutable deep copy of frozen data. Stored values are at most
+    MAX_DEPTH deep, but a frozen container can still be altered through the
+    methods of dict or list (``list.append(frozen, frozen)``), so the depth
+    is checked rather than trusted: a C recursion must never run away."""
     cdef type t = type(v)
+    if t is not FrozenDict and t is not FrozenList:
+        return v
+    if level >= _MAX_DEPTH:
+        raise InvalidValueError(
+            f"frozen value nested deeper than MAX_DEPTH={_MAX_DEPTH} (a frozen container "
+            "was changed through a method of dict or list)")
     if t is FrozenDict:
-        return {k: _thaw(x) for k, x in (<dict>v).items()}
-    if t is FrozenList:
-        return [_thaw(x) for x in <list>v]
-    return v
+        return {k: _thaw(x, level + 1) for k, x in (<dict>v).items()}
+    return [_thaw(x, level + 1) for x in <list>v]
 
 
 cdef inline FrozenList _frozen_list_of(list items, int height):
@@ -444,6 +475,7 @@ cdef inline FrozenList _frozen_list_of(list items, int height):
     cdef FrozenList out = FrozenList.__new__(FrozenList)
     PyList_SetSlice(out, 0, 0, items)
     out._height = height
+    out._sealed = True
     return out
 
 
@@ -453,6 +485,7 @@ cdef FrozenDict _frozen_change_set(long long version, FrozenList remove, FrozenL
     PyDict_SetItem(out, "remove", remove)
     PyDict_SetItem(out, "add", add)
     out._height = max(remove._height, add._height) + 1
+    out._sealed = True
     return out
 
 
@@ -479,7 +512,8 @@ cdef class FrozenDict(dict):
     It compares equal to plain dicts, is accepted wherever a dict is read,
     serializes with orjson/json and pickles; every mutator raises TypeError.
     The constructor takes what ``dict()`` takes and validates and freezes the
-    content (InvalidTypeError / InvalidValueError naming the path).
+    content (InvalidTypeError / InvalidValueError naming the path). One made
+    by ``__new__`` alone is not sealed, and the core refuses it as a value.
     """
     cdef int _height
     cdef bint _sealed
@@ -538,7 +572,8 @@ cdef class FrozenList(list):
     It compares equal to plain lists, serializes with orjson/json and pickles;
     every mutator raises TypeError. The constructor takes an iterable and
     validates and freezes its items (InvalidTypeError / InvalidValueError
-    naming the path).
+    naming the path). One made by ``__new__`` alone is not sealed, and the
+    core refuses it as a value.
     """
     cdef int _height
     cdef bint _sealed
@@ -1169,16 +1204,17 @@ cdef void _collect_dict(object root, dict out, bint thaw):
         if node.items[i] == NULL:
             _collect_dict(<object>node.items[i + 1], out, thaw)
         elif thaw:
-            PyDict_SetItem(out, <object>node.items[i], _thaw(<object>node.items[i + 1]))
+            PyDict_SetItem(out, <object>node.items[i], _thaw(<object>node.items[i + 1], 0))
         else:
             PyDict_SetItem(out, <object>node.items[i], <object>node.items[i + 1])
 
 
-def _trie_invariants(MapRef ref):
+def _trie_invariants(MapRef ref not None):
     """Checks the shape of `ref`'s trie and returns its number of keys (for
     tests): bitmaps match slots, every key sits where its hash bits say,
     subtrees hold at least two keys (single keys are inlined in the parent),
     collision nodes hold distinct keys of one hash."""
+    _check_ref(ref)
     ref._sync()
     return _check_node(ref._root, 0, 0, ref._map._mask, True)
 
@@ -1246,6 +1282,8 @@ cdef class _TrieIter:
         cdef _Node node
         cdef Py_ssize_t i
         cdef object v
+        if self._nodes is None:
+            raise TypeError("this iterator was never initialised: iterate a MapRef or a view")
         while self._top >= 0:
             node = <_Node>PyList_GET_ITEM(self._nodes, self._top)
             i = self._pos[self._top]
@@ -1342,26 +1380,54 @@ cdef int _apply_to_index(dict index, list removes, list adds, Py_ssize_t n_adds)
 # Change sets
 # ---------------------------------------------------------------------------
 
-cdef long long _parse_version(object v, str what) except? -2:
+cdef tuple _FIELDS = ("version", "remove", "add")
+
+
+cdef long long _parse_base(object v, str where) except -1:
+    """The 'version' of a change set: the version it applies to (0: a dump)."""
     if type(v) is not int:
         raise InvalidChangeSetError(
-            f"{what} must be an int, got {v!r} ({_type_name(v)})")
-    if v < 0 or v > _PY_INT64_MAX:
-        raise InvalidChangeSetError(f"{what} must be in [0, 2**63-1], got {v!r}")
+            f"{where} 'version' must be an int, got {v!r} ({_type_name(v)})")
+    # The version it makes, v + 1, must stay below the limit as well.
+    if v < 0 or v >= _VERSION_LIMIT - 1:
+        raise InvalidChangeSetError(
+            f"{where} 'version' must be in [0, 2**53 - 1) (versions stay below 2**53), "
+            f"got {v!r}")
     return v
 
 
-cdef str _change_key(object key, str where):
+cdef long long _parse_made(object v, long long base, str where) except -1:
+    """The value of the version pair: exactly base + 1 for a change set, and
+    in [0, 2**53) for a dump (0: the empty map, see _check_dump). Anything
+    else would let one message move a replica anywhere, for good (versions
+    never go back)."""
+    if type(v) is not int:
+        raise InvalidChangeSetError(
+            f"{where} {_VERSION_KEY!r} must be an int, got {v!r} ({_type_name(v)})")
+    if base == 0:
+        if v < 0 or v >= _VERSION_LIMIT:
+            raise InvalidChangeSetError(
+                f"{where} is a dump (version 0): its {_VERSION_KEY!r} must be in "
+                f"[0, 2**53), got {v!r}")
+    elif v != base + 1:
+        raise InvalidChangeSetError(
+            f"{where} {_VERSION_KEY!r} must be its 'version' + 1 = {base + 1}, got {v!r}")
+    return v
+
+
+cdef str _change_key(object key, str where, str field, Py_ssize_t i):
+    """`key`, found at where[field][i], as an exact str. The location is
+    formatted only for an error: this runs for every key applied."""
     if type(key) is not str:
         if not isinstance(key, str):
             raise InvalidChangeSetError(
-                f"{where} must be a str key, got {key!r} ({_type_name(key)})")
+                f"{where} {field!r}[{i}] must be a str key, got {key!r} ({_type_name(key)})")
         key = PyUnicode_FromObject(key)
     try:
         _check_str(<str>key)
     except _PathError as err:
         raise InvalidChangeSetError(
-            f"{where} key {key!r}: {(<_PathError>err).reason}") from None
+            f"{where} {field!r}[{i}] key {key!r}: {(<_PathError>err).reason}") from None
     return key
 
 
@@ -1391,11 +1457,12 @@ cdef void _prefetch_edits(PyObject* root, list removes, list adds, Py_hash_t mas
 @cython.auto_pickle(False)
 cdef class _Parsed:
     """A validated change set: keys are exact str, values deep-frozen, the
-    version pair taken out of `adds`."""
+    version pair taken out of `adds` (into `new_version`)."""
     cdef long long version
-    cdef long long new_version  # -1: absent (base + 1)
+    cdef long long new_version
     cdef list removes
     cdef list adds
+    cdef list extras            # other fields, alternating names and frozen values; or None
     cdef object record
 
 
@@ -1403,20 +1470,13 @@ cdef _Parsed _parse_change_set(object c, str where):
     if not isinstance(c, dict):
         raise InvalidChangeSetError(
             f"{where} must be a dict, got {_type_name(c)}")
-    for field in c:
-        if field in ("txid", "base_txid"):
-            # Lineage (DESIGN.md section 9), judged by the sharing service.
-            lineage = c[field]
-            if lineage is not None and not (isinstance(lineage, str) and 0 < len(lineage) <= 64):
-                raise InvalidChangeSetError(
-                    f"{where} {field!r} must be None or a str of 1-64 characters")
-        elif field not in ("version", "remove", "add"):
-            raise InvalidChangeSetError(f"{where} has an unknown field {field!r}")
-    for field in ("version", "remove", "add"):
+    for field in _FIELDS:
         if field not in c:
             raise InvalidChangeSetError(f"{where} has no {field!r} field")
     cdef _Parsed p = _Parsed.__new__(_Parsed)
-    p.version = _parse_version(c["version"], f"{where} 'version'")
+    if len(c) != 3:
+        p.extras = _parse_extras(c, where)
+    p.version = _parse_base(c["version"], where)
     remove = c["remove"]
     add = c["add"]
     if not isinstance(remove, (list, tuple)):
@@ -1430,32 +1490,22 @@ cdef _Parsed _parse_change_set(object c, str where):
     cdef list removes = []
     cdef list adds = []
     cdef Py_ssize_t i, n = len(add)
-    cdef long long nv = -1
+    cdef long long nv = -1       # the version pair's value; -1 until found
     cdef str key
     for i, key_obj in enumerate(remove):
-        key = _change_key(key_obj, f"{where} 'remove'[{i}]")
+        key = _change_key(key_obj, where, "remove", i)
         if key == _VERSION_KEY:
             raise InvalidChangeSetError(f"{where} 'remove'[{i}] removes the reserved key "
                                         f"{_VERSION_KEY!r}")
         removes.append(key)
     for i in range(0, n, 2):
-        key = _change_key(add[i], f"{where} 'add'[{i}]")
+        key = _change_key(add[i], where, "add", i)
         value = add[i + 1]
         if key == _VERSION_KEY:
-            if type(value) is not int:
+            if nv >= 0:
                 raise InvalidChangeSetError(
-                    f"{where} {_VERSION_KEY!r} must be an int, got {value!r} "
-                    f"({_type_name(value)})")
-            if p.version == 0:
-                if value < 0 or value > _PY_INT64_MAX:
-                    raise InvalidChangeSetError(
-                        f"{where} {_VERSION_KEY!r} of a dump must be in [0, 2**63-1], "
-                        f"got {value!r}")
-            elif value <= p.version or value > _PY_INT64_MAX:
-                raise InvalidChangeSetError(
-                    f"{where} {_VERSION_KEY!r} must be an int > the base version "
-                    f"{p.version}, got {value!r}")
-            nv = value
+                    f"{where} 'add'[{i}] holds {_VERSION_KEY!r} a second time")
+            nv = _parse_made(value, p.version, where)
             continue
         try:
             value = _freeze(value, 0)
@@ -1465,23 +1515,83 @@ cdef _Parsed _parse_change_set(object c, str where):
             ) from None
         adds.append(key)
         adds.append(value)
+    if nv < 0:
+        # prepare() and Caf.js always send the pair; without it a change set
+        # still makes version + 1, but a dump would have no version at all.
+        if p.version == 0:
+            raise InvalidChangeSetError(
+                f"{where} is a dump (version 0) without a {_VERSION_KEY!r} pair in 'add': "
+                "it must say its version, in [0, 2**53)")
+        nv = p.version + 1
+    elif p.version == 0:
+        _check_dump(nv, removes, adds, where)
     p.new_version = nv
     p.removes = removes
     p.adds = adds
-    # A FrozenDict of the right shape is already deep-frozen: record it as is.
-    p.record = c if type(c) is FrozenDict else None
+    # A sealed FrozenDict of sealed FrozenLists is deep-frozen already: it is
+    # recorded as it is.
+    if (type(c) is FrozenDict and (<FrozenDict>c)._sealed
+            and type(remove) is FrozenList and (<FrozenList>remove)._sealed
+            and type(add) is FrozenList and (<FrozenList>add)._sealed):
+        p.record = c
     return p
+
+
+cdef int _check_dump(long long made, list removes, list adds, str where) except -1:
+    """The content rules of a dump. Version 0 making version 1 is also the
+    first change set of a map, whose removes are no-ops on the empty map;
+    a later dump lists the whole content, so a remove there is a malformed
+    message. A dump of version 0 is the empty map that every map starts as
+    (what a peer sends for a map created without content): it holds nothing."""
+    if made == 0 and adds:
+        raise InvalidChangeSetError(
+            f"{where} is a dump of version 0, the empty map, but adds {len(adds) // 2} keys")
+    if removes and made != 1:
+        raise InvalidChangeSetError(
+            f"{where} is a dump (version 0) of version {made}: it must not remove keys, "
+            f"got {len(removes)} in 'remove'")
+    return 0
+
+
+cdef list _parse_extras(object c, str where):
+    """The fields of `c` besides version/remove/add (lineage, DESIGN section
+    9; Caf.js ignores them), frozen so that the recorded change set keeps
+    them."""
+    cdef list extras = []
+    for field, value in c.items():
+        if not isinstance(field, str):
+            raise InvalidChangeSetError(
+                f"{where} has a field {field!r} whose name is not a str")
+        if field in _FIELDS:
+            continue
+        if field in ("txid", "base_txid") and value is not None and \
+                not (isinstance(value, str) and 0 < len(<str>value) <= 64):
+            raise InvalidChangeSetError(
+                f"{where} {field!r} must be None or a str of 1-64 characters")
+        try:
+            value = _freeze(value, 1)
+        except _PathError as err:
+            raise InvalidChangeSetError(
+                str(_public_error(<_PathError>err, f"{where} field {field!r}"))) from None
+        extras.append(PyUnicode_FromObject(field))
+        extras.append(value)
+    return extras
 
 
 cdef FrozenDict _record_of(_Parsed p):
     if p.record is not None:
         return <FrozenDict>p.record
     cdef list add = list(p.adds)
-    if p.new_version >= 0:
-        add.append(_VERSION_KEY)
-        add.append(p.new_version)
-    return _frozen_change_set(p.version, _frozen_list_of(p.removes, 1),
-                              _frozen_list_of(add, _pairs_height(add)))
+    add.append(_VERSION_KEY)
+    add.append(p.new_version)
+    cdef FrozenDict out = _frozen_change_set(p.version, _frozen_list_of(p.removes, 1),
+                                             _frozen_list_of(add, _pairs_height(add)))
+    cdef Py_ssize_t i
+    if p.extras is not None:
+        for i in range(0, len(p.extras), 2):
+            PyDict_SetItem(out, p.extras[i], p.extras[i + 1])
+            out._height = max(out._height, _height(p.extras[i + 1]) + 1)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -1508,6 +1618,9 @@ cdef class SharedMap:
 
     def __init__(self, *, bint no_exec=False, max_updates=100, logger=None,
                  method_limits=None):
+        if self._cur is not None:
+            # It would reset the map under its refs and could turn no_exec off.
+            raise TypeError("SharedMap is already initialised: __init__ runs once")
         self._max_updates = _check_max_updates(max_updates)
         if method_limits is not None:
             from caf_sharing import methods
@@ -1520,14 +1633,17 @@ cdef class SharedMap:
 
     @property
     def version(self) -> int:
+        _check_map(self)
         return self._cur.version
 
     @property
     def no_exec(self) -> bool:
+        _check_map(self)
         return self._no_exec
 
     @property
     def max_updates(self) -> int:
+        _check_map(self)
         return self._max_updates
 
     @property
@@ -1537,16 +1653,20 @@ cdef class SharedMap:
 
     @max_updates.setter
     def max_updates(self, value):
+        _check_map(self)
         # Takes effect when the next change set is recorded.
         self._max_updates = _check_max_updates(value)
 
     def __repr__(self):
+        if self._cur is None:
+            return "<SharedMap (never initialised)>"
         return (f"SharedMap(version={self._cur.version}, keys={self._cur.count}, "
                 f"no_exec={bool(self._no_exec)}, max_updates={self._max_updates})")
 
     @cython.binding(False)
     def ref(self, bint read_only=False):
         """An O(1) snapshot of the current version."""
+        _check_map(self)
         cdef MapRef r = MapRef.__new__(MapRef)
         r._map = self
         r._mask = self._mask
@@ -1559,6 +1679,8 @@ cdef class SharedMap:
 
     def commit(self, MapRef ref not None):
         """Makes the prepared `ref` the current version (its version + 1)."""
+        _check_map(self)
+        _check_ref(ref)
         if ref._map is not self:
             raise ValueError("commit(): the ref belongs to another SharedMap")
         if ref._changes is None or ref._edits is None:
@@ -1624,43 +1746,92 @@ cdef class SharedMap:
         s.hist_hi = hi
 
     def apply_changes(self, changes):
-        """Applies one change set (dict) or a list of them, in order."""
+        """Applies one change set (dict) or a list of them, in order. A list
+        is applied whole or not at all: every change set in it is checked,
+        and the versions chained, before the map changes."""
+        _check_map(self)
+        cdef _Parsed p
         if isinstance(changes, (list, tuple)):
-            for i, c in enumerate(changes):
-                self._apply_one(c, f"change set [{i}]")
-        else:
-            self._apply_one(changes, "change set")
+            self._apply_list(changes)
+            return
+        p = _parse_change_set(changes, "change set")
+        if self._plan(p, self._cur.version, -1):
+            self._apply_parsed(p)
+        elif self._logger is not None:
+            self._log_ignored(p, self._cur.version)
 
-    cdef _apply_one(self, object changes, str where):
-        cdef _Parsed p = _parse_change_set(changes, where)
-        cdef _Snapshot cur = self._cur
+    cdef int _apply_list(self, object changes) except -1:
+        cdef list parsed = []
+        cdef list ignored = []       # (change set, map version then) to log
+        cdef list apply = []
+        cdef long long current = self._cur.version
+        cdef Py_ssize_t i = 0
+        cdef _Parsed p
+        for c in changes:
+            parsed.append(_parse_change_set(c, f"change set [{i}]"))
+            i += 1
+        for i in range(len(parsed)):
+            p = <_Parsed>parsed[i]
+            if self._plan(p, current, i):
+                apply.append(p)
+                current = p.new_version
+            else:
+                ignored.append((p, current))
+        # Nothing below can fail on the content: it was all checked above.
+        for p in apply:
+            self._apply_parsed(p)
+        if self._logger is not None:
+            for p, current in ignored:
+                self._log_ignored(p, current)
+        return 0
+
+    cdef int _plan(self, _Parsed p, long long current, Py_ssize_t index) except -1:
+        """Whether `p` applies to the map at version `current`. An old change
+        set, or a dump no newer than the map, is ignored (replays are
+        idempotent and versions never go back); a newer change set is a gap
+        (MissedUpdateError)."""
         if p.version == 0:
-            if p.new_version > cur.version:
-                self._load_dump(p)
-            elif self._logger is not None:
-                self._logger.debug(
-                    "SharedMap: ignoring a dump of version %d (map at version %d)",
-                    max(p.new_version, 0), cur.version)
-            return
-        if p.version < cur.version:
-            if self._logger is not None:
-                self._logger.debug(
-                    "SharedMap: ignoring an old change set of version %d (map at version %d)",
-                    p.version, cur.version)
-            return
-        if p.version > cur.version:
-            raise MissedUpdateError(
-                f"{where} has version {p.version} but the map is at version {cur.version}: "
-                "updates were missed (resync from a dump)",
-                version=p.version, current=cur.version)
+            return p.new_version > current
+        if p.version < current:
+            return False
+        if p.version > current:
+            if index < 0:
+                msg = (f"change set has version {p.version} but the map is at version "
+                       f"{current}: updates were missed (resync from a dump)")
+            else:
+                msg = (f"change set [{index}] has version {p.version} but the ones before it "
+                       f"end at version {current}: updates were missed (nothing applied; "
+                       "resync from a dump)")
+            raise MissedUpdateError(msg, version=p.version, current=self._cur.version)
+        return True
+
+    cdef int _log_ignored(self, _Parsed p, long long current) except -1:
+        if p.version == 0:
+            self._logger.debug("SharedMap: ignoring a dump of version %d (map at version %d)",
+                               p.new_version, current)
+        else:
+            self._logger.debug(
+                "SharedMap: ignoring an old change set of version %d (map at version %d)",
+                p.version, current)
+        return 0
+
+    cdef int _apply_parsed(self, _Parsed p) except -1:
+        if p.version == 0:
+            self._load_dump(p)
+        else:
+            self._apply_change(p)
+        return 0
+
+    cdef int _apply_change(self, _Parsed p) except -1:
+        """Applies a checked change set based on the current version."""
+        cdef _Snapshot cur = self._cur
         cdef unsigned long long owner = _new_owner()
         cdef object root = cur.root
         cdef Py_ssize_t count = cur.count, i
         cdef int flag
         cdef str k
         # Allocated first, as in commit (the edits below may go in place).
-        cdef _Snapshot nxt = self._successor(
-            p.new_version if p.new_version >= 0 else p.version + 1)
+        cdef _Snapshot nxt = self._successor(p.new_version)
         # Held by the map and the local above only, and its root by it and
         # the local `root` only: no one can see this version again, so its
         # trie is edited in place (as in MapRef._commit_sync).
@@ -1683,8 +1854,9 @@ cdef class SharedMap:
         _apply_to_index(nxt.index, p.removes, p.adds, len(p.adds))
         self._cur = nxt
         self._record(nxt, _record_of(p))
+        return 0
 
-    cdef void _load_dump(self, _Parsed p):
+    cdef int _load_dump(self, _Parsed p) except -1:
         """Replaces the content by a newer dump. History cannot bridge the
         jump, so it restarts empty."""
         cdef unsigned long long owner = _new_owner()
@@ -1707,10 +1879,12 @@ cdef class SharedMap:
         nxt.index = index
         self._cur.index = None
         self._cur = nxt
+        return 0
 
     def reset(self):
         """Back to an empty version-0 map with no history. Refs taken before
         keep their snapshot but can no longer commit."""
+        _check_map(self)
         self._cur.index = None
         self._cur = _empty_snapshot()
 
@@ -1724,6 +1898,21 @@ def _map_with_hash_bits(int bits, **kwargs):
     cdef SharedMap m = SharedMap(**kwargs)
     m._mask = -1 if bits == 64 else <Py_hash_t>((1ULL << bits) - 1)
     return m
+
+
+cdef inline int _check_map(SharedMap m) except -1:
+    """Refuses a SharedMap made by __new__ alone: it has no version at all."""
+    if m._cur is None:
+        raise TypeError("SharedMap was never initialised (made by __new__ without "
+                        "SharedMap(...))")
+    return 0
+
+
+cdef inline int _check_ref(MapRef r) except -1:
+    """Refuses a MapRef made by __new__ alone: it belongs to no map."""
+    if r._base is None:
+        raise TypeError("MapRef was never initialised: refs are made by SharedMap.ref()")
+    return 0
 
 
 cdef Py_ssize_t _check_max_updates(object value) except -1:
@@ -1764,6 +1953,7 @@ cdef class MapRef:
         (but must be hashable, like dict keys)."""
         cdef dict index
         cdef PyObject* p
+        _check_ref(self)
         if type(key) is not str:
             if not isinstance(key, str):
                 _check_hashable(key)
@@ -1787,6 +1977,7 @@ cdef class MapRef:
         """The value of `key`, or `default`."""
         cdef dict index
         cdef PyObject* p
+        _check_ref(self)
         if type(key) is str:
             # The ref's own edits first; the rest is the base version's
             # content, in the index while that version is the newest.
@@ -1813,6 +2004,7 @@ cdef class MapRef:
         return self._lookup(key) is not _MISSING
 
     def __len__(self):
+        _check_ref(self)
         self._sync()
         return self._count
 
@@ -1886,6 +2078,7 @@ cdef class MapRef:
     cdef object _escape_root(self):
         """The root, for something that reads it later (iterators, views):
         edits from now on must copy nodes rather than mutate them."""
+        _check_ref(self)
         self._sync()
         self._owner = 0
         return self._root
@@ -1909,6 +2102,7 @@ cdef class MapRef:
     def to_dict(self):
         """A plain, mutable deep copy of the user keys."""
         cdef dict out = {}
+        _check_ref(self)
         self._sync()
         _collect_dict(self._root, out, True)
         return out
@@ -1916,22 +2110,28 @@ cdef class MapRef:
     @property
     def version(self) -> int:
         """The version this ref was taken at."""
+        _check_ref(self)
         return self._base.version
 
     @property
     def is_read_only(self) -> bool:
+        _check_ref(self)
         return self._read_only
 
     @property
     def has_changed(self) -> bool:
+        _check_ref(self)
         return self._edits is not None
 
     @property
     def changes(self):
         """The change set made by prepare(), or None before it."""
+        _check_ref(self)
         return self._changes
 
     def __repr__(self):
+        if self._base is None:
+            return "<MapRef (never initialised)>"
         self._sync()
         return (f"<MapRef version={self._base.version} keys={self._count} "
                 f"read_only={bool(self._read_only)} changed={self._edits is not None}>")
@@ -1939,6 +2139,7 @@ cdef class MapRef:
     # -- writes --------------------------------------------------------------
 
     cdef int _check_writable(self, object key, str action) except -1:
+        _check_ref(self)
         if self._read_only:
             why = "it was already prepared" if self._changes is not None else "it is read-only"
             raise ReadOnlyError(f"cannot {action} {key!r}: {why}")
@@ -1981,6 +2182,7 @@ cdef class MapRef:
 
     def apply_method(self, name, args):
         """Runs the serialized method stored under `name` with `args`."""
+        _check_ref(self)
         if self._map._no_exec:
             raise NoExecError(
                 f"cannot apply method {name!r}: serialized methods are disabled (no_exec)")
@@ -1993,9 +2195,14 @@ cdef class MapRef:
     def prepare(self):
         """The normalised change set of this ref's edits; the ref becomes
         read-only. Also available afterwards as `changes`."""
+        _check_ref(self)
         if self._read_only:
             why = "it was already prepared" if self._changes is not None else "it is read-only"
             raise ReadOnlyError(f"cannot prepare: {why}")
+        if self._base.version >= _VERSION_LIMIT - 1:
+            raise InvalidChangeSetError(
+                f"cannot prepare: the map is at version {self._base.version}, the last one "
+                "(versions stay below 2**53)")
         # Built in place: the edits are frozen already.
         cdef FrozenList remove = FrozenList.__new__(FrozenList)
         cdef FrozenList add = FrozenList.__new__(FrozenList)
@@ -2014,6 +2221,8 @@ cdef class MapRef:
         PyList_Append(add, self._base.version + 1)
         remove._height = 1
         add._height = h + 1
+        remove._sealed = True
+        add._sealed = True
         self._changes = _frozen_change_set(self._base.version, remove, add)
         self._read_only = True
         return self._changes
@@ -2021,6 +2230,7 @@ cdef class MapRef:
     def dump(self):
         """The full change set (version 0) of this snapshot."""
         cdef list add = []
+        _check_ref(self)
         self._sync()
         _collect_pairs(self._root, add)
         add.append(_VERSION_KEY)
@@ -2031,6 +2241,7 @@ cdef class MapRef:
     def updates_slice(self, first_version):
         """The recorded change sets from `first_version` on: [] when up to
         date, None when a full dump is needed. Read-only refs only."""
+        _check_ref(self)
         if not self._replica:
             raise SharingError(
                 "updates_slice() needs a ref taken with read_only=True: only those "

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ._fastmap import FIRST_VERSION, FrozenDict, MapRef, SharedMap
+from ._fastmap import FrozenDict, FrozenList, MapRef, SharedMap
 from .errors import InvalidChangeSetError, MissedUpdateError, SharingError
 from .names import check_map_name, check_part
 from .plug import ActorSharing, MapInfo
@@ -123,43 +123,40 @@ class SharingProxy:
     def apply_delta(self, alias: str, changes: Mapping[str, Any]) -> None:
         """Replay an external change set into the writable map ``alias``.
 
-        Same rules as ``SharedMap.apply_changes``: an older change set is
-        ignored, a newer one raises :class:`MissedUpdateError`.
+        It is checked first as ``SharedMap.apply_changes`` checks one (a bad
+        one raises :class:`InvalidChangeSetError` and leaves the ref exactly
+        as it was), then applied to the ref whole. An older change set is
+        ignored (a dump too, unless the map is at version 0), a newer one
+        raises :class:`MissedUpdateError`.
         """
         ref = self._plug.snapshot(alias)
         if not isinstance(ref, MapRef) or ref.is_read_only:
             raise SharingError(f"map alias {alias!r} is not writable")
-        version, remove, add = _check_delta(changes)
-        if version > ref.version:
+        if not isinstance(changes, Mapping):
+            raise InvalidChangeSetError(
+                f"change set must be a dict, got {type(changes).__name__}")
+        # Plain copies: what is checked below is exactly what gets applied.
+        delta = dict(changes)
+        for field in ("remove", "add"):
+            if isinstance(delta.get(field), list | tuple):
+                delta[field] = list(delta[field])
+        # The core checks all of it on a scratch map at the ref's version.
+        scratch = SharedMap(max_updates=0)
+        if ref.version:
+            scratch.apply_changes({"version": 0, "remove": [], "add": [_VERSION_KEY, ref.version]})
+        try:
+            scratch.apply_changes(delta)
+        except MissedUpdateError as exc:
             raise MissedUpdateError(
-                f"change set for version {version} but map alias {alias!r} is at "
-                f"{ref.version}: missed update", version=version, current=ref.version)
-        if version < ref.version:
+                f"change set for version {exc.version} but map alias {alias!r} is at "
+                f"{ref.version}: missed update", version=exc.version, current=ref.version) from None
+        if delta["version"] < ref.version:
             return
-        # Freeze every value in a scratch ref first, so a bad delta changes nothing.
-        scratch = SharedMap().ref()
-        keys = [add[i] for i in range(0, len(add), 2) if add[i] != _VERSION_KEY]
+        # Known good now; freezing makes every key an exact str (not a str
+        # subclass that could compare unlike one) and every value stored as is.
+        remove, add = FrozenList(delta["remove"]), FrozenList(delta["add"])
+        for key in remove:
+            ref.delete(key)
         for i in range(0, len(add), 2):
             if add[i] != _VERSION_KEY:
-                scratch.set(add[i], add[i + 1])
-        for key in remove:
-            if key != _VERSION_KEY:
-                ref.delete(key)
-        for key in keys:
-            ref.set(key, scratch[key])
-
-
-def _check_delta(changes: Mapping[str, Any]) -> tuple[int, list[str], list[Any]]:
-    if not isinstance(changes, Mapping):
-        raise InvalidChangeSetError(f"change set must be a dict, got {type(changes).__name__}")
-    version, remove, add = changes.get("version"), changes.get("remove"), changes.get("add")
-    if isinstance(version, bool) or not isinstance(version, int) or version < FIRST_VERSION:
-        raise InvalidChangeSetError(f"change set 'version' must be an int >= 0, got {version!r}")
-    if not isinstance(remove, list | tuple) or not all(isinstance(k, str) for k in remove):
-        raise InvalidChangeSetError("change set 'remove' must be a list of str keys")
-    if not isinstance(add, list | tuple) or len(add) % 2:
-        raise InvalidChangeSetError("change set 'add' must be a list of key, value pairs")
-    if not all(isinstance(add[i], str) for i in range(0, len(add), 2)):
-        raise InvalidChangeSetError("change set 'add' has a key that is not a str")
-    return version, list(remove), list(add)
-
+                ref.set(add[i], add[i + 1])

@@ -71,6 +71,7 @@ from .backends.base import (
     MessageHandler,
     Transaction,
 )
+from .backends.wire import decode_changes
 from .errors import (
     ChainError,
     InvalidChangeSetError,
@@ -433,7 +434,7 @@ class SharingService:
 
     def _apply(self, replica: _Replica, data: bytes) -> None:
         try:
-            changes = orjson.loads(data)
+            changes = decode_changes(replica.name, data)
             sets = changes if isinstance(changes, list) else [changes]
             fork = self._lineage_conflict(replica, sets)
             if fork is not None:

@@ -110,12 +110,12 @@ from .base import (
     Transaction,
 )
 from .wire import (
-    VERSION_FIELD,
     EncodedTransaction,
     chain_broken,
     check_app,
     check_open,
     decode_checkpoint,
+    decode_fields,
     decode_version,
     encode_dump,
     encode_transaction,
@@ -133,7 +133,6 @@ Command = tuple[Any, ...]
 _RETRYABLE = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 #: Connection errors that retrying cannot fix.
 _FATAL = (rexc.AuthenticationError, rexc.AuthorizationError)
-_VERSION = VERSION_FIELD.encode()
 #: Longest pause between two pub/sub reconnection attempts, past max_retries.
 _MAX_SLOW_DELAY = 5.0
 #: The slowest a healthy server takes in a request (reading and running it
@@ -672,23 +671,11 @@ class RedisBackend:
     @staticmethod
     def _decode_pairs(name: str, pairs: Iterable[tuple[bytes, bytes]],
                       txid: bytes) -> ChangeSet:
-        items: list[Any] = []
-        version: int | None = None
-        key = b""
         try:
-            for key, raw in pairs:
-                if key == _VERSION:
-                    version = decode_version(name, raw)
-                else:
-                    items.append(key.decode())
-                    items.append(orjson.loads(raw))
             lineage = txid.decode() if txid else None
-        except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BackendError(f"map {name!r}: field {key.decode(errors='replace')!r} "
-                               f"holds undecodable data: {exc}") from None
-        if version is None:
-            raise BackendError(f"map {name!r} has no {VERSION_FIELD!r} field")
-        return make_dump(version, items, lineage)
+        except UnicodeDecodeError:
+            raise BackendError(f"map {name!r}: its lineage txid is undecodable") from None
+        return decode_fields(name, pairs, lineage)
 
     async def read_map(self, name: str) -> ChangeSet | None:
         return (await self.read_maps([name]))[name]

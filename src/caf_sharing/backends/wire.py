@@ -7,6 +7,12 @@ touching their store. This module turns the plain-dict change sets, dumps and
 sharing service into validated, pre-encoded pieces, so that a bad argument is
 refused with a clear error before anything is stored, and decodes what comes
 back out of a store into dumps.
+
+Decoding is as strict as the Lua scripts that write the store: a version is
+a plain decimal below 2**53 (``" 7 "``, ``"+5"``, ``"1_0"`` and ``"07"`` are
+refused, not read as 7, 5, 10), and an integer in a value must fit in 64
+bits (orjson turns a longer one into an inexact float, which is refused
+rather than stored).
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ __all__ = [
     "EncodedWrite",
     "chain_broken",
     "check_app",
+    "decode_changes",
     "decode_checkpoint",
+    "decode_fields",
     "decode_value",
     "decode_version",
     "encode_dump",
@@ -50,6 +58,7 @@ __all__ = [
 ]
 
 VERSION_FIELD = "__ca_version__"
+_VERSION_BYTES = VERSION_FIELD.encode()
 
 Pairs = list[tuple[str, bytes]]
 
@@ -125,14 +134,15 @@ def _encode(map_name: str, key: str, value: Any) -> bytes:
             f"map {map_name!r}: value of key {key!r} is not JSON data: {exc}") from None
 
 
-#: Versions travel through Lua, whose numbers are doubles: exact up to 2**53.
+#: Versions stay below this: they travel through Lua (and JavaScript), whose
+#: numbers are doubles, exact up to 2**53.
 MAX_VERSION = 2**53
 
 
 def _check_version(map_name: str, what: str, field: str, value: object) -> int:
-    if type(value) is not int or not 0 <= value <= MAX_VERSION:
+    if type(value) is not int or not 0 <= value < MAX_VERSION:
         raise InvalidChangeSetError(
-            f"map {map_name!r}: {what} {field!r} must be an int in [0, 2**53], got {value!r}")
+            f"map {map_name!r}: {what} {field!r} must be an int in [0, 2**53), got {value!r}")
     return value
 
 
@@ -170,6 +180,9 @@ def _split_changes(map_name: str, changes: object, what: str
         if not isinstance(key, str):
             raise InvalidChangeSetError(f"map {map_name!r}: {what} adds a non-str key {key!r}")
         if key == VERSION_FIELD:
+            if new_version is not None:
+                raise InvalidChangeSetError(
+                    f"map {map_name!r}: {what} holds {VERSION_FIELD!r} twice in 'add'")
             new_version = _check_version(map_name, what, VERSION_FIELD, add[i + 1])
         else:
             pairs.append((key, _encode(map_name, key, add[i + 1])))
@@ -192,10 +205,12 @@ def _encode_write(actor: str, txid: str, write: object) -> EncodedWrite:
     base, remove, add, new_version = _split_changes(name, write.changes, "change set")
     if new_version is None:
         new_version = base + 1
-    elif new_version <= base:
+    if new_version != base + 1 or new_version >= MAX_VERSION:
+        # The core refuses anything else on every replica (and versions
+        # stay below 2**53): storing it would only break them all.
         raise InvalidChangeSetError(
-            f"map {name!r}: change set {VERSION_FIELD!r} {new_version} is not past "
-            f"its base version {base}")
+            f"map {name!r}: change set {VERSION_FIELD!r} {new_version} is not its base "
+            f"version {base} + 1 below 2**53")
     if write.changes.get("txid", txid) != txid:
         raise InvalidChangeSetError(
             f"map {name!r}: change set txid {write.changes['txid']!r} is not the "
@@ -343,23 +358,133 @@ def _no_duplicates(what: str, names: Iterable[str]) -> None:
         seen.add(name)
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# Digits become "1", other bytes "0": a run of 19 ones is a run of 19 digits,
+# which an integer past 64 bits needs (2**63 has 19). Two C passes find it
+# several times faster than a regular expression, and orjson.loads costs
+# about as much: a store's values are scanned in one joined pass.
+_DIGIT_MAP = bytes(0x31 if 0x30 <= b <= 0x39 else 0x30 for b in range(256))
+_DIGIT_RUN = b"1" * 19
+
+
+def _has_digit_run(raw: bytes) -> bool:
+    return len(raw) >= 19 and _DIGIT_RUN in raw.translate(_DIGIT_MAP)
+
+
+# The tokens of valid JSON that hold digits: whole strings (so no number is
+# found inside one) and numbers.
+_JSON_DIGIT_TOKENS = re.compile(
+    rb'"[^"\\]*(?:\\.[^"\\]*)*"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?')
+
+
+def _long_int(raw: bytes) -> bytes | None:
+    """The first integer literal of the valid JSON text ``raw`` outside the
+    64-bit range, or None. Called only when ``raw`` has a long digit run."""
+    for match in _JSON_DIGIT_TOKENS.finditer(raw):
+        token = match.group()
+        if token[:1] == b'"' or b"." in token or b"e" in token or b"E" in token:
+            continue
+        # Past 20 characters no int fits; int() of a huge one is itself slow.
+        if len(token) > 20 or not _INT64_MIN <= int(token) <= _INT64_MAX:
+            return token
+    return None
+
+
+def _preview(raw: object) -> str:
+    text = repr(raw)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def decode_value(map_name: str, key: str, raw: bytes) -> Any:
+    """A stored value: JSON whose integers fit in 64 bits (DESIGN section 3)."""
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BackendError(
             f"map {map_name!r}: field {key!r} holds undecodable data: {exc}") from None
+    kind = type(value)
+    if kind is int:
+        if _INT64_MIN <= value <= _INT64_MAX:
+            return value
+    elif kind is str or kind is bool or value is None or not _has_digit_run(raw):
+        return value
+    else:
+        token = _long_int(raw)
+        if token is None:
+            return value
+        value = token.decode()
+    raise BackendError(
+        f"map {map_name!r}: field {key!r} holds the integer {_preview(value)}, outside the "
+        "64-bit range of values")
+
+
+def decode_fields(map_name: str, pairs: Iterable[tuple[bytes, bytes]],
+                  txid: str | None = None) -> ChangeSet:
+    """The dump of a stored map from its raw fields (name, orjson bytes), the
+    version field among them, made by commit ``txid``. Values are decoded as :func:`decode_value`
+    does, with the scan for long integers made once over all of them (a map
+    holds none in the common case)."""
+    items: list[Any] = []
+    raws: list[bytes] = []
+    append, keep, loads = items.append, raws.append, orjson.loads
+    version: int | None = None
+    key = b""
+    try:
+        for key, raw in pairs:
+            if key == _VERSION_BYTES:
+                version = decode_version(map_name, raw)
+            else:
+                append(key.decode())
+                append(loads(raw))
+                keep(raw)
+    except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BackendError(f"map {map_name!r}: field {key.decode(errors='replace')!r} "
+                           f"holds undecodable data: {exc}") from None
+    if version is None:
+        raise BackendError(f"map {map_name!r} has no {VERSION_FIELD!r} field")
+    # Joined with a comma, so that no digit run spans two values.
+    if _has_digit_run(b",".join(raws)):
+        for i, raw in enumerate(raws):
+            decode_value(map_name, items[2 * i], raw)  # raises for the first bad one
+    return make_dump(version, items, txid)
+
+
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,15}")
+_DECIMAL_BYTES = re.compile(rb"0|[1-9][0-9]{0,15}")
 
 
 def decode_version(map_name: str, raw: bytes | str | int) -> int:
-    try:
+    """A stored version: a plain decimal, as the scripts store it, below
+    2**53. Anything else (spaces, signs, underscores, leading zeros, other
+    digits) means someone else wrote it, and is refused."""
+    if type(raw) is int:  # a RESP integer
+        version = raw
+    elif ((type(raw) is bytes and _DECIMAL_BYTES.fullmatch(raw))
+          or (type(raw) is str and _DECIMAL.fullmatch(raw))):
         version = int(raw)
-    except (TypeError, ValueError):
-        raise BackendError(
-            f"map {map_name!r}: field {VERSION_FIELD!r} holds {raw!r}, not an int") from None
-    if version < 0:
-        raise BackendError(f"map {map_name!r}: negative version {version}")
+    else:
+        raise BackendError(f"map {map_name!r}: field {VERSION_FIELD!r} holds {_preview(raw)}, "
+                           "not a version (a plain decimal)")
+    if not 0 <= version < MAX_VERSION:
+        raise BackendError(f"map {map_name!r}: version {version} is outside [0, 2**53)")
     return version
+
+
+def decode_changes(map_name: str, data: bytes) -> Any:
+    """A published message (a change set, or a list of them): JSON whose
+    integers fit in 64 bits. Its shape is left to ``SharedMap.apply_changes``,
+    which refuses a bad one as a whole."""
+    try:
+        changes = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidChangeSetError(f"map {map_name!r}: message is not JSON: {exc}") from None
+    if _has_digit_run(data):
+        token = _long_int(data)
+        if token is not None:
+            raise InvalidChangeSetError(
+                f"map {map_name!r}: message holds the integer {_preview(token)}, outside the "
+                "64-bit range")
+    return changes
 
 
 def make_dump(version: int, items: Sequence[Any], txid: str | None = None) -> ChangeSet:

@@ -1,0 +1,262 @@
+"""Strict decoding on the wire (issue 7, section 2).
+
+What comes back from a store or a channel is decoded as strictly as the Lua
+scripts wrote it: versions are plain decimals below 2**53, integers in
+values fit in 64 bits (orjson would turn longer ones into inexact floats),
+and a change set makes exactly its base version + 1. The last tests forge
+the data in a real Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+
+from caf_sharing import Actor, Node, SharedMap
+from caf_sharing.backends import MapWrite, make_backend
+from caf_sharing.backends.wire import (
+    MAX_VERSION,
+    decode_changes,
+    decode_fields,
+    decode_value,
+    decode_version,
+    encode_dump,
+    encode_transaction,
+)
+from caf_sharing.errors import BackendError, InvalidChangeSetError
+from conftest import until_version
+from redisserver import RedisServer
+from test_backend_contract import ACTOR, MAP, NODE, V, changes, dump, tx
+
+# -- versions ------------------------------------------------------------------
+
+GOOD_VERSIONS: list[tuple[Any, int]] = [
+    (b"0", 0), (b"7", 7), ("7", 7), (b"10", 10), (b"9007199254740991", 2 ** 53 - 1),
+    (7, 7), (0, 0),
+]
+BAD_VERSIONS: list[Any] = [
+    b" 7 ", " 7 ", b"7 ", b" 7", b"1_0", "1_0", b"+5", "+5", b"-1", b"-0", b"07", b"00",
+    b"7\n", "7\n", b"", "", b"\t7", b"1e3", b"0x10", b"7.0", b"\xd9\xa3", "\u0663", "\uff17",
+    b"9007199254740992", b"99999999999999999999", b"1" * 5000, -1, 2 ** 53, 2 ** 63, True,
+    False, 7.0, None, b"\x00", [7],
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), GOOD_VERSIONS)
+def test_plain_decimal_versions_decode(raw: Any, expected: int) -> None:
+    assert decode_version("alice-admin-x", raw) == expected
+
+
+@pytest.mark.parametrize("raw", BAD_VERSIONS)
+def test_anything_else_is_not_a_version(raw: Any) -> None:
+    with pytest.raises(BackendError, match=r"alice-admin-x.*(version|__ca_version__)") as info:
+        decode_version("alice-admin-x", raw)
+    assert len(str(info.value)) < 200  # a huge field is not echoed whole
+
+
+# -- values --------------------------------------------------------------------
+
+GOOD_VALUES: list[bytes] = [
+    b"1", b"-9223372036854775808", b"9223372036854775807", b"[9223372036854775807]",
+    b'"99999999999999999999999"', b'{"99999999999999999999": 1}', b'"\\"123456789012345678901"',
+    b'"a\\\\"', b'["\\\\", 12345678901234567890.5]', b"1.0000000000000000000001", b"1e30",
+    b"[1.5e300, -0.0]", b'{"a": "b\\u0022 99999999999999999999 \\""}', b"12345678901234567e3",
+    b"null", b"true", b'"x"', b"0.12345678901234567890123",
+]
+BAD_VALUES: list[tuple[bytes, str]] = [
+    (b"9223372036854775808", "9223372036854775808"),
+    (b"-9223372036854775809", "-9223372036854775809"),
+    (b"18446744073709551615", "18446744073709551615"),   # orjson: an int
+    (b"18446744073709551616", "18446744073709551616"),   # orjson: a float
+    (b"100000000000000000000000000", "100000000000000000000000000"),
+    (b"[1, 99999999999999999999]", "99999999999999999999"),
+    (b'{"a": {"b": [0, -100000000000000000000000]}}', "-100000000000000000000000"),
+    (b'["99999999999999999999", 99999999999999999999]', "99999999999999999999"),
+    (b'{"s": "\\\\", "n": 9223372036854775808}', "9223372036854775808"),
+    (b"[" + b"9" * 300 + b"]", "999999999"),
+]
+
+
+@pytest.mark.parametrize("raw", GOOD_VALUES)
+def test_values_within_64_bits_decode_as_orjson_does(raw: bytes) -> None:
+    assert decode_value("alice-admin-x", "k", raw) == orjson.loads(raw)
+
+
+@pytest.mark.parametrize(("raw", "literal"), BAD_VALUES)
+def test_integers_past_64_bits_are_refused_not_turned_into_floats(raw: bytes,
+                                                                   literal: str) -> None:
+    with pytest.raises(BackendError, match=r"'alice-admin-x': field 'k' holds the integer") as info:
+        decode_value("alice-admin-x", "k", raw)
+    assert literal[:50] in str(info.value)
+    assert len(str(info.value)) < 200
+
+
+def test_undecodable_values_are_refused() -> None:
+    for raw in (b"{nope", b"NaN", b"Infinity", b"1e400", b'"\xff"', b"", b"9" * 5000):
+        with pytest.raises(BackendError, match="undecodable"):
+            decode_value("alice-admin-x", "k", raw)
+
+
+# -- published messages ---------------------------------------------------------
+
+
+def test_a_message_with_a_huge_integer_is_refused() -> None:
+    ok = {"version": 1, "remove": [], "add": ["a", 2 ** 63 - 1, V, 2]}
+    assert decode_changes("alice-admin-x", orjson.dumps(ok)) == ok
+    assert decode_changes("alice-admin-x", orjson.dumps([ok, ok])) == [ok, ok]
+    for data in (b'{"version": 1, "remove": [], "add": ["a", 18446744073709551616]}',
+                 b'[{"version": 99999999999999999999999, "remove": [], "add": []}]'):
+        with pytest.raises(InvalidChangeSetError, match="outside the 64-bit range"):
+            decode_changes("alice-admin-x", data)
+    with pytest.raises(InvalidChangeSetError, match="not JSON"):
+        decode_changes("alice-admin-x", b"{garbage")
+
+
+def test_decoded_messages_apply_or_fail_as_a_whole() -> None:
+    primary, replica = SharedMap(), SharedMap()
+    sets = []
+    for i in range(3):
+        ref = primary.ref().set("a", i)
+        sets.append(dict(ref.prepare()))
+        primary.commit(ref)
+    forged = {"version": 3, "remove": [], "add": ["a", 9, V, 2 ** 63 - 1]}
+    message = orjson.dumps([*sets, forged])
+    with pytest.raises(InvalidChangeSetError):
+        replica.apply_changes(decode_changes("alice-admin-x", message))
+    assert replica.version == 0
+    replica.apply_changes(decode_changes("alice-admin-x", orjson.dumps(sets)))
+    assert replica.version == 3
+
+
+# -- encoding: the same rules before anything is stored -------------------------
+
+
+def test_a_dump_with_removes_is_refused() -> None:
+    with pytest.raises(InvalidChangeSetError, match="no removes"):
+        encode_dump("alice-admin-x", {"version": 0, "remove": ["a"], "add": [V, 3]})
+    assert encode_dump("alice-admin-x", dump(3, {"a": 1})) == (3, [("a", b"1")])
+
+
+@pytest.mark.parametrize(("write", "match"), [
+    ({"version": 3, "remove": [], "add": [V, 5]}, "is not its base version 3 [+] 1"),
+    ({"version": 3, "remove": [], "add": [V, 2 ** 63 - 1]}, r"must be an int in \[0, 2\*\*53\)"),
+    ({"version": MAX_VERSION - 1, "remove": [], "add": []}, "below 2[*][*]53"),
+    ({"version": 3, "remove": [], "add": [V, 4, V, 4]}, "twice"),
+    ({"version": MAX_VERSION, "remove": [], "add": []}, r"\[0, 2\*\*53\)"),
+])
+def test_a_write_that_is_not_exactly_one_version_on_is_refused(write: dict[str, Any],
+                                                               match: str) -> None:
+    with pytest.raises(InvalidChangeSetError, match=match):
+        encode_transaction(tx("t", writes=[MapWrite(MAP, write)]))
+    encode_transaction(tx("t", writes=[MapWrite(MAP, changes(3, {"a": 1}))]))
+
+
+# -- forged data in a real Redis ------------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("chunk", [1000, 1])  # one HGETALL, or HSCAN chunks
+async def test_forged_store_content_is_refused_on_read(redis_server: RedisServer,
+                                                      chunk: int) -> None:
+    app = f"w{uuid.uuid4().hex[:12]}"
+    backend = make_backend(redis_server.url, app=app, read_chunk_size=chunk)
+    await backend.start()
+    key = f"caf:{app}:{{alice-admin}}:map:{MAP}"
+    try:
+        await backend.acquire_lease(ACTOR, NODE, 30.0)
+        await backend.create_map(MAP, dump(4, {"a": 1, "b": [1, 2]}))
+        assert (await backend.read_map(MAP) or {})["add"][-1] == 4
+        with redis_server.client() as client:
+            for forged in (b" 7 ", b"1_0", b"+5", b"07", b"9007199254740992",
+                           b"9223372036854775807"):
+                client.hset(key, V, forged)
+                with pytest.raises(BackendError, match=r"alice-admin-x.*version"):
+                    await backend.read_map(MAP)
+            client.hset(key, V, b"4")
+            for value in (b"9223372036854775808", b"[1, 100000000000000000000000]"):
+                client.hset(key, "b", value)
+                with pytest.raises(BackendError, match="'b' holds the integer"):
+                    await backend.read_map(MAP)
+            client.hset(key, "b", b"[1, 9223372036854775807]")
+        got = await backend.read_map(MAP)
+        assert got is not None and sorted(map(str, got["add"])) == sorted(
+            ["a", "1", "b", str([1, 2 ** 63 - 1]), V, "4"])
+    finally:
+        await backend.close()
+
+
+def test_a_store_s_fields_decode_together_and_a_bad_one_is_named() -> None:
+    raws = [orjson.dumps({"i": i, "big": 2 ** 63 - 1, "s": "9" * 30}) for i in range(500)]
+
+    def fields(values: list[bytes]) -> list[tuple[bytes, bytes]]:
+        return [(V.encode(), b"3"), *((f"k{i}".encode(), raw) for i, raw in enumerate(values))]
+
+    got = decode_fields("alice-admin-x", iter(fields(raws)))
+    assert got == {"version": 0, "remove": [], "add": [
+        *(x for i, raw in enumerate(raws) for x in (f"k{i}", orjson.loads(raw))), V, 3],
+        "txid": None}
+    # A digit run across two values is not an integer: values are kept apart.
+    assert decode_fields("alice-admin-x", [(b"a", b"1234567890"), (b"b", b"1234567890"),
+                                           (V.encode(), b"1")])["add"] == [
+        "a", 1234567890, "b", 1234567890, V, 1]
+    for bad, error in ((b"[1, 99999999999999999999]", "holds the integer"),
+                       (b"{nope", "holds undecodable")):
+        with pytest.raises(BackendError, match=f"field 'k7' {error}"):
+            decode_fields("alice-admin-x", fields([*raws[:7], bad, *raws[8:]]))
+    with pytest.raises(BackendError, match="no '__ca_version__' field"):
+        decode_fields("alice-admin-x", fields(raws)[1:])
+    with pytest.raises(BackendError, match="version"):
+        decode_fields("alice-admin-x", [(V.encode(), b"+5")])
+
+
+class Writer(Actor):
+    async def init(self) -> None:
+        self.sharing.add_writable_map("m", "data", initial_value={"a": 0})
+
+    async def bump(self) -> int:
+        ref = self.sharing.maps.m
+        ref.set("a", ref.get("a") + 1)
+        return int(ref.version) + 1
+
+
+class Reader(Actor):
+    async def init(self) -> None:
+        self.sharing.add_read_only_map("m", "alice-writer-data")
+
+    async def read(self) -> tuple[int, Any]:
+        ref = self.sharing.maps.m
+        return int(ref.version), ref.get("a")
+
+
+@pytest.mark.redis
+async def test_forged_publishes_do_not_pin_a_replica(redis_server: RedisServer) -> None:
+    # One PUBLISH with __ca_version__ 2**63 - 1 used to move every replica
+    # there for good; a list with a bad third element left two applied.
+    app = f"w{uuid.uuid4().hex[:12]}"
+    channel = f"caf:{app}:{{alice-writer}}:chan:alice-writer-data"
+    async with Node(redis_server.url, app=app) as wnode, \
+            Node(redis_server.url, app=app) as rnode:
+        writer = await wnode.start(Writer, "alice-writer")
+        reader = await rnode.start(Reader, "alice-reader")
+        v = await writer.call("bump")
+        await until_version(reader, v)
+        forged = [
+            {"version": v, "remove": [], "add": ["a", 666, V, 2 ** 63 - 1]},
+            {"version": v, "remove": [], "add": ["a", 666, V, v + 5]},
+            {"version": 0, "remove": [], "add": ["a", 666, V, 2 ** 53]},
+            [{"version": v, "remove": [], "add": ["a", 666, V, v + 1]},
+             {"version": v + 1, "remove": [], "add": ["a", 667, V, v + 2]},
+             {"version": v + 2, "remove": [], "add": ["a", float("inf"), V, v + 3]}],
+        ]
+        with redis_server.client() as client:
+            for message in forged:
+                client.publish(channel, json.dumps(message).encode())
+        for _ in range(3):
+            v = await writer.call("bump")
+            seen = await until_version(reader, v)
+            assert seen[0] == v, f"replica at {seen[0]}, writer at {v}"
+        assert seen == (v, v - 1)
