@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -242,6 +243,14 @@ async def test_inspect_and_watch_show_no_password(server: RedisServer) -> None:
         assert not leaks(first.decode() + out.decode() + err.decode())
     done = await asyncio.to_thread(cli, "inspect", "carol-owner-m", "--backend", url,
                                    "--app", "secrets")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["contents"] == {"a": 1, "b": 2}
+    assert not leaks(done.stdout + done.stderr)
+    # The URL can stay off the command line altogether: CAF_SHARING_URL.
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "caf_sharing.cli", "inspect", "carol-owner-m",
+                         "--app", "secrets"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "CAF_SHARING_URL": url})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["contents"] == {"a": 1, "b": 2}
     assert not leaks(done.stdout + done.stderr)

@@ -7,7 +7,9 @@ that observed a violated guarantee exits with status 1.
 Nothing printed shows a backend password: URLs appear as
 :func:`~caf_sharing.backends.redact_url` masks them, and the demo's
 ``--processes`` children get the URL on stdin, never on their command line
-(which ``ps`` shows to every user).
+(which ``ps`` shows to every user). ``--backend`` defaults to the
+environment variable ``CAF_SHARING_URL``, so that a password need not be on
+the command line of the ``caf-sharing`` process itself either.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +31,8 @@ from .errors import MapNotFoundError, SharingError
 __all__ = ["main"]
 
 DEFAULT_BACKEND = "memory://"
+#: Where ``--backend`` comes from when it is not given.
+URL_VARIABLE = "CAF_SHARING_URL"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,8 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         description="An admin actor increments a counter in its map; reader actors on "
                     "another node replicate it. Prints propagation latency and checks "
                     "monotonic reads, readers isolation and convergence.")
-    demo.add_argument("--backend", default=DEFAULT_BACKEND,
-                      help="backend URL (default: %(default)s, in-process, no server)")
+    demo.add_argument("--backend", default=os.environ.get(URL_VARIABLE) or DEFAULT_BACKEND,
+                      help=f"backend URL (default: ${URL_VARIABLE}, else {DEFAULT_BACKEND}, "
+                           "in-process, no server)")
     demo.add_argument("--readers", type=_positive, default=4, help="reader actors (default 4)")
     demo.add_argument("--commits", type=_positive, default=200,
                       help="counter increments (default 200)")
@@ -78,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _backend_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", required=True, help="backend URL, e.g. redis://host:6379/0")
+    from_env = os.environ.get(URL_VARIABLE)
+    parser.add_argument("--backend", required=not from_env, default=from_env,
+                        help=f"backend URL, e.g. redis://host:6379/0 (default: ${URL_VARIABLE}; "
+                             "it keeps a password off the command line)")
     parser.add_argument("--app", default="default", help="application namespace "
                                                          "(default: %(default)s)")
 
