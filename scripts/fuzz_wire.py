@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args.examples, args.seed)
     env = dict(os.environ, PYTHONFAULTHANDLER="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    # The children import the caf_sharing this process finds (source or installed).
+    import caf_sharing
+    where = str(Path(caf_sharing.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [where, env.get("PYTHONPATH")]))
     seen: Counter[str] = Counter()
     failures = crashes = 0
     started = time.monotonic()

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import caf_sharing
 from caf_sharing import FUNCTION_MARKER, Actor, Node, SharedMap, channel, methods
 from caf_sharing.aggregate import DEFAULT_RETRY_DELAYS, AggregateMap
 from caf_sharing.errors import (
@@ -30,7 +31,9 @@ from caf_sharing.errors import (
 )
 from caf_sharing.methods import MethodLimits
 
-SRC = str(Path(__file__).resolve().parent.parent / "src")
+#: Where the caf_sharing under test lives (the source tree or an installed
+#: copy), so that child processes import the same one.
+SRC = str(Path(caf_sharing.__file__).resolve().parent.parent)
 STORED = {"cfg": {"a": 1, "z": [0]}, "lst": [1, 0]}
 ARGS = [{"a": 1, "nested": [1]}, [1, 2]]
 

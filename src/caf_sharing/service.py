@@ -57,8 +57,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
-import orjson
-
 from ._fastmap import MapRef, SharedMap
 from .aggregate import DEFAULT_LINK_KEY, AggregateMap
 from .backends.base import (
@@ -446,8 +444,7 @@ class SharingService:
             self.stats.gaps += 1
             self._log.debug("replica %s missed updates (%s): resync", replica.name, exc)
             self._schedule_resync(replica)
-        except (orjson.JSONDecodeError, InvalidChangeSetError, TypeError, ValueError,
-                KeyError) as exc:
+        except (InvalidChangeSetError, TypeError, ValueError) as exc:
             self.stats.malformed += 1
             self._log.warning("malformed message on map %s ignored (%s): resync",
                               replica.name, exc)
