@@ -176,14 +176,13 @@ async def test_after_data_loss_a_new_node_waits_one_lease_for_the_old_holder(
         backends: Backends) -> None:
     a = await backends(restart_grace=True)
     b = await backends(restart_grace=True)
-    ttl = 1.5
+    ttl = 3.0  # room for a restart that is slow on a loaded machine
     await a.acquire_lease(ACTOR, NODE, ttl)
     await a.create_map(MAP)
     assert await a.commit(tx("a0", state="a", writes=[MapWrite(MAP, changes(0, {"by": "a"}))]))
     backends.server.restart()
     # Leases, checkpoints and maps are gone. A missing lease on a server up
     # for less than one lease is no proof the actor is free: B waits...
-    started = time.monotonic()
     taking = asyncio.ensure_future(b.acquire_lease(ACTOR, OTHER, ttl))
     await asyncio.sleep(0.2)
     assert not taking.done()
@@ -193,10 +192,10 @@ async def test_after_data_loss_a_new_node_waits_one_lease_for_the_old_holder(
     assert await a.load_txids([ACTOR]) == [None]
     assert await a.commit(tx("a1", prev=None, reassert=True, state="a", writes=[
         MapWrite(MAP, changes(1, {"by": "a1"}), dump(2, {"by": "a1"}))]))
+    # B, had it not waited, would hold the lease now.
     with pytest.raises(LeaseHeldError) as held:
         await taking
     assert held.value.holder == NODE
-    assert time.monotonic() - started >= ttl - 0.5  # B waited for the server to age
     assert await b.load_checkpoint(ACTOR) == {"txid": "a1", "state": "a", "maps": [MAP]}
     assert as_dict(await b.read_map(MAP)) == {"by": "a1", V: 2}
 
@@ -205,14 +204,14 @@ async def test_after_data_loss_without_the_old_holder_a_new_node_starts_after_on
         backends: Backends) -> None:
     a = await backends(restart_grace=True)
     b = await backends(restart_grace=True)
-    ttl = 1.0
+    ttl = 2.0
     await a.acquire_lease(ACTOR, NODE, ttl)
     await a.create_map(MAP)
     assert await a.commit(tx("a0", state="a", writes=[MapWrite(MAP, changes(0, {"by": "a"}))]))
     backends.server.restart()
-    started = time.monotonic()
     await b.acquire_lease(ACTOR, OTHER, ttl)  # A is gone: B gets it once the server aged
-    assert time.monotonic() - started >= ttl - 0.3
+    with backends.server.client() as client:
+        assert client.info("server")["uptime_in_seconds"] >= ttl
     assert await b.commit(tx("b0", node=OTHER, state="b", creates=[MapCreate(MAP)], writes=[
         MapWrite(MAP, changes(0, {"by": "b"}))]))
     # A comes back: its renewal cannot take the lease, and its commits

@@ -9,7 +9,7 @@ import pytest
 
 from caf_sharing import Actor, Node
 from caf_sharing.errors import LeaseHeldError
-from caf_sharing.service import ADOPT_MARGIN
+from caf_sharing.lineage import ADOPT_MARGIN
 from conftest import until_version
 
 pytestmark = pytest.mark.asyncio

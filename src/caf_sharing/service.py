@@ -16,46 +16,20 @@ One service per node sits between the actors' sharing plugs and the backend:
 Updates land as new versions of the SharedMap, so snapshots that actors hold
 stay valid while replicas move on (readers isolation, fairness).
 
-**Lineage** (DESIGN.md section 9). Every map version is tied to the txid of
-the commit that made it, in the store and on the wire. The rules that keep
-the guarantees when the store loses data:
-
-* *A replica never goes back.* It remembers the txids of its recent versions.
-  A change set whose base txid is not the replica's, or that re-issues a
-  version the replica holds with another txid, means the replica holds
-  history the store lost (or a forged message): it is counted
-  (``stats.forks``), logged with both lineages, and the replica resyncs. A
-  store at a higher version is loaded; at the same version with another txid
-  the store's content replaces the replica's (the replica's was never
-  durable); behind the replica, the replica keeps its version, readable,
-  until the writer moves past it. Released replicas are kept for a while, so
-  an actor that reloads or restarts on this node never reads an older version
-  than it did.
-* *Writers continue above every version a reader may have seen.* A writer
-  that takes a map's state from the store instead of its own commits (a
-  restart, a move, another node's commits) renumbers it at its first write to
-  ``max(stored version + 2**20, microseconds since the epoch)``: previous
-  writers advanced one version per commit from a lower such number, so a
-  version they made and the store lost is never made again with other
-  content (unless clocks were skewed by more than the time in between).
-* *Writers whose store went back heal it.* When the store holds an older
-  commit of the actor made by this node, or none at all, the commit is sent
-  again as a re-assert that puts back the checkpoint and every map of the
-  actor as this node holds them (``stats.reasserts``).
-* *Resyncs are atomic per writer.* The replicas of one owner resync together
-  from one consistent read, so a snapshot never mixes two commits of one
-  writer.
+**Lineage** (DESIGN.md section 9): the rules that keep the guarantees when
+the store loses data live in :mod:`caf_sharing.lineage`; this module applies
+them to its replicas (fork detection, never going back, atomic resyncs per
+writer) and primaries (adoption above every seen version, re-asserts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ._fastmap import MapRef, SharedMap
 from .aggregate import DEFAULT_LINK_KEY, AggregateMap
@@ -79,10 +53,19 @@ from .errors import (
     PrepareRequiredError,
     SharingError,
 )
+from .lineage import (
+    Relation,
+    ReplicaLineage,
+    Stays,
+    adopted_version,
+    dump_version,
+    renumbered,
+    txid_of,
+)
 from .methods import MethodLimits, check_limits
 from .names import map_owner
 
-__all__ = ["ServiceStats", "SharingService"]
+__all__ = ["ServiceStats", "SharingService", "txid_of"]
 
 log = logging.getLogger("caf_sharing.service")
 
@@ -109,59 +92,18 @@ class ServiceStats:
     adoptions: int = 0
 
 
-#: Versions whose txid a replica remembers, to recognise a version re-issued
-#: with other content.
-LINEAGE_MEMORY = 256
 #: Replicas kept after their last reader let go, so that re-opening one never
 #: reads an older version than this node already showed.
 RETIRED_REPLICAS = 64
 #: Bytes of messages a replica buffers during a resync before it drops them
 #: and resyncs again (a flood must not grow memory without bound).
 MAX_BUFFERED_BYTES = 16 * 2**20
-#: Smallest renumbering of a map a writer adopts from the store.
-ADOPT_MARGIN = 2**20
-
-
-def txid_of(epoch: str, seq: int) -> str:
-    """The txid of commit ``seq`` of an actor's stay on a node (``epoch``):
-    the store compares txids only for equality; a node reads its own back."""
-    return f"{epoch}-{seq}"
-
-
-def _parse_txid(txid: str | None) -> tuple[str, int] | None:
-    epoch, _, seq = (txid or "").rpartition("-")
-    return (epoch, int(seq)) if epoch and seq.isdigit() else None
-
-
-def adopted_version(stored: int) -> int:
-    """The version a writer continues from when it adopts a map stored at
-    ``stored`` (see the module docs)."""
-    return max(stored + ADOPT_MARGIN, time.time_ns() // 1000)
-
-
-def dump_version(dump: ChangeSet) -> int:
-    """The version a dump holds (its ``__ca_version__`` pair, last by our backends)."""
-    add = dump["add"]
-    for i in range(len(add) - 2, -1, -2):
-        if add[i] == "__ca_version__":
-            version: int = add[i + 1]
-            return version
-    return 0
-
-
-def _renumbered(dump: ChangeSet, version: int) -> ChangeSet:
-    add = list(dump["add"])
-    for i in range(len(add) - 2, -1, -2):
-        if add[i] == "__ca_version__":
-            add[i + 1] = version
-    return {"version": 0, "remove": [], "add": add}
 
 
 class _Replica:
     """One subscribed replica, its lineage and the state of its catch-up protocol."""
 
-    __slots__ = ("buffer", "buffered", "count", "forked", "handle", "map", "name", "owner",
-                 "seen", "txid")
+    __slots__ = ("buffer", "buffered", "count", "handle", "lineage", "map", "name", "owner")
 
     def __init__(self, service: SharingService, name: str, shared: SharedMap) -> None:
         self.name = name
@@ -172,21 +114,8 @@ class _Replica:
         # so that nothing published after the full read is lost.
         self.buffer: list[bytes] | None = []
         self.buffered = 0
-        #: Txid of the version the replica holds (None: unknown).
-        self.txid: str | None = None
-        #: Txids of recent versions, oldest first.
-        self.seen: OrderedDict[int, str] = OrderedDict()
-        #: Set when the replica holds versions the store lost.
-        self.forked = False
+        self.lineage = ReplicaLineage()
         self.handle: MessageHandler = lambda data: service._on_message(self, data)
-
-    def record(self, version: int, txid: str | None) -> None:
-        self.txid = txid
-        if txid is not None:
-            self.seen[version] = txid
-            self.seen.move_to_end(version)
-            if len(self.seen) > LINEAGE_MEMORY:
-                self.seen.popitem(last=False)
 
 
 @dataclass(slots=True)
@@ -212,9 +141,6 @@ class _Counted(Protocol):
 _K = TypeVar("_K")
 _E = TypeVar("_E", bound=_Counted)
 
-#: How a stored checkpoint relates to what a node holds of an actor.
-Relation = Literal["same", "ahead", "behind", "foreign"]
-
 
 class SharingService:
     """Primaries, replicas and aggregates of one node, over one backend."""
@@ -229,11 +155,8 @@ class SharingService:
         self._max_updates = max_updates
         self._log = logger or log
         self._primaries: dict[str, _Primary] = {}
-        #: The epoch of each actor this node hosts: the txids of its commits
-        #: here are ``<epoch>-<n>``, n counting up (see :func:`txid_of`).
-        self._epochs: dict[str, str] = {}
-        #: The stored commit each actor started from on this node (its resume).
-        self._resumed: dict[str, str] = {}
+        # The actors this node hosts, as lineage sees them.
+        self._stays = Stays()
         self._replicas: dict[tuple[str, bool], _Replica] = {}
         self._retired: OrderedDict[tuple[str, bool], _Replica] = OrderedDict()
         self._resyncs: dict[str, asyncio.Task[None]] = {}
@@ -261,48 +184,20 @@ class SharingService:
         txid = dump.get("txid")
         shared = SharedMap(max_updates=self._max_updates, logger=self._log,
                            method_limits=self._method_limits)
-        if self._own(map_owner(name), txid):
+        if self._stays.own(map_owner(name), txid):
             shared.apply_changes(dump)
             primary = _Primary(shared, txid)
         else:
             # Not made by this node's own commits: the store may have lost
             # versions that readers saw, so continue above all of them.
             stored = dump_version(dump)
-            shared.apply_changes(_renumbered(dump, adopted_version(stored)))
+            shared.apply_changes(renumbered(dump, adopted_version(stored)))
             primary = _Primary(shared, txid, stored)
             self.stats.adoptions += 1
             self._log.debug("map %s adopted at version %d (txid %s), renumbered to %d",
                             name, stored, txid, shared.version)
         self._primaries[name] = primary
         return primary
-
-    def _own(self, actor: str, txid: str | None) -> bool:
-        """Whether this node made commit ``txid`` of ``actor`` during its stay."""
-        parsed = _parse_txid(txid)
-        return parsed is not None and parsed[0] == self._epochs.get(actor)
-
-    def relation(self, actor: str, stored_txid: str | None, held_txid: str | None) -> Relation:
-        """How the store's checkpoint ``stored_txid`` of ``actor`` relates to
-        ``held_txid``, the last commit this node knows of: the same, a later
-        commit this node sent (its reply was lost), an earlier one or none
-        (the store went back), or another node's."""
-        if stored_txid == held_txid:
-            return "same"
-        if stored_txid is None:
-            return "behind"
-        stored = _parse_txid(stored_txid)
-        if self._own(actor, stored_txid):
-            held = _parse_txid(held_txid) if self._own(actor, held_txid) else None
-            assert stored is not None
-            return "behind" if held is not None and stored[1] < held[1] else "ahead"
-        resumed_txid = self._resumed.get(actor)
-        if stored_txid == resumed_txid:
-            return "behind"
-        resumed = _parse_txid(resumed_txid)
-        if stored is not None and resumed is not None and stored[0] == resumed[0] \
-                and stored[1] < resumed[1]:  # made before it, on the node it came from
-            return "behind"
-        return "foreign"
 
     async def refresh_primary(self, name: str) -> SharedMap:
         """Bring the local primary in line with the backend after a commit
@@ -319,22 +214,32 @@ class SharingService:
         version, txid = dump_version(dump), dump.get("txid")
         if txid == held.txid and version in (held.map.version, held.rebase_from):
             return held.map
-        if version > held.map.version and self._own(map_owner(name), txid):
+        if version > held.map.version and self._stays.own(map_owner(name), txid):
             held.map.apply_changes(dump)
             held.txid, held.rebase_from = txid, None
             return held.map
         del self._primaries[name]
         return self._load_primary(name, dump).map
 
+    def host_actor(self, actor: str, epoch: str, resumed_txid: str | None) -> None:
+        """This node hosts ``actor``, committing as ``epoch`` (see
+        :func:`~caf_sharing.lineage.txid_of`), from the stored commit
+        ``resumed_txid`` (``None``: none). Maps it loads that this epoch did
+        not write are adopted."""
+        self._stays.host(actor, epoch, resumed_txid)
+
+    def forget_actor(self, actor: str) -> None:
+        """The actor left this node: its next start here adopts the store's state."""
+        self._stays.forget(actor)
+
+    def relation(self, actor: str, stored_txid: str | None, held_txid: str | None) -> Relation:
+        """See :meth:`caf_sharing.lineage.Stays.relation`."""
+        return self._stays.relation(actor, stored_txid, held_txid)
+
     def drop_primary(self, name: str) -> None:
         """Forget the local copy of ``name``: its actor left this node and may
         write elsewhere meanwhile."""
         self._primaries.pop(name, None)
-
-    def forget_actor(self, actor: str) -> None:
-        """The actor left this node: its next start here adopts the store's state."""
-        self._epochs.pop(actor, None)
-        self._resumed.pop(actor, None)
 
     # -- replicas ----------------------------------------------------------
 
@@ -434,7 +339,7 @@ class SharingService:
         try:
             changes = decode_changes(replica.name, data)
             sets = changes if isinstance(changes, list) else [changes]
-            fork = self._lineage_conflict(replica, sets)
+            fork = replica.lineage.conflict(replica.map.version, sets)
             if fork is not None:
                 self._forked(replica, fork)
                 return
@@ -452,69 +357,43 @@ class SharingService:
         else:
             self.stats.applied += 1
             if replica.map.version > before:
-                replica.record(replica.map.version, sets[-1].get("txid"))
-
-    def _lineage_conflict(self, replica: _Replica, sets: Sequence[Any]) -> str | None:
-        """Why ``sets`` contradict what the replica holds, or None. Shapes are
-        left to the core; this only compares lineage."""
-        version, txid = replica.map.version, replica.txid
-        for changes in sets:
-            if not isinstance(changes, dict) or type(changes.get("version")) is not int:
-                return None
-            base, made = changes["version"], changes.get("txid")
-            if base == 0:  # a dump: the core keeps the newest
-                return None
-            if made is None and txid is not None:
-                raise InvalidChangeSetError(
-                    f"change set of version {base} has no lineage, and the map has one")
-            if base == version:
-                based_on = changes.get("base_txid")
-                if txid is not None and based_on is not None and based_on != txid:
-                    return (f"the writer made version {base + 1} on version {base} of commit "
-                            f"{based_on!r}, the replica holds it from commit {txid!r}")
-                version, txid = base + 1, made
-            elif base < version:
-                held = replica.seen.get(base + 1)
-                if held is not None and made is not None and held != made:
-                    return (f"version {base + 1} arrived from commit {made!r}, the replica "
-                            f"holds it from commit {held!r}")
-        return None
+                replica.lineage.record(replica.map.version, sets[-1].get("txid"))
 
     def _forked(self, replica: _Replica, why: str) -> None:
         self.stats.forks += 1
         self._log.warning("replica of %s holds history the store does not have (%s): "
                           "reloading", replica.name, why)
-        replica.forked = True
+        replica.lineage.forked = True
         self._schedule_resync(replica)
 
     def _install(self, replica: _Replica, dump: ChangeSet) -> None:
         """Take a full read of the store into ``replica`` without going back."""
         version, txid = dump_version(dump), dump.get("txid")
-        shared = replica.map
+        shared, lineage = replica.map, replica.lineage
         if version > shared.version:
             shared.apply_changes(dump)
-        elif version == shared.version and txid != replica.txid and txid is not None \
-                and (replica.txid is not None or replica.forked):
+        elif version == shared.version and txid != lineage.txid and txid is not None \
+                and (lineage.txid is not None or lineage.forked):
             # The replica's content of this version was never the store's
             # (a forged message, or history the store lost): take the store's.
             shared.reset()
             shared.apply_changes(dump)
         elif version < shared.version:
-            if replica.seen.get(version, txid) != txid:
-                replica.forked = True
-            if replica.forked:
+            if lineage.seen.get(version, txid) != txid:
+                lineage.forked = True
+            if lineage.forked:
                 self._log.warning(
                     "store holds map %s at version %d (commit %s), behind the replica's "
                     "%d: keeping it until the writer moves past it", replica.name, version,
                     txid, shared.version)
             return
         else:
-            if replica.txid is None:
-                replica.record(version, txid)
-            replica.forked = replica.forked and txid != replica.txid
+            if lineage.txid is None:
+                lineage.record(version, txid)
+            lineage.forked = lineage.forked and txid != lineage.txid
             return
-        replica.forked = False
-        replica.record(version, txid)
+        lineage.forked = False
+        lineage.record(version, txid)
 
     def _drain(self, replica: _Replica) -> None:
         pending, replica.buffer, replica.buffered = replica.buffer or [], None, 0
@@ -625,16 +504,6 @@ class SharingService:
     async def load_txids(self, actors: Sequence[str]) -> list[str | None]:
         return await self.backend.load_txids(actors)
 
-    def host_actor(self, actor: str, epoch: str, resumed_txid: str | None) -> None:
-        """This node hosts ``actor``, committing as ``epoch`` (see
-        :func:`txid_of`), from the stored commit ``resumed_txid`` (``None``:
-        none). Maps it loads that this epoch did not write are adopted."""
-        self._epochs[actor] = epoch
-        if resumed_txid is None:
-            self._resumed.pop(actor, None)
-        else:
-            self._resumed[actor] = resumed_txid
-
     async def commit(self, *, actor: str, node_id: str, txid: str, prev_txid: str | None,
                      checkpoint: Checkpoint, lease_ttl: float,
                      refs: Mapping[str, MapRef], creates: Sequence[MapCreate] = ()) -> None:
@@ -672,7 +541,7 @@ class SharingService:
                 actor=actor, node_id=node_id, txid=txid, prev_txid=prev_txid,
                 checkpoint=checkpoint, lease_ttl=lease_ttl, writes=full, creates=tx.creates))
         except ChainError as exc:
-            if self.relation(actor, exc.stored_txid, prev_txid) != "behind":
+            if self._stays.relation(actor, exc.stored_txid, prev_txid) != "behind":
                 raise
             await self._reassert(tx, exc.stored_txid, refs)
         for name, ref in refs.items():
