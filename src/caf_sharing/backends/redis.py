@@ -4,8 +4,8 @@ Layout (``app`` namespaces everything; the actor name in braces is a Redis
 Cluster hash tag, so all keys of one actor, its maps included, share a slot
 and one script call can touch them all)::
 
-    caf:{app}:{<actor>}:cp            hash: "txid", "blob" (the checkpoint JSON),
-                                      "recent" (earlier txids, for retried commits)
+    caf:{app}:{<actor>}:cp            hash: "txid", "blob" (the checkpoint JSON)
+    caf:{app}:{<actor>}:recent        list: earlier txids, newest first (retried commits)
     caf:{app}:{<actor>}:lease         string: node id, with a TTL
     caf:{app}:{<owner>}:lineage       hash: map name -> txid that made its version
     caf:{app}:{<owner>}:map:<name>    hash: "__ca_version__" -> int, key -> JSON value
@@ -817,7 +817,7 @@ class RedisBackend:
     def _commit_command(self, tx: EncodedTransaction) -> Command:
         # Every map of a transaction is owned by its actor (checked when encoded).
         prefix = f"caf:{self.app}:{{{tx.actor}}}:"
-        keys = [prefix + "cp", prefix + "lease", prefix + "lineage"]
+        keys = [prefix + "cp", prefix + "lease", prefix + "lineage", prefix + "recent"]
         keys.extend(f"{prefix}map:{c.name}" for c in tx.creates)
         keys.extend(f"{prefix}map:{w.name}" for w in tx.writes)
         keys.extend(f"{prefix}map:{r.name}" for r in tx.restores)

@@ -1,12 +1,13 @@
 -- Commit one actor transaction atomically: all checks first, then all writes
 -- (a Lua error after a write would not roll the earlier writes back).
 --
--- KEYS[1]                checkpoint hash of the actor ("txid", "blob", "recent")
+-- KEYS[1]                checkpoint hash of the actor ("txid", "blob")
 -- KEYS[2]                lease of the actor (value: node id, with a TTL)
 -- KEYS[3]                lineage hash of the actor: map name -> txid of its version
--- KEYS[4 .. 3+C]         maps the transaction creates when absent
--- KEYS[4+C .. 3+C+W]     maps the transaction writes
--- KEYS[4+C+W .. 3+C+W+R] maps the transaction restores
+-- KEYS[4]                list of the actor's earlier txids, newest first
+-- KEYS[5 .. 4+C]         maps the transaction creates when absent
+-- KEYS[5+C .. 4+C+W]     maps the transaction writes
+-- KEYS[5+C+W .. 4+C+W+R] maps the transaction restores
 --
 -- ARGV[1] node id          ARGV[2] txid
 -- ARGV[3] previous txid    ARGV[4] "1" if ARGV[3] is meaningful, else "0"
@@ -48,30 +49,29 @@ local function call_chunked(command, key, first, count, field, value)
   end
 end
 
-local checkpoint, lease, lineage = KEYS[1], KEYS[2], KEYS[3]
+local checkpoint, lease, lineage, recent = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local node, txid = ARGV[1], ARGV[2]
+local base = 4 -- KEYS before the maps
 
--- A retried commit whose first attempt landed (its reply was lost) is a
--- success, even when later commits followed it.
 local stored_txid = redis.call("HGET", checkpoint, "txid")
 if stored_txid == txid then
   return {"dup"}
 end
-local recent = redis.call("HGET", checkpoint, "recent") or " "
-if string.find(recent, " " .. txid .. " ", 1, true) then
-  return {"dup"}
-end
-
 local holder = redis.call("GET", lease)
-if holder and holder ~= node then
-  return {"lease", holder}
-end
 -- The commits of an actor form a chain of txids: each must follow the one
 -- stored, so a node that missed another node's commit for this actor (its
 -- lease expired meanwhile) can never overwrite it, and a node whose store
 -- went back (restarted with older or no data) learns it.
 local prev = ARGV[4] == "1" and ARGV[3] or false
-if (stored_txid or false) ~= prev then
+if (holder and holder ~= node) or (stored_txid or false) ~= prev then
+  -- A retried commit whose first attempt landed (its reply was lost) is a
+  -- success, even after later commits or another node's.
+  if stored_txid and redis.call("LPOS", recent, txid) then
+    return {"dup"}
+  end
+  if holder and holder ~= node then
+    return {"lease", holder}
+  end
   return {"chain", stored_txid or ""}
 end
 -- A vanished lease (expired, or the server lost its data) is taken back: the
@@ -83,7 +83,7 @@ local ncreates, nwrites, nrestores = tonumber(ARGV[7]), tonumber(ARGV[8]), tonum
 local pos = 12
 local creates = {}
 for i = 1, ncreates do
-  local key = KEYS[3 + i]
+  local key = KEYS[base + i]
   local count = tonumber(ARGV[pos + 2])
   creates[i] = {key = key, name = ARGV[pos], version = ARGV[pos + 1], first = pos + 3,
                 count = count, absent = redis.call("EXISTS", key) == 0}
@@ -93,7 +93,7 @@ end
 local writes = {}
 local missing = {"missing"}
 for i = 1, nwrites do
-  local w = {key = KEYS[3 + ncreates + i], name = ARGV[pos], base = ARGV[pos + 1],
+  local w = {key = KEYS[base + ncreates + i], name = ARGV[pos], base = ARGV[pos + 1],
              version = ARGV[pos + 2]}
   local create = tonumber(ARGV[pos + 3])
   local rebase_from = tonumber(ARGV[pos + 4])
@@ -144,7 +144,7 @@ end
 local restores = {}
 for i = 1, nrestores do
   local count = tonumber(ARGV[pos + 3])
-  restores[i] = {key = KEYS[3 + ncreates + nwrites + i], name = ARGV[pos],
+  restores[i] = {key = KEYS[base + ncreates + nwrites + i], name = ARGV[pos],
                  version = ARGV[pos + 1], txid = ARGV[pos + 2], first = pos + 4, count = count}
   pos = pos + 4 + count
 end
@@ -179,16 +179,11 @@ for _, w in ipairs(writes) do
   redis.call("HSET", lineage, w.name, txid)
 end
 if stored_txid then
-  -- Keep the last ARGV[11] txids before this one, space-separated.
-  recent = recent .. stored_txid .. " "
-  local keep = tonumber(ARGV[11])
-  local count = select(2, string.gsub(recent, " ", " ")) - 1
-  while count > keep do
-    recent = string.sub(recent, string.find(recent, " ", 2, true), -1)
-    count = count - 1
-  end
+  -- Keep the last ARGV[11] txids before this one.
+  redis.call("LPUSH", recent, stored_txid)
+  redis.call("LTRIM", recent, 0, tonumber(ARGV[11]) - 1)
 end
-redis.call("HSET", checkpoint, "txid", txid, "blob", ARGV[6], "recent", recent)
+redis.call("HSET", checkpoint, "txid", txid, "blob", ARGV[6])
 for _, w in ipairs(writes) do
   redis.call("PUBLISH", w.channel, w.payload)
 end
