@@ -8,7 +8,8 @@ restarted empty, from an older RDB snapshot, or empty with a second writer
 racing) or ``all`` — or a comma-separated list of fault names. It prints
 the counts (commits, observations, faults, failed messages, violations per
 kind with examples) and exits 1 when any guarantee was violated. The logs stay
-in ``--workdir`` (a new temporary directory by default).
+in ``--workdir`` (a new temporary directory by default; an existing one must
+be empty).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="caf-history-"))
+    if workdir.exists() and any(workdir.iterdir()):
+        # The checker reads every log there: an earlier run's would be judged too.
+        parser.error(f"--workdir {workdir} is not empty")
     run = HistoryRun(workdir=workdir, seconds=args.seconds, faults=args.faults,
                      readers=args.readers, lease_ttl=args.lease_ttl,
                      fault_every=args.fault_every)
