@@ -35,28 +35,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from caf_sharing import Actor, Node
+from caf_sharing import Node
 from caf_sharing.backends import MapCreate, MapWrite, Transaction, make_backend
 from caf_sharing.errors import BackendUnavailableError
 from failover import PRIMARY_ARGS, fail_over_while_writing, start_replica
 from redisserver import RedisServer
 from relay import Relay
+from test_redis_durability import Counter
 
 V = "__ca_version__"
 #: The time-outs before issue 8, for --old.
 OLD_DEFAULTS = {"socket_timeout": 10.0, "connect_timeout": 5.0, "call_timeout": None,
                 "health_check_interval": 30.0}
-
-
-class Counter(Actor):
-    async def init(self) -> None:
-        self.sharing.add_writable_map("m", "m", initial_value={"n": 0})
-
-    async def bump(self) -> int:
-        ref = self.sharing.maps.m
-        n: int = ref.get("n") + 1
-        ref.set("n", n)
-        return n
 
 
 async def blackhole(**options: Any) -> tuple[float, float]:

@@ -28,17 +28,9 @@ from caf_sharing.errors import (
     MissedUpdateError,
     PrepareRequiredError,
 )
+from test_fastmap import commit
 
 TOP = 2 ** 53 - 1  # the last version
-
-
-def commit(m: SharedMap, **kv: Any) -> dict[str, Any]:
-    ref = m.ref()
-    for k, v in kv.items():
-        ref.set(k, v)
-    changes = ref.prepare()
-    m.commit(ref)
-    return changes
 
 
 def state(m: SharedMap) -> tuple[int, dict[str, Any], Any]:
