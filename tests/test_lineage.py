@@ -81,8 +81,12 @@ def test_a_replica_tells_a_fork_from_a_duplicate() -> None:
     # A list chains: the second element must build on the first.
     assert lineage.conflict(4, [changes(4, "t5", "t4"), changes(5, "t6", "t5")]) is None
     assert lineage.conflict(4, [changes(4, "t5", "t4"), changes(5, "t6", "zz")]) is not None
-    # Dumps and shapes are left to the core.
-    assert lineage.conflict(4, [{"version": 0, "remove": [], "add": []}]) is None
+    # A dump on the channel is refused once there is a lineage; shapes are
+    # left to the core.
+    with pytest.raises(InvalidChangeSetError, match="a dump arrived"):
+        lineage.conflict(4, [{"version": 0, "remove": [], "add": [], "txid": "t99",
+                              "base_txid": None}])
+    assert ReplicaLineage().conflict(4, [{"version": 0, "remove": [], "add": []}]) is None
     assert lineage.conflict(4, ["junk"]) is None
     with pytest.raises(InvalidChangeSetError, match="no lineage"):
         lineage.conflict(4, [{"version": 4, "remove": [], "add": []}])

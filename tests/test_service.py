@@ -330,3 +330,23 @@ async def test_a_flood_during_a_resync_is_dropped_past_the_bound(pair) -> None:
     assert replica.version == v and replica.ref().to_dict() == {"a": 2}
     assert await writer.write(a=3) == v + 1
     await until(lambda: replica.version == v + 1)
+
+
+async def test_a_forged_dump_never_moves_a_replica(pair, backend_kind, request) -> None:
+    wsvc, rsvc = pair
+    server = request.getfixturevalue("redis_server") if backend_kind == "redis" else None
+    writer = Writer(wsvc, "alice-admin", "alice-admin-m")
+    await writer.create(a=1)
+    v = await writer.write(a=2)
+    replica = await rsvc.replica_of("alice-admin-m")
+    assert replica is not None and replica.version == v
+    # A plausible dump far ahead, lineage fields and all: it would hold the
+    # replica there until the writer caught up.
+    forged = {"version": 0, "remove": [], "add": ["a", 666, "__ca_version__", v + 1000],
+              "txid": "forged", "base_txid": None}
+    await publish_raw(rsvc.backend, "alice-admin-m", orjson.dumps(forged), server)
+    await until(lambda: rsvc.stats.malformed == 1 and rsvc.stats.resyncs >= 1)
+    assert replica.version == v and replica.ref().get("a") == 2
+    assert await writer.write(a=3) == v + 1
+    await until(lambda: replica.version == v + 1)
+    assert replica.ref().get("a") == 3

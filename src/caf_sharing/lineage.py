@@ -174,13 +174,18 @@ class ReplicaLineage:
     def conflict(self, version: int, sets: Sequence[Any]) -> str | None:
         """Why change sets ``sets`` contradict a replica at ``version``, or
         None. Shapes are left to the core; this only compares lineage, and
-        refuses a change set without one on a map that has one."""
+        refuses, on a map that has a lineage, a change set without one and a
+        dump (writers publish change sets only: a dump on the channel is
+        forged, and would move the replica to any version it names)."""
         txid = self.txid
         for changes in sets:
             if not isinstance(changes, dict) or type(changes.get("version")) is not int:
                 return None
             base, made = changes["version"], changes.get("txid")
-            if base == 0:  # a dump: the core keeps the newest
+            if base == 0 and version > 0:  # the core takes it for a dump
+                if txid is not None:
+                    raise InvalidChangeSetError(
+                        "a dump arrived on the channel of a map that has a lineage")
                 return None
             if made is None and txid is not None:
                 raise InvalidChangeSetError(
