@@ -17,7 +17,7 @@ unknown (the backend went away mid-call) makes the actor compare the stored
 checkpoint with its own commits before its next message: it takes its own
 commit that did land, adopts another node's, and keeps what it holds when the
 store went back (the next commit puts it back, see
-:mod:`caf_sharing.service`). The lease renewal also checks each actor's
+:mod:`caf_sharing.lineage`). The lease renewal also checks each actor's
 stored checkpoint, so a store that lost data is healed within a third of the
 lease, before any other node may take the actor.
 """
@@ -139,6 +139,7 @@ class _Host:
         self.seq = 0
         self.state_bytes = b"{}"
         self.needs_reload = False
+        self.sync_queued = False
         self.stopping = False
         self.worker: asyncio.Task[None] | None = None
 
@@ -175,6 +176,8 @@ class _Host:
             if item is None:
                 return
             body, future, force = item
+            if force:
+                self.sync_queued = False
             if future.cancelled():
                 continue
             try:
@@ -271,12 +274,16 @@ class _Host:
     def request_sync(self) -> None:
         """Commit once soon even if nothing changed: the store lost this
         actor's last commits and the commit puts them back."""
+        if self.sync_queued:
+            return
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             self.mailbox.put_nowait((_nothing, future, True))
         except asyncio.QueueFull:
             future.cancel()  # a busy actor commits soon anyway
+            return
+        self.sync_queued = True
 
     def restore_state(self, checkpoint: dict[str, Any]) -> Mapping[str, Any]:
         """Adopt a checkpoint's state and txid; return its map registrations."""
