@@ -6,12 +6,14 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import caf_sharing
 from caf_sharing import Actor, Node
 from caf_sharing.cli import main
 from caf_sharing.demo import DemoResult, ReaderReport, run_demo
@@ -39,6 +41,19 @@ def test_help_everywhere() -> None:
     for args in (["--help"], ["demo", "--help"], ["inspect", "--help"], ["watch", "--help"]):
         done = cli(*args)
         assert done.returncode == 0 and "usage: caf-sharing" in done.stdout
+
+
+def test_version(capsys) -> None:
+    # A PEP 440 public version: what the sdist and wheel file names carry.
+    assert re.fullmatch(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?",
+                        caf_sharing.__version__)
+    done = cli("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"caf-sharing {caf_sharing.__version__}\n"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"caf-sharing {caf_sharing.__version__}\n"
 
 
 def test_errors_are_one_line(capsys) -> None:

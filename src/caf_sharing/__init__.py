@@ -10,6 +10,7 @@ The compiled core (:class:`SharedMap`, :class:`MapRef`) needs no I/O; a
 
 from . import errors
 from ._fastmap import FIRST_VERSION, FUNCTION_MARKER, FrozenDict, FrozenList, MapRef, SharedMap
+from ._version import __version__ as __version__
 from .aggregate import AggregateMap, AggregateSnapshot
 from .node import Actor, ActorHandle, Node
 from .proxy import SharingProxy
@@ -29,5 +30,3 @@ __all__ = [
     "SharingProxy",
     "errors",
 ]
-
-__version__ = "0.1.0"

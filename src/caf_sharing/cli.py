@@ -1,4 +1,4 @@
-"""The ``caf-sharing`` command: ``demo``, ``inspect`` and ``watch``.
+"""The ``caf-sharing`` command: ``demo``, ``inspect`` and ``watch`` (and ``--version``).
 
 Errors the user can act on (an unreachable backend, a map that does not
 exist, a bad option) print as one line on stderr with exit status 2; a demo
@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from ._version import __version__
 from .backends import make_backend
 from .errors import MapNotFoundError, SharingError
 
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="caf-sharing",
         description="Sharing Actors: replicated, versioned, single-writer maps.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
