@@ -137,6 +137,18 @@ async def test_create_read_delete(backend: Backend) -> None:
     assert await backend.delete_map(MAP) is False
 
 
+async def test_read_maps_reads_maps_of_one_owner_together(backend: Backend) -> None:
+    await backend.acquire_lease(ACTOR, NODE, 10.0)
+    await backend.create_map(MAP)
+    assert await backend.commit(tx("t1", writes=[MapWrite(MAP, changes(0, {"a": 1}))]))
+    both = await backend.read_maps([MAP, MAP2])
+    assert both == {MAP: await backend.read_map(MAP), MAP2: None}
+    assert both[MAP] is not None and both[MAP]["txid"] == "t1"
+    assert await backend.read_maps([]) == {}
+    with pytest.raises(ValueError, match="maps of one owner"):
+        await backend.read_maps([MAP, "bob-admin-x"])
+
+
 async def test_create_with_initial_keeps_an_existing_map(backend: Backend) -> None:
     items = {"a": 1, "b": [1, 2, {"c": None}], "s": "é", "f": 1.5, "t": True}
     created = await backend.create_map(MAP, dump(0, items))

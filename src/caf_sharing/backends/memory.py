@@ -55,6 +55,7 @@ from .wire import (
     EncodedTransaction,
     chain_broken,
     check_app,
+    check_one_owner,
     check_open,
     decode_checkpoint,
     decode_value,
@@ -225,19 +226,12 @@ class MemoryBackend:
         return make_dump(stored.version, items, stored.txid)
 
     async def read_map(self, name: str) -> ChangeSet | None:
-        check_map_name(name)
-        self._check_open()
-        with self.store.lock:
-            stored = self._space.maps.get(name)
-            if stored is None:
-                return None
-            # Decoding outside the lock would need a copy of the fields anyway.
-            return self._dump(name, stored)
+        return (await self.read_maps([name]))[name]
 
     async def read_maps(self, names: Sequence[str]) -> dict[str, ChangeSet | None]:
-        for name in names:
-            check_map_name(name)
+        check_one_owner(names)
         self._check_open()
+        # Decoding outside the lock would need a copy of the fields anyway.
         with self.store.lock:
             found = {name: self._space.maps.get(name) for name in names}
             return {name: None if m is None else self._dump(name, m)

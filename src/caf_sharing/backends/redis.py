@@ -113,6 +113,7 @@ from .wire import (
     EncodedTransaction,
     chain_broken,
     check_app,
+    check_one_owner,
     check_open,
     decode_checkpoint,
     decode_fields,
@@ -664,9 +665,14 @@ class RedisBackend:
         raise BackendError(f"map {name!r} keeps vanishing while it is created")
 
     @staticmethod
-    def _decode_flat(name: str, flat: Sequence[bytes], txid: bytes) -> ChangeSet:
-        it = iter(flat)
-        return RedisBackend._decode_pairs(name, zip(it, it, strict=True), txid)
+    def _decode_all(names: Sequence[str], reply: Sequence[Any]) -> dict[str, ChangeSet | None]:
+        """The dumps of an "all" reply of the read script."""
+        out: dict[str, ChangeSet | None] = {}
+        for name, (txid, flat) in zip(names, reply[1:], strict=True):
+            it = iter(flat)
+            out[name] = RedisBackend._decode_pairs(name, zip(it, it, strict=True), txid) \
+                if flat else None
+        return out
 
     @staticmethod
     def _decode_pairs(name: str, pairs: Iterable[tuple[bytes, bytes]],
@@ -681,13 +687,11 @@ class RedisBackend:
         return (await self.read_maps([name]))[name]
 
     async def read_maps(self, names: Sequence[str]) -> dict[str, ChangeSet | None]:
-        owners = {map_owner(check_map_name(name)) for name in names}
-        if len(owners) > 1:
-            raise ValueError(f"read_maps reads maps of one owner, got {sorted(owners)}")
+        owner = check_one_owner(names)
         self._check_open()
-        if not names:
+        if owner is None:
             return {}
-        keys = [self._actor_key(owners.pop(), "lineage"), *map(self._map_key, names)]
+        keys = [self._actor_key(owner, "lineage"), *map(self._map_key, names)]
         what = f"read_map {', '.join(names)}"
 
         # Up to read_chunk_size fields come back per round trip.
@@ -699,8 +703,7 @@ class RedisBackend:
         for _ in range(3):
             reply = await self._call_one(command(self._chunk), what, chunk_time)
             if reply[0] == b"all":
-                return {name: self._decode_flat(name, flat, txid) if flat else None
-                        for name, (txid, flat) in zip(names, reply[1:], strict=True)}
+                return self._decode_all(names, reply)
             before = reply[1:]
             chunks = {name: await self._scan(key, what, chunk_time) if state[0] else None
                       for name, key, state in zip(names, keys[1:], before, strict=True)}
@@ -718,8 +721,7 @@ class RedisBackend:
         _log.info("maps %s kept changing while read in chunks; reading them at once", names)
         reply = await self._call_one(command(2**62), what,
                                      extra=_allowance(0, sum(s[2] for s in before)))
-        return {name: self._decode_flat(name, flat, txid) if flat else None
-                for name, (txid, flat) in zip(names, reply[1:], strict=True)}
+        return self._decode_all(names, reply)
 
     async def _scan(self, key: str, what: str, chunk_time: float) -> dict[bytes, bytes]:
         fields: dict[bytes, bytes] = {}

@@ -34,7 +34,7 @@ from ..errors import (
     InvalidChangeSetError,
     InvalidNameError,
 )
-from ..names import check_actor_name, map_owner
+from ..names import check_actor_name, check_map_name, map_owner
 from .base import ChangeSet, MapCreate, MapRestore, MapWrite, Transaction
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "EncodedWrite",
     "chain_broken",
     "check_app",
+    "check_one_owner",
     "decode_changes",
     "decode_checkpoint",
     "decode_fields",
@@ -331,6 +332,15 @@ def encode_transaction(tx: Transaction) -> EncodedTransaction:
     return EncodedTransaction(actor, node_id, txid, tx.prev_txid, checkpoint,
                               ttl_to_ms(tx.lease_ttl), creates, writes, restores,
                               bool(tx.reassert))
+
+
+def check_one_owner(names: Sequence[str]) -> str | None:
+    """Check ``names`` for ``read_maps``: map names of one owner; return it
+    (``None`` for no names)."""
+    owners = {map_owner(check_map_name(name)) for name in names}
+    if len(owners) > 1:
+        raise ValueError(f"read_maps reads maps of one owner, got {sorted(owners)}")
+    return owners.pop() if owners else None
 
 
 def check_open(url: str, app: str, started: bool, closed: bool) -> None:
