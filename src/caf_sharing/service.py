@@ -28,7 +28,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from ._fastmap import MapRef, SharedMap
@@ -537,9 +537,7 @@ class SharingService:
                                   self._full(refs[w.name], txid) if w.name in missing else None,
                                   w.rebase_from)
                          for w in writes)
-            await self.backend.commit(Transaction(
-                actor=actor, node_id=node_id, txid=txid, prev_txid=prev_txid,
-                checkpoint=checkpoint, lease_ttl=lease_ttl, writes=full, creates=tx.creates))
+            await self.backend.commit(replace(tx, writes=full))
         except ChainError as exc:
             if self._stays.relation(actor, exc.stored_txid, prev_txid) != "behind":
                 raise
@@ -569,10 +567,8 @@ class SharingService:
             "the store went back on actor %s (it holds commit %s, this node made %s since): "
             "putting back its checkpoint and %d maps", actor, stored_txid, tx.prev_txid,
             len(writes) + len(restores))
-        await self.backend.commit(Transaction(
-            actor=actor, node_id=tx.node_id, txid=tx.txid, prev_txid=stored_txid,
-            checkpoint=tx.checkpoint, lease_ttl=tx.lease_ttl, writes=writes,
-            creates=tx.creates, restores=restores, reassert=True))
+        await self.backend.commit(replace(tx, prev_txid=stored_txid, writes=writes,
+                                          restores=restores, reassert=True))
         self.stats.reasserts += 1
         for name in (r.name for r in restores):
             self._primaries[name].rebase_from = None
