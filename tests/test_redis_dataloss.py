@@ -15,7 +15,7 @@ import pytest
 
 from caf_sharing import Actor, Node
 from caf_sharing.backends import MapWrite, make_backend
-from caf_sharing.errors import LeaseHeldError
+from caf_sharing.errors import LeaseHeldError, SharingError
 from caf_sharing.lineage import ADOPT_MARGIN
 from conftest import until_version
 from redisserver import RedisServer
@@ -235,3 +235,33 @@ async def test_commit_whose_reply_was_lost_is_reported_committed_after_a_takeove
         finally:
             await a.close()
             await b.close()
+
+
+async def test_a_failed_reopen_keeps_what_the_replica_showed(server: RedisServer) -> None:
+    async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode, \
+            Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+        writer = await wnode.start(Writer, "ann-writer")
+        for _ in range(3):
+            await writer.call("bump")
+        top, *_ = await writer.call("read")
+        service = rnode.service
+        replica = await service.replica_of("ann-writer-m")
+        assert replica is not None
+
+        async def caught_up() -> bool:
+            return replica.version == top
+        await until(caught_up)
+        await service.release_replica("ann-writer-m", replica)
+        await wnode.stop("ann-writer")
+        server.stop()  # reopening fails while the server is down...
+        with pytest.raises(SharingError):
+            await service.replica_of("ann-writer-m")
+        server.start()  # ... and it comes back empty
+        async with asyncio.timeout(15):
+            while True:  # until the pub/sub connection is back
+                try:
+                    again = await service.replica_of("ann-writer-m")
+                    break
+                except SharingError:
+                    await asyncio.sleep(0.1)
+        assert again is replica and again.version == top and again.ref().get("n") == 3

@@ -281,7 +281,11 @@ class SharingService:
                                                      max_updates=self._max_updates,
                                                      logger=self._log,
                                                      method_limits=self._method_limits))
-        await self.backend.subscribe(name, replica.handle)
+        try:
+            await self.backend.subscribe(name, replica.handle)
+        except BaseException:
+            self._retire(key, retired)
+            raise
         try:
             dump = await self.backend.read_map(name)
             if dump is not None:
@@ -291,6 +295,7 @@ class SharingService:
             # else the store lost the map: stay readable at the version
             # already shown until its writer re-creates it.
         except BaseException:
+            self._retire(key, retired)
             await self.backend.unsubscribe(name, replica.handle)
             raise
         self._drain(replica)
@@ -302,12 +307,18 @@ class SharingService:
         replica = self._drop_reference(self._replicas, key, shared)
         if replica is None:
             return
-        replica.buffer = None
-        if not self._closed:
-            self._retired[key] = replica
-            if len(self._retired) > RETIRED_REPLICAS:
-                self._retired.popitem(last=False)
+        self._retire(key, replica)
         await self.backend.unsubscribe(name, replica.handle)
+
+    def _retire(self, key: tuple[str, bool], replica: _Replica | None) -> None:
+        """Keep ``replica``, which no reader holds, for the next open of ``key``
+        (a failed open keeps the one it took)."""
+        if replica is None or self._closed:
+            return
+        replica.buffer = None
+        self._retired[key] = replica
+        if len(self._retired) > RETIRED_REPLICAS:
+            self._retired.popitem(last=False)
 
     def _drop_reference(self, table: dict[_K, _E], key: _K, held: object) -> _E | None:
         """Count one reference to ``held`` less; the entry once none is left."""
