@@ -26,9 +26,11 @@ Semantics every backend must keep (the contract tests check them on each one):
   a node whose store went back learns it. A lease that vanished (expired, or
   the backend lost its data) is taken back by a commit that passes both checks.
 * ``commit`` is idempotent by ``tx.txid``: when the stored checkpoint carries
-  ``tx.txid`` or one of the :data:`RECENT_TXIDS` txids committed before it,
-  the call stores nothing and returns ``False`` (a retried commit whose reply
-  was lost is reported as committed, even after another node moved on).
+  ``tx.txid``, or when the commit would be refused by the lease or the chain
+  and ``tx.txid`` is one of the :data:`RECENT_TXIDS` txids committed before
+  the stored one, the call stores nothing and returns ``False`` (a retried
+  commit whose reply was lost is reported as committed, even after another
+  node moved on).
 * Versions are integers compared as numbers. A write whose change set version
   differs from the stored map version fails with
   :class:`ConcurrentUpdateError` (also when the versions match but the stored

@@ -368,13 +368,18 @@ class MemoryBackend:
         space = self._space
         stored_cp = space.checkpoints.get(tx.actor)
         stored_txid = None if stored_cp is None else stored_cp.txid
-        if stored_cp is not None and (stored_txid == tx.txid or tx.txid in stored_cp.recent):
+        if stored_txid == tx.txid:
             return False
         now = time.monotonic()
         holder = space.lease_holder(tx.actor, now)
-        if holder is not None and holder != tx.node_id:
-            raise LeaseLostError(tx.actor, tx.node_id, holder)
-        if stored_txid != tx.prev_txid:
+        fenced = holder is not None and holder != tx.node_id
+        if fenced or stored_txid != tx.prev_txid:
+            # As the commit script: the window of earlier txids is read only
+            # for a commit that would be refused.
+            if stored_cp is not None and tx.txid in stored_cp.recent:
+                return False
+            if fenced:
+                raise LeaseLostError(tx.actor, tx.node_id, holder)
             raise chain_broken(tx, stored_txid)
         take_lease = holder is None
         created = {c.name: c.version for c in tx.creates if c.name not in space.maps}

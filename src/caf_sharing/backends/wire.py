@@ -280,7 +280,8 @@ def _check_id(what: str, value: object) -> str:
     return value
 
 
-# Txids are kept space-separated in the store's window of recent commits.
+# Txids go into every published change set and into log lines: a short, plain
+# alphabet keeps them from carrying anything else.
 _TXID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
 
@@ -431,9 +432,9 @@ def decode_value(map_name: str, key: str, raw: bytes) -> Any:
 def decode_fields(map_name: str, pairs: Iterable[tuple[bytes, bytes]],
                   txid: str | None = None) -> ChangeSet:
     """The dump of a stored map from its raw fields (name, orjson bytes), the
-    version field among them, made by commit ``txid``. Values are decoded as :func:`decode_value`
-    does, with the scan for long integers made once over all of them (a map
-    holds none in the common case)."""
+    version field among them, made by commit ``txid``. Values are decoded as
+    :func:`decode_value` does, with the scan for long integers made once over
+    all of them (a map holds none in the common case)."""
     items: list[Any] = []
     raws: list[bytes] = []
     append, keep, loads = items.append, raws.append, orjson.loads
