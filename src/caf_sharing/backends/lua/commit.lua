@@ -51,7 +51,7 @@ end
 
 local checkpoint, lease, lineage, recent = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local node, txid = ARGV[1], ARGV[2]
-local base = 4 -- KEYS before the maps
+local fixed = 4 -- KEYS before the maps
 
 local stored_txid = redis.call("HGET", checkpoint, "txid")
 if stored_txid == txid then
@@ -83,7 +83,7 @@ local ncreates, nwrites, nrestores = tonumber(ARGV[7]), tonumber(ARGV[8]), tonum
 local pos = 12
 local creates = {}
 for i = 1, ncreates do
-  local key = KEYS[base + i]
+  local key = KEYS[fixed + i]
   local count = tonumber(ARGV[pos + 2])
   creates[i] = {key = key, name = ARGV[pos], version = ARGV[pos + 1], first = pos + 3,
                 count = count, absent = redis.call("EXISTS", key) == 0}
@@ -93,7 +93,7 @@ end
 local writes = {}
 local missing = {"missing"}
 for i = 1, nwrites do
-  local w = {key = KEYS[base + ncreates + i], name = ARGV[pos], base = ARGV[pos + 1],
+  local w = {key = KEYS[fixed + ncreates + i], name = ARGV[pos], base = ARGV[pos + 1],
              version = ARGV[pos + 2]}
   local create = tonumber(ARGV[pos + 3])
   local rebase_from = tonumber(ARGV[pos + 4])
@@ -144,7 +144,7 @@ end
 local restores = {}
 for i = 1, nrestores do
   local count = tonumber(ARGV[pos + 3])
-  restores[i] = {key = KEYS[base + ncreates + nwrites + i], name = ARGV[pos],
+  restores[i] = {key = KEYS[fixed + ncreates + nwrites + i], name = ARGV[pos],
                  version = ARGV[pos + 1], txid = ARGV[pos + 2], first = pos + 4, count = count}
   pos = pos + 4 + count
 end
