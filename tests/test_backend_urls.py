@@ -49,6 +49,16 @@ QUOTED = "s3cr%E2%82%ACt%3A%2F%40x"
     ("unix:///run/redis.sock?db=4&password=pw&username=ann",
      BackendURL("unix", path="/run/redis.sock", db=4, username="ann", password="pw",
                 redacted="unix:///run/redis.sock?db=4&password=***&username=ann")),
+    ("redis+cluster://10.0.0.1:7000,10.0.0.2:7001,[::1]",
+     BackendURL("redis+cluster", host="10.0.0.1", port=7000,
+                hosts=(("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 6379)),
+                redacted="redis+cluster://10.0.0.1:7000,10.0.0.2:7001,[::1]")),
+    (f"rediss+cluster://ann:{QUOTED}@h1:7000,h2:7000/0?wait_replicas=1&ssl_cert_reqs=none",
+     BackendURL("rediss+cluster", host="h1", port=7000, hosts=(("h1", 7000), ("h2", 7000)),
+                username="ann", password=SECRET,
+                options={"wait_replicas": "1", "ssl_cert_reqs": "none"},
+                redacted="rediss+cluster://ann:***@h1:7000,h2:7000/0?wait_replicas=1"
+                         "&ssl_cert_reqs=none")),
 ])
 def test_parse_url(url: str, expected: BackendURL) -> None:
     parsed = parse_url(url)
@@ -71,6 +81,12 @@ def test_parse_url(url: str, expected: BackendURL) -> None:
     ("unix://", "missing the socket path"),
     ("unix:///s?db=-1", "database must be a number"),
     ("redis://h#frag", "fragment"),
+    ("redis+cluster://h:7000/1", "a Redis Cluster has only database 0; drop the /1"),
+    ("redis+cluster://h:7000/x", "the path must be empty or /0"),
+    ("redis+cluster://h:7000,h:port", "each node must be host:port"),
+    ("redis+cluster://h:7000,,h2:7000", "missing a host"),
+    ("redis+cluster://h:7000?ssl_cert_reqs=none", "unknown query option 'ssl_cert_reqs'"),
+    ("redis+cluster://h:7000#x", "fragment"),
 ])
 def test_bad_urls_are_refused_clearly(url: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -95,6 +111,7 @@ def test_errors_about_a_url_never_show_its_password() -> None:
     ("redis://h:1", "redis://h:1"),
     ("unix:///s?password=pw&db=1", "unix:///s?password=***&db=1"),
     ("not a url", "not a url"),
+    ("redis+cluster://u:pw@h1:1,h2:2", "redis+cluster://u:***@h1:1,h2:2"),
     ("redis://ann:pw@[::1/0?password=x&db=1", "redis://ann:***@[::1/0?password=***&db=1"),
 ])
 def test_redact_url(url: str, redacted: str) -> None:

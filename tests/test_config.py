@@ -124,7 +124,7 @@ def test_durability_of_the_persist_service_becomes_backend_options() -> None:
     assert config.options["wait_replicas"] == 1 and config.options["wait_timeout_ms"] == 500
     backend = config.node(node_id="n1").backend
     assert isinstance(backend, RedisBackend)
-    assert (backend._wait_replicas, backend._wait_ms) == (1, 500)
+    assert (backend.settings.wait_replicas, backend.settings.wait_timeout_ms) == (1, 500)
 
 
 @pytest.mark.parametrize(("durability", "message"), [

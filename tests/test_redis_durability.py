@@ -304,7 +304,7 @@ async def test_no_warning_when_noeviction_or_unknowable(
 def wait_settings(url: str, **options: Any) -> tuple[int, int]:
     backend = make_backend(url, **options)
     assert isinstance(backend, RedisBackend)
-    return backend._wait_replicas, backend._wait_ms
+    return backend.settings.wait_replicas, backend.settings.wait_timeout_ms
 
 
 def test_wait_options_from_the_url_and_keywords() -> None:

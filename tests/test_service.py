@@ -12,6 +12,7 @@ import pytest
 from caf_sharing import SharedMap
 from caf_sharing.aggregate import DEFAULT_RETRY_DELAYS
 from caf_sharing.backends import Backend, MapCreate
+from caf_sharing.backends.redis.codec import Keys
 from caf_sharing.errors import MapNotFoundError
 from caf_sharing.service import MAX_BUFFERED_BYTES, SharingService, txid_of
 
@@ -83,7 +84,8 @@ async def publish_raw(backend: Backend, name: str, payload: bytes, redis_server=
     else:
         client = redis_server.client()
         try:
-            await asyncio.to_thread(client.publish, backend._channel_key(name), payload)  # type: ignore[attr-defined]
+            # Redis 7 and clusters carry change sets on sharded channels.
+            await asyncio.to_thread(client.spublish, Keys(backend.app).channel(name), payload)  # type: ignore[attr-defined]
         finally:
             client.close()
 

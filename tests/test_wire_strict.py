@@ -254,7 +254,7 @@ async def test_forged_publishes_do_not_pin_a_replica(redis_server: RedisServer) 
         ]
         with redis_server.client() as client:
             for message in forged:
-                client.publish(channel, json.dumps(message).encode())
+                client.spublish(channel, json.dumps(message).encode())
         for _ in range(3):
             v = await writer.call("bump")
             seen = await until_version(reader, v)

@@ -33,6 +33,7 @@ __all__ = [
     "NoExecError",
     "PrepareRequiredError",
     "ReadOnlyError",
+    "ShardUnavailableError",
     "SharingError",
     "UnknownActorMethodError",
     "UnknownMethodError",
@@ -132,6 +133,20 @@ class BackendError(SharingError):
 
 class BackendUnavailableError(BackendError):
     """The backend could not be reached after the configured retries."""
+
+
+class ShardUnavailableError(BackendUnavailableError):
+    """Some shards of a Redis Cluster failed a call that spans several: the
+    actors in ``failed`` live on them. ``partial`` holds the call's result for
+    the other actors, whose part went through (for ``renew_leases``: those
+    of them whose lease another node holds; for ``load_txids``: the txids,
+    ``None`` for the failed ones)."""
+
+    def __init__(self, message: str, *, failed: list[str], replies: list[Any]) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.replies = replies
+        self.partial: Any = None
 
 
 class DurabilityError(BackendError):

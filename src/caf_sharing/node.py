@@ -47,6 +47,7 @@ from .errors import (
     InvalidTypeError,
     LeaseLostError,
     MailboxFullError,
+    ShardUnavailableError,
     SharingError,
     UnknownActorMethodError,
 )
@@ -483,12 +484,23 @@ class Node:
                 continue
             try:
                 lost = await self.service.renew_leases(names, self.node_id, self.lease_ttl)
-                stored = await self.service.load_txids(names)
+            except ShardUnavailableError as exc:
+                # One shard down: the actors of the others renewed, and those
+                # of them that lost their lease must stop all the same.
+                self.log.warning("lease renewal failed (%s); retrying in %.1fs", exc, interval)
+                lost = exc.partial
+                names = [name for name in names if name not in exc.failed]
             except SharingError as exc:
                 self.log.warning("lease renewal failed (%s); retrying in %.1fs", exc, interval)
                 continue
             for name in lost:
                 self._lost(name)
+            try:
+                stored = await self.service.load_txids(names)
+            except SharingError as exc:
+                self.log.warning("reading the stored txids failed (%s); retrying in %.1fs",
+                                 exc, interval)
+                continue
             for name, txid in zip(names, stored, strict=True):
                 host = self._hosts.get(name)
                 if host is not None and not host.needs_reload and \

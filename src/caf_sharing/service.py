@@ -461,14 +461,17 @@ class SharingService:
             for replica in self._owned_by(owner):
                 replica.buffer = []
 
-    def _on_reconnect(self) -> None:
-        """The subscription channel was down: any replica may have missed updates."""
+    def _on_reconnect(self, names: Sequence[str]) -> None:
+        """The subscriptions of ``names`` were down: those replicas may have
+        missed updates."""
+        wanted = set(names)
         for replica in list(self._replicas.values()):
-            self._schedule_resync(replica)
+            if replica.name in wanted:
+                self._schedule_resync(replica)
 
     async def resync_all(self) -> None:
         """Resync every replica now and wait until they are done."""
-        self._on_reconnect()
+        self._on_reconnect([replica.name for replica in self._replicas.values()])
         await asyncio.gather(*self._resyncs.values(), return_exceptions=True)
 
     # -- aggregates --------------------------------------------------------

@@ -9,9 +9,14 @@
   options ``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``,
   ``ssl_keyfile``, ``ssl_check_hostname``) and
   ``unix:///path/to/socket?db=N`` (``password``/``username`` in the query) —
-  see :mod:`caf_sharing.backends.redis`. All three also take the query
-  options ``wait_replicas=N`` and ``wait_timeout_ms=T`` (acknowledge a
-  commit only once N replicas hold it, see ``RedisBackend``).
+  see :mod:`caf_sharing.backends.redis`;
+* ``redis+cluster://[user:password@]host:port[,host:port...]`` and
+  ``rediss+cluster://...`` (TLS, same query options as ``rediss://``): a
+  Redis Cluster reached through any of the listed nodes; database 0 only.
+
+All the Redis forms also take the query options ``wait_replicas=N`` and
+``wait_timeout_ms=T`` (acknowledge a commit only once N replicas hold it, see
+``RedisBackend``).
 
 ``app`` namespaces everything a backend stores, so several applications can
 share one store or server. URLs are parsed strictly: anything unknown or
@@ -24,11 +29,10 @@ the part before that ``@``. Values are percent-decoded; a ``+`` stays a ``+``.
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from ..errors import ConfigError
 from .base import (
@@ -62,7 +66,7 @@ __all__ = [
     "redact_url",
 ]
 
-SCHEMES = ("memory", "redis", "rediss", "unix")
+SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 DEFAULT_PORT = 6379
 REDACTED = "***"
 _SSL_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
@@ -73,6 +77,8 @@ _QUERY_OPTIONS = {
     "redis": _WAIT_OPTIONS,
     "rediss": _SSL_OPTIONS + _WAIT_OPTIONS,
     "unix": ("db", "password", "username", *_WAIT_OPTIONS),
+    "redis+cluster": _WAIT_OPTIONS,
+    "rediss+cluster": _SSL_OPTIONS + _WAIT_OPTIONS,
 }
 _SECRET_QUERY = ("password",)
 _STORE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
@@ -91,6 +97,8 @@ class BackendURL:
     name: str = ""
     host: str | None = None
     port: int | None = None
+    #: The (host, port) of each seed node of a cluster URL (empty otherwise).
+    hosts: tuple[tuple[str, int], ...] = ()
     #: The socket path of ``unix://``.
     path: str | None = None
     db: int = 0
@@ -226,12 +234,14 @@ def parse_url(url: str) -> BackendURL:
     except ValueError:
         # urllib's message quotes the host, which may hold a password.
         raise _fail(redacted, "the host is not a valid name or [IPv6] address") from None
+    scheme = parts.scheme.lower()
+    if scheme.endswith("+cluster") and scheme in SCHEMES:
+        return _parse_cluster(parts, scheme, redacted)
     try:
         port = parts.port
     except ValueError:
         # Not urllib's message: it quotes the port, which may be a password.
         raise _fail(redacted, "the port must be a number from 0 to 65535") from None
-    scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise _fail(redacted, f"unknown scheme {parts.scheme!r}; use one of "
                               + ", ".join(f"{s}://" for s in SCHEMES))
@@ -271,6 +281,37 @@ def parse_url(url: str) -> BackendURL:
                       redacted=redacted)
 
 
+def _parse_cluster(parts: SplitResult, scheme: str, redacted: str) -> BackendURL:
+    """A ``redis+cluster://`` URL: one or more comma-separated seed nodes."""
+    query = _parse_query(redacted, scheme, parts.query)
+    if parts.fragment or parts.geturl().endswith("#"):
+        raise _fail(redacted, f"a fragment (#...) means nothing here; {_ENCODE_HINT}")
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    hosts: list[tuple[str, int]] = []
+    for item in hostlist.split(","):
+        try:
+            seed = urlsplit(f"redis://{item}")
+            host, port = seed.hostname, seed.port
+        except ValueError:
+            raise _fail(redacted, "each node must be host:port, the port a number from 0 "
+                                  "to 65535 (nodes separated by ',')") from None
+        if not host:
+            raise _fail(redacted, "missing a host (nodes are host:port, separated by ',')")
+        hosts.append((host, port if port is not None else DEFAULT_PORT))
+    path = parts.path.strip("/")
+    if path and path != "0":
+        raise _fail(redacted, "a Redis Cluster has only database 0; drop the /" + path
+                    if path.isdigit() else "the path must be empty or /0")
+    host, port = hosts[0]
+    return BackendURL(scheme, host=host, port=port, hosts=tuple(hosts), username=username,
+                      password=password, options=query, redacted=redacted)
+
+
 def make_backend(url: str = "memory://", *, app: str = "default", **options: Any) -> Backend:
     """An unstarted backend for ``url``; ``await backend.start()`` before use.
 
@@ -292,7 +333,7 @@ def make_backend(url: str = "memory://", *, app: str = "default", **options: Any
     # Imported here so that memory-only users never load redis-py.
     from .redis import RedisBackend
 
-    unknown = sorted(set(options) - set(inspect.signature(RedisBackend).parameters) - {"url"})
+    unknown = sorted(set(options) - RedisBackend.OPTIONS)
     if unknown:
         raise ConfigError(f"unknown option(s) for {target.redacted}: {', '.join(unknown)}")
     return RedisBackend(target, app=app, **options)

@@ -78,7 +78,8 @@ Checkpoint = dict[str, Any]
 """What an actor stores at each commit: ``{"txid", "state", "maps"}``."""
 
 MessageHandler = Callable[[bytes], None]
-ReconnectListener = Callable[[], None]
+ReconnectListener = Callable[[Sequence[str]], None]
+"""Told the names of the subscribed maps that may have missed messages."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +167,9 @@ class Backend(Protocol):
     async def unsubscribe(self, name: str, handler: MessageHandler) -> None: ...
 
     def add_reconnect_listener(self, listener: ReconnectListener) -> None:
-        """Call ``listener`` after the subscription channel was lost and is back
-        (messages may have been missed in between)."""
+        """Call ``listener`` with the names of the subscribed maps that may
+        have missed messages, once they are subscribed again (after a lost
+        connection, or a channel that moved to another shard)."""
         ...
 
     async def acquire_lease(self, actor: str, node_id: str, ttl: float) -> None:

@@ -14,6 +14,7 @@
 -- ARGV[5] TTL (ms) of a lease taken back by this commit
 -- ARGV[6] checkpoint blob  ARGV[7] C  ARGV[8] W  ARGV[9] R
 -- ARGV[10] "1" for a re-assert  ARGV[11] how many earlier txids to keep
+-- ARGV[12] the publish command: SPUBLISH (sharded channels) or PUBLISH
 -- then, per create:  map name, version, n, n items (field, value, ...)
 -- then, per write:   map name, base version, new version, index of the create
 --                    of the same map (0: none), version renumbered to base
@@ -80,7 +81,8 @@ local take_lease = not holder
 local reassert = ARGV[10] == "1"
 
 local ncreates, nwrites, nrestores = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local pos = 12
+local publish = ARGV[12] == "SPUBLISH" and "SPUBLISH" or "PUBLISH"
+local pos = 13
 local creates = {}
 for i = 1, ncreates do
   local key = KEYS[fixed + i]
@@ -185,6 +187,6 @@ if stored_txid then
 end
 redis.call("HSET", checkpoint, "txid", txid, "blob", ARGV[6])
 for _, w in ipairs(writes) do
-  redis.call("PUBLISH", w.channel, w.payload)
+  redis.call(publish, w.channel, w.payload)
 end
 return {"ok"}

@@ -1,0 +1,508 @@
+"""The Redis implementation of the backend protocol: maps, leases,
+checkpoints and commits, on one server or a Redis Cluster.
+
+Every update runs in one of the Lua scripts (:mod:`.scripts`). A transaction
+is one script call on the actor's slot: all checks (txid, lease, versions
+compared as numbers), then all writes, then one (S)PUBLISH per change set.
+The client encodes every value and every published payload with orjson; the
+scripts never decode JSON. Commits to one server share round trips
+(:mod:`.group_commit`); :mod:`.routing` sends each command to the server of
+its slot and retries; :mod:`.pubsub` delivers the change sets.
+
+Replica acknowledgement: with ``wait_replicas=N`` every commit round trip
+ends with ``WAIT N wait_timeout_ms`` on the same connection, so one WAIT
+covers the whole batch. A commit is acknowledged only when WAIT counts N
+replicas; short of that it raises :class:`DurabilityError` (the primary holds
+it, a failover may lose it). A PUBLISH to an unwatched channel goes just
+before the WAIT: WAIT only covers what its own connection wrote, and a commit
+that landed in an earlier attempt (a lost reply) writes nothing the second
+time, yet must be covered too. Only commits wait: the runtime writes through
+commits alone; ``create_map``, ``delete_map`` and leases do not.
+
+At start the backend warns (once) when a server's ``maxmemory-policy`` is
+not ``noeviction``: an eviction silently drops checkpoints, leases or maps.
+
+The backend's ``url`` and every message it logs or raises carry the URL with
+the password redacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis import exceptions as rexc
+
+from ...errors import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigError,
+    DurabilityError,
+    LeaseHeldError,
+    ShardUnavailableError,
+    SharingError,
+)
+from ...names import check_actor_name, check_map_name, map_owner
+from .. import BackendURL, parse_url
+from ..base import ChangeSet, Checkpoint, MessageHandler, ReconnectListener, Transaction
+from ..wire import (
+    EncodedTransaction,
+    check_app,
+    check_one_owner,
+    check_open,
+    decode_checkpoint,
+    encode_dump,
+    encode_transaction,
+    make_dump,
+    ttl_to_ms,
+)
+from .codec import Command, Keys, commit_outcome, decode_all, decode_pairs, flatten
+from .group_commit import GroupCommit, PendingCommit
+from .options import Settings
+from .pubsub import PubSub
+from .routing import Router, Server, allowance
+from .scripts import ACQUIRE, CREATE, READ, RELEASE, RENEW, SCRIPTS
+
+__all__ = ["RedisBackend", "RedisStats"]
+
+_log = logging.getLogger("caf_sharing.backends.redis")
+
+
+@dataclass(slots=True)
+class RedisStats:
+    """Counters of the group commit and of chunked reads, for monitoring."""
+
+    #: Commit round trips (pipelines of EVALSHA) sent, retries not counted.
+    round_trips: int = 0
+    #: Commits sent in those round trips.
+    commits: int = 0
+    #: The most commits one round trip carried.
+    largest_batch: int = 0
+    #: Maps read in HSCAN chunks (larger than ``read_chunk_size``).
+    chunked_reads: int = 0
+    #: Chunked reads started again because a commit moved the map meanwhile.
+    chunked_read_retries: int = 0
+    #: Chunked reads that gave up and used one HGETALL.
+    whole_reads: int = 0
+    #: Commits WAIT did not confirm on wait_replicas replicas (DurabilityError).
+    unconfirmed: int = 0
+
+
+class RedisBackend:
+    """The Redis implementation of :class:`~caf_sharing.backends.base.Backend`,
+    for ``redis://``, ``rediss://`` (TLS), ``unix://``, and a Redis Cluster
+    with ``redis+cluster://`` and ``rediss+cluster://``.
+
+    Options (keyword arguments; the URL query may carry the TLS ones and
+    ``wait_replicas``/``wait_timeout_ms``; a keyword argument wins over the
+    URL):
+
+    * ``coalescing_interval`` (s, 0.01): longest wait of a queued commit;
+    * ``max_pending_updates`` (20): most commits in one round trip;
+    * ``max_retries`` (10), ``retry_delay`` (s, 0.1): per round trip;
+    * ``call_timeout`` (s, 3; ``None``: no bound): longest time one round
+      trip may take, its retries and their pauses included (plus the same
+      allowances as ``socket_timeout``); past it the call fails with
+      :class:`BackendUnavailableError` even if retries are left;
+    * ``socket_timeout`` (s, 1; ``None``: only ``call_timeout``): longest
+      wait for the replies of one attempt, plus 1 s per 10 MB it sends and
+      per 500k map fields a whole read returns, plus ``wait_timeout_ms`` for
+      a commit with ``wait_replicas``;
+    * ``connect_timeout`` (s, 1): opening a connection (within the attempt);
+    * ``wait_replicas`` (0: off): acknowledge a commit only once ``WAIT``
+      counts this many replicas holding it, else raise
+      :class:`DurabilityError`; ``wait_timeout_ms`` (1000, >= 1): how long
+      WAIT waits for them;
+    * ``max_connections`` (16): command connections per server (pub/sub has
+      its own);
+    * ``read_chunk_size`` (1000): maps larger than this are read with HSCAN
+      of this COUNT, between two reads of the version, instead of HGETALL;
+    * ``health_check_interval`` (s, 5; 0: never): PING a pub/sub
+      connection when it was silent that long, and drop it if no answer
+      comes within as long again (a dead link is noticed within 10 s);
+    * ``restart_grace`` (True): a lease that is absent on a server up for
+      less than one lease TTL is granted only once the server is that old
+      (the node that held it may still run and put back what the restart
+      lost); turn it off only for a server that loses no acknowledged write
+      (``appendfsync always``);
+    * ``username``, ``password``: override the URL's;
+    * ``ssl_cert_reqs`` ("none" | "optional" | "required"), ``ssl_ca_certs``,
+      ``ssl_certfile``, ``ssl_keyfile``, ``ssl_check_hostname``: ``rediss://``.
+    """
+
+    #: The keyword options it takes.
+    OPTIONS = frozenset(inspect.signature(Settings.make).parameters) - {"cls", "target"}
+
+    def __init__(self, url: str | BackendURL, *, app: str = "default",
+                 **options: Any) -> None:
+        target = url if isinstance(url, BackendURL) else parse_url(url)
+        unknown = sorted(set(options) - self.OPTIONS)
+        if unknown:
+            raise ConfigError(f"unknown option(s) for {target.redacted}: {', '.join(unknown)}")
+        #: Every option, checked.
+        self.settings = settings = Settings.make(target, **options)
+        self.url = settings.url
+        self.app = check_app(app)
+        self._keys = Keys(self.app)
+        #: Ends every commit round trip when wait_replicas is set: a write of
+        #: this connection's own (see the module docstring), then WAIT.
+        self._wait_tail: tuple[Command, ...] = () if not settings.wait_replicas else (
+            ("PUBLISH", f"caf:{self.app}:wait", ""),
+            ("WAIT", settings.wait_replicas, settings.wait_timeout_ms))
+        self._router = Router(settings)
+        self._pubsub = PubSub(self._router, settings)
+        self._committers: dict[Server, GroupCommit] = {}
+        self._publish = "SPUBLISH" if settings.cluster else "PUBLISH"
+        self.stats = RedisStats()
+        self._started = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RedisBackend({self.url!r}, app={self.app!r})"
+
+    @property
+    def cluster(self) -> bool:
+        """Whether this backend talks to a Redis Cluster."""
+        return self._router.cluster
+
+    def _check_open(self) -> None:
+        check_open(self.url, self.app, self._started, self._closed)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check that every server answers and is what the URL says (one
+        server, or a cluster), load the scripts and check the eviction policy."""
+        if self._closed:
+            raise BackendUnavailableError(f"backend {self.url} was closed; make a new one")
+        if self._started:
+            return
+        try:
+            per_server = await self._router.on_each_primary(
+                [("INFO", "server"), ("INFO", "cluster"),
+                 *(("SCRIPT", "LOAD", s.source) for s in SCRIPTS),
+                 ("CONFIG", "GET", "maxmemory-policy")], "start")
+        except BackendError as exc:
+            if "SELECT is not allowed in cluster mode" in str(exc):
+                raise ConfigError(f"Redis at {self.url} is a cluster node; use "
+                                  "redis+cluster:// (database 0 only)") from None
+            raise
+        versions = []
+        for server_info, cluster_info, *loaded, policy in per_server:
+            for reply in (server_info, cluster_info, *loaded):
+                if isinstance(reply, rexc.ResponseError):
+                    raise BackendError(f"Redis at {self.url} cannot run our scripts: {reply}")
+            if not self.cluster and b"cluster_enabled:1" in cluster_info:
+                raise ConfigError(f"Redis at {self.url} is a cluster node; use "
+                                  "redis+cluster:// instead of redis://")
+            versions.append(_major_version(server_info))
+            self._check_eviction(policy)
+        # Sharded pub/sub where every server has it (Redis 7): see pubsub.py.
+        sharded = self.cluster or min(versions) >= 7
+        self._pubsub.use_sharded(sharded)
+        self._publish = "SPUBLISH" if sharded else "PUBLISH"
+        self._started = True
+
+    def _check_eviction(self, reply: Any) -> None:
+        if isinstance(reply, rexc.ResponseError):
+            # CONFIG renamed away or denied by an ACL: nothing to check with.
+            _log.debug("Redis at %s: cannot read maxmemory-policy (%s)", self.url, reply)
+            return
+        policy = bytes(reply[1]).decode(errors="replace") if len(reply) == 2 else None
+        if policy is not None and policy != "noeviction":
+            _log.warning(
+                "Redis at %s runs maxmemory-policy %s: under memory pressure it may evict "
+                "checkpoints, leases or maps, silently losing acknowledged commits and "
+                "unfencing writers; caf-sharing needs maxmemory-policy noeviction (then a "
+                "full server refuses commits instead)", self.url, policy)
+
+    async def close(self) -> None:
+        """Send the queued commits, wait for those in flight, then disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        for committer in list(self._committers.values()):
+            await committer.drain()
+        await self._pubsub.close()
+        await self._router.close()
+
+    # -- maps -------------------------------------------------------------
+
+    async def create_map(self, name: str, initial: ChangeSet | None = None) -> ChangeSet:
+        check_map_name(name)
+        version, fields = (0, []) if initial is None else encode_dump(name, initial,
+                                                                      "initial value")
+        self._check_open()
+        owner = map_owner(name)
+        command = ("EVALSHA", CREATE.sha, 2, self._keys.map(name),
+                   self._keys.actor(owner, "lineage"), name, version, *flatten(fields))
+        # Someone may delete the map between the create and the read: try again.
+        for _ in range(3):
+            if await self._router.call_one(command, owner, f"create_map {name}") == 1:
+                items: list[Any] = []
+                for key, raw in fields:
+                    items.append(key)
+                    items.append(orjson.loads(raw))
+                return make_dump(version, items)
+            dump = await self.read_map(name)
+            if dump is not None:
+                return dump
+        raise BackendError(f"map {name!r} keeps vanishing while it is created")
+
+    async def read_map(self, name: str) -> ChangeSet | None:
+        return (await self.read_maps([name]))[name]
+
+    async def read_maps(self, names: Sequence[str]) -> dict[str, ChangeSet | None]:
+        owner = check_one_owner(names)
+        self._check_open()
+        if owner is None:
+            return {}
+        keys = [self._keys.actor(owner, "lineage"), *map(self._keys.map, names)]
+        what = f"read_map {', '.join(names)}"
+        chunk = self.settings.read_chunk_size
+        # Up to read_chunk_size fields come back per round trip.
+        chunk_time = allowance(0, chunk)
+
+        def command(limit: int) -> Command:
+            return ("EVALSHA", READ.sha, len(keys), *keys, limit, *names)
+
+        call = self._router.call_one
+        for _ in range(3):
+            reply = await call(command(chunk), owner, what, chunk_time)
+            if reply[0] == b"all":
+                return decode_all(names, reply)
+            before = reply[1:]
+            chunks = {name: await self._scan(key, owner, what, chunk_time) if state[0] else None
+                      for name, key, state in zip(names, keys[1:], before, strict=True)}
+            # The same versions and txids before and after: no commit of the
+            # owner happened in between, so the chunks make one consistent view.
+            after = await call(command(-1), owner, what)
+            if [s[:2] for s in before] == [s[:2] for s in after[1:]]:
+                self.stats.chunked_reads += 1
+                return {name: None if fields is None
+                        else decode_pairs(name, fields.items(), state[1])
+                        for (name, fields), state in zip(chunks.items(), before, strict=True)}
+            self.stats.chunked_read_retries += 1
+        # Written too often to scan: one atomic read, stalling Redis briefly.
+        self.stats.whole_reads += 1
+        _log.info("maps %s kept changing while read in chunks; reading them at once", names)
+        reply = await call(command(2**62), owner, what,
+                           allowance(0, sum(s[2] for s in before)))
+        return decode_all(names, reply)
+
+    async def _scan(self, key: str, owner: str, what: str,
+                    chunk_time: float) -> dict[bytes, bytes]:
+        fields: dict[bytes, bytes] = {}
+        cursor: bytes | int = 0
+        while True:
+            cursor, chunk = await self._router.call_one(
+                ("HSCAN", key, cursor, "COUNT", self.settings.read_chunk_size), owner, what,
+                chunk_time)
+            it = iter(chunk)
+            fields.update(zip(it, it, strict=True))
+            if cursor in (0, b"0"):
+                return fields
+
+    async def delete_map(self, name: str) -> bool:
+        check_map_name(name)
+        self._check_open()
+        what = f"delete_map {name}"
+        owner = map_owner(name)
+        routed = await self._router.call(
+            [("DEL", self._keys.map(name)),
+             ("HDEL", self._keys.actor(owner, "lineage"), name)], owner, what)
+        for reply in routed.replies:
+            if isinstance(reply, rexc.ResponseError):
+                raise BackendError(f"Redis at {self.url}: {what} failed: {reply}")
+        return bool(routed.replies[0])
+
+    # -- leases and checkpoints -------------------------------------------------
+
+    async def acquire_lease(self, actor: str, node_id: str, ttl: float) -> None:
+        check_actor_name(actor)
+        ms = ttl_to_ms(ttl)
+        self._check_open()
+        command = ("EVALSHA", ACQUIRE.sha, 1, self._keys.actor(actor, "lease"), node_id, ms,
+                   1 if self.settings.restart_grace else 0)
+        while True:
+            reply = await self._router.call_one(command, actor, f"acquire_lease {actor}")
+            if not isinstance(reply, int):
+                break
+            _log.warning("Redis at %s restarted %.1fs ago and may have lost data: waiting "
+                         "%.1fs before taking the lease of %s, so that a node that held it "
+                         "can put back what it holds", self.url, (ms - reply) / 1000,
+                         reply / 1000, actor)
+            await asyncio.sleep(reply / 1000)
+        if reply is not None:
+            raise LeaseHeldError(actor, reply.decode(errors="replace"))
+
+    async def _per_actor(self, commands: Sequence[Command], actors: Sequence[str],
+                         what: str) -> list[Any]:
+        """One command per actor, each on its actor's shard. A shard that
+        fails fails only its own actors: :class:`ShardUnavailableError`
+        carries the replies of the others."""
+        routed = await self._router.call(commands, actors, what, partial=True)
+        failed: dict[str, BackendUnavailableError] = {}
+        for actor, reply in zip(actors, routed.replies, strict=True):
+            if isinstance(reply, BackendUnavailableError):
+                failed[actor] = reply
+            elif isinstance(reply, rexc.ResponseError):
+                raise BackendError(f"Redis at {self.url}: {what} failed: {reply}")
+        if failed:
+            first = next(iter(failed.values()))
+            if len(failed) == len(actors):
+                raise first
+            raise ShardUnavailableError(
+                f"{first} (actors {', '.join(sorted(failed))}; the others' {what} went through)",
+                failed=sorted(failed), replies=routed.replies)
+        return routed.replies
+
+    async def renew_leases(self, actors: Sequence[str], node_id: str, ttl: float) -> list[str]:
+        for actor in actors:
+            check_actor_name(actor)
+        ms = ttl_to_ms(ttl)
+        self._check_open()
+        if not actors:
+            return []
+        commands = [("EVALSHA", RENEW.sha, 1, self._keys.actor(a, "lease"), node_id, ms)
+                    for a in actors]
+        try:
+            replies = await self._per_actor(commands, actors, "renew_leases")
+        except ShardUnavailableError as exc:
+            exc.partial = [a for a, r in zip(actors, exc.replies, strict=True)
+                           if a not in exc.failed and r != 1]
+            raise
+        return [actor for actor, reply in zip(actors, replies, strict=True) if reply != 1]
+
+    async def release_lease(self, actor: str, node_id: str) -> None:
+        check_actor_name(actor)
+        self._check_open()
+        await self._router.call_one(
+            ("EVALSHA", RELEASE.sha, 1, self._keys.actor(actor, "lease"), node_id), actor,
+            f"release_lease {actor}")
+
+    async def load_checkpoint(self, actor: str) -> Checkpoint | None:
+        check_actor_name(actor)
+        self._check_open()
+        raw = await self._router.call_one(("HGET", self._keys.actor(actor, "cp"), "blob"),
+                                          actor, f"load_checkpoint {actor}")
+        return None if raw is None else decode_checkpoint(actor, raw)
+
+    async def load_txids(self, actors: Sequence[str]) -> list[str | None]:
+        for actor in actors:
+            check_actor_name(actor)
+        self._check_open()
+        if not actors:
+            return []
+        commands = [("HGET", self._keys.actor(a, "cp"), "txid") for a in actors]
+        try:
+            replies = await self._per_actor(commands, actors, "load_txids")
+        except ShardUnavailableError as exc:
+            exc.partial = [None if a in exc.failed else _txid(r)
+                           for a, r in zip(actors, exc.replies, strict=True)]
+            raise
+        return [_txid(reply) for reply in replies]
+
+    # -- commits ------------------------------------------------------------
+
+    async def commit(self, tx: Transaction) -> bool:
+        enc = encode_transaction(tx)
+        self._check_open()
+        pending = PendingCommit(enc, self._keys.commit(enc, self._publish),
+                                asyncio.get_running_loop().create_future())
+        server = self._router.server_for(enc.actor)
+        committer = self._committers.get(server)
+        if committer is None:
+            committer = self._committers[server] = GroupCommit(
+                self._round_trip, self.settings.coalescing_interval,
+                self.settings.max_pending_updates)
+        return await committer.commit(pending)
+
+    async def _round_trip(self, batch: list[PendingCommit]) -> None:
+        self.stats.round_trips += 1
+        self.stats.commits += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        tail = self._wait_tail
+        try:
+            routed = await self._router.call(
+                [p.command for p in batch], [p.tx.actor for p in batch], "commit", tail=tail,
+                extra=self.settings.wait_timeout_ms / 1000 if tail else 0.0)
+        except Exception as exc:
+            # One exception object each: raised in several tasks, a shared one
+            # would pile their tracebacks up.
+            kind = BackendUnavailableError if isinstance(exc, BackendUnavailableError) \
+                else BackendError
+            message = str(exc) if isinstance(exc, SharingError) \
+                else f"Redis at {self.url}: commit failed: {exc!r}"
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(kind(message))
+        except BaseException:
+            # Cancelled (only an inline round trip can be): the outcome is unknown.
+            for pending in batch:
+                pending.future.cancel()
+            raise
+        else:
+            for i, (pending, reply) in enumerate(zip(batch, routed.replies, strict=True)):
+                if pending.future.done():
+                    continue
+                try:
+                    outcome = commit_outcome(self.url, pending.tx, reply)
+                    if tail:
+                        self._check_replicated(pending.tx, routed.tails[i][-1])
+                    pending.future.set_result(outcome)
+                except SharingError as error:
+                    pending.future.set_exception(error)
+
+    def _check_replicated(self, tx: EncodedTransaction, confirmed: Any) -> None:
+        """Raise DurabilityError unless the batch's WAIT counted enough replicas."""
+        wanted = self.settings.wait_replicas
+        if isinstance(confirmed, int) and confirmed >= wanted:
+            return
+        if isinstance(confirmed, int):
+            why = (f"{confirmed} of {wanted} replica(s) confirmed it within "
+                   f"{self.settings.wait_timeout_ms} ms")
+        else:
+            why = f"WAIT failed: {confirmed}"
+            confirmed = 0
+        self.stats.unconfirmed += 1
+        raise DurabilityError(
+            f"Redis at {self.url}: commit {tx.txid} of {tx.actor}: {why}; the outcome is "
+            "ambiguous: the primary holds the commit, but a failover may lose it",
+            required=wanted, confirmed=confirmed)
+
+    # -- pub/sub ------------------------------------------------------------
+
+    def add_reconnect_listener(self, listener: ReconnectListener) -> None:
+        self._pubsub.add_listener(listener)
+
+    async def subscribe(self, name: str, handler: MessageHandler) -> None:
+        check_map_name(name)
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, got {type(handler).__name__}")
+        self._check_open()
+        await self._pubsub.subscribe(self._keys.channel(name).encode(), name, handler)
+
+    async def unsubscribe(self, name: str, handler: MessageHandler) -> None:
+        check_map_name(name)
+        self._check_open()
+        await self._pubsub.unsubscribe(self._keys.channel(name).encode(), handler)
+
+
+def _txid(reply: Any) -> str | None:
+    return None if reply is None else reply.decode(errors="replace")
+
+
+def _major_version(info: bytes) -> int:
+    for line in info.splitlines():
+        if line.startswith(b"redis_version:"):
+            try:
+                return int(line.split(b":", 1)[1].split(b".", 1)[0])
+            except ValueError:
+                break
+    return 0

@@ -1,0 +1,167 @@
+"""What the Redis backend sends and reads back: key and channel names, RESP
+packing, the commit script's arguments and replies, and the read script's
+replies decoded into dumps.
+
+Layout (``app`` namespaces everything; the actor name in braces is the Redis
+Cluster hash tag, so all keys of one actor, its maps and their channels
+included, share a slot and one script call can touch them all)::
+
+    caf:<app>:{<actor>}:cp            hash: "txid", "blob" (the checkpoint JSON)
+    caf:<app>:{<actor>}:recent        list: earlier txids, newest first (retried commits)
+    caf:<app>:{<actor>}:lease         string: node id, with a TTL
+    caf:<app>:{<owner>}:lineage       hash: map name -> txid that made its version
+    caf:<app>:{<owner>}:map:<name>    hash: "__ca_version__" -> int, key -> JSON value
+    caf:<app>:{<owner>}:chan:<name>   (sharded) pub/sub channel of the map's change sets
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import hiredis
+from redis import exceptions as rexc
+from redis.crc import key_slot
+
+from ...errors import (
+    BackendError,
+    ConcurrentUpdateError,
+    LeaseLostError,
+    MapMissingError,
+)
+from ...names import map_owner
+from ..base import RECENT_TXIDS, ChangeSet
+from ..wire import EncodedTransaction, chain_broken, decode_fields, decode_version
+from .scripts import COMMIT
+
+__all__ = ["Command", "Keys", "commit_outcome", "decode_all", "decode_pairs", "flatten", "pack",
+           "slot_of"]
+
+Command = tuple[Any, ...]
+
+
+def slot_of(owner: str) -> int:
+    """The cluster slot of every key of actor ``owner`` (its hash tag)."""
+    return key_slot(owner.encode())
+
+
+class Keys:
+    """The key and channel names of one ``app``."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: str) -> None:
+        self.app = app
+
+    def actor(self, actor: str, what: str) -> str:
+        return f"caf:{self.app}:{{{actor}}}:{what}"
+
+    def map(self, name: str) -> str:
+        return f"caf:{self.app}:{{{map_owner(name)}}}:map:{name}"
+
+    def channel(self, name: str) -> str:
+        return f"caf:{self.app}:{{{map_owner(name)}}}:chan:{name}"
+
+    def commit(self, tx: EncodedTransaction, publish: str) -> Command:
+        """The EVALSHA of ``tx`` (see ``lua/commit.lua`` for the arguments);
+        its change sets go out with ``publish`` (SPUBLISH or PUBLISH)."""
+        # Every map of a transaction is owned by its actor (checked when encoded).
+        prefix = f"caf:{self.app}:{{{tx.actor}}}:"
+        keys = [prefix + "cp", prefix + "lease", prefix + "lineage", prefix + "recent"]
+        keys.extend(f"{prefix}map:{c.name}" for c in tx.creates)
+        keys.extend(f"{prefix}map:{w.name}" for w in tx.writes)
+        keys.extend(f"{prefix}map:{r.name}" for r in tx.restores)
+        argv: list[Any] = [
+            tx.node_id, tx.txid, tx.prev_txid or "", 0 if tx.prev_txid is None else 1,
+            tx.lease_ttl_ms, tx.checkpoint, len(tx.creates), len(tx.writes),
+            len(tx.restores), 1 if tx.reassert else 0, RECENT_TXIDS, publish]
+        create_index: dict[str, int] = {}
+        for i, create in enumerate(tx.creates, 1):
+            create_index[create.name] = i
+            argv.extend((create.name, create.version, 2 * len(create.fields)))
+            argv.extend(flatten(create.fields))
+        for write in tx.writes:
+            argv.extend((write.name, write.base, write.new_version,
+                         create_index.get(write.name, 0),
+                         -1 if write.rebase_from is None else write.rebase_from,
+                         write.base_txid or "", len(write.remove)))
+            argv.extend(write.remove)
+            argv.append(2 * len(write.add))
+            argv.extend(flatten(write.add))
+            if write.full is None:
+                argv.append(-1)
+            else:
+                argv.append(2 * len(write.full))
+                argv.extend(flatten(write.full))
+            argv.append(f"{prefix}chan:{write.name}")
+            argv.append(write.payload)
+        for restore in tx.restores:
+            argv.extend((restore.name, restore.version, restore.txid or "",
+                         2 * len(restore.fields)))
+            argv.extend(flatten(restore.fields))
+        return ("EVALSHA", COMMIT.sha, len(keys), *keys, *argv)
+
+
+def flatten(pairs: Sequence[tuple[str, bytes]]) -> list[str | bytes]:
+    flat: list[str | bytes] = []
+    for key, value in pairs:
+        flat.append(key)
+        flat.append(value)
+    return flat
+
+
+def pack(commands: Sequence[Command]) -> bytes:
+    """RESP-encode ``commands`` (args: bytes, str or int) with hiredis's C
+    packer: redis-py's generic one was the largest client cost of a commit,
+    whose EVALSHA has ~20 arguments."""
+    return b"".join(map(hiredis.pack_command, commands))
+
+
+def commit_outcome(url: str, tx: EncodedTransaction, reply: Any) -> bool:
+    """The commit script's reply: ``True`` (committed), ``False`` (``tx.txid``
+    was committed before), or the error it stands for, raised."""
+    if isinstance(reply, rexc.ResponseError):
+        raise BackendError(f"Redis at {url}: commit of {tx.actor} failed: {reply}")
+    status = reply[0]
+    if status == b"ok":
+        return True
+    if status == b"dup":
+        return False
+    if status == b"lease":
+        holder = reply[1].decode(errors="replace") if len(reply) > 1 else None
+        raise LeaseLostError(tx.actor, tx.node_id, holder)
+    if status == b"chain":
+        raise chain_broken(tx, reply[1].decode(errors="replace") or None)
+    if status == b"lineage":
+        write = tx.writes[int(reply[1]) - 1]
+        current = decode_version(write.name, reply[2])
+        raise ConcurrentUpdateError(
+            f"map {write.name!r} holds version {current} of commit "
+            f"{reply[3].decode(errors='replace')!r}, the change set's base is of "
+            f"{write.base_txid!r}", name=write.name, expected=write.base, current=current)
+    if status == b"version":
+        write = tx.writes[int(reply[1]) - 1]
+        current = decode_version(write.name, reply[2])
+        raise ConcurrentUpdateError(
+            f"map {write.name!r} is at version {current}, the change set expects "
+            f"{write.base}", name=write.name, expected=write.base, current=current)
+    if status == b"missing":
+        raise MapMissingError([tx.writes[int(i) - 1].name for i in reply[1:]])
+    raise BackendError(f"Redis at {url}: unexpected commit reply {reply!r}")
+
+
+def decode_all(names: Sequence[str], reply: Sequence[Any]) -> dict[str, ChangeSet | None]:
+    """The dumps of an "all" reply of the read script."""
+    out: dict[str, ChangeSet | None] = {}
+    for name, (txid, flat) in zip(names, reply[1:], strict=True):
+        it = iter(flat)
+        out[name] = decode_pairs(name, zip(it, it, strict=True), txid) if flat else None
+    return out
+
+
+def decode_pairs(name: str, pairs: Iterable[tuple[bytes, bytes]], txid: bytes) -> ChangeSet:
+    try:
+        lineage = txid.decode() if txid else None
+    except UnicodeDecodeError:
+        raise BackendError(f"map {name!r}: its lineage txid is undecodable") from None
+    return decode_fields(name, pairs, lineage)

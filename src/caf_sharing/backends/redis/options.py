@@ -1,0 +1,196 @@
+"""The Redis backend's settings: its keyword arguments and URL query options,
+checked once, and how to open a connection to one of its servers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ...errors import ConfigError
+from .. import BackendURL
+
+__all__ = ["Address", "Settings"]
+
+#: A server: (host, port), or the path of a unix socket.
+Address = tuple[str, int] | str
+
+_CERT_REQS = ("none", "optional", "required")
+SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+def _number(name: str, value: object, *, zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ConfigError(f"option {name} must be a number {'>=' if zero else '>'} 0, "
+                          f"got {value!r}")
+    return float(value)
+
+
+def _query_int(name: str, given: int | None, query: dict[str, str], default: int) -> object:
+    """Option ``name``: the keyword argument if given, else the URL query's
+    (checked by the caller like any other value), else ``default``."""
+    if given is not None:
+        return given
+    text = query.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"URL option {name} must be an int, got {text!r}") from None
+
+
+def _count(name: str, value: object, *, zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
+        raise ConfigError(f"option {name} must be an int {'>=' if zero else '>'} 0, "
+                          f"got {value!r}")
+    return value
+
+
+def _tls_options(options: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    reqs = options.get("ssl_cert_reqs")
+    if reqs is not None:
+        if reqs not in _CERT_REQS:
+            raise ConfigError(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, "
+                              f"got {reqs!r}")
+        out["ssl_cert_reqs"] = reqs
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if options.get(name) is not None:
+            out[name] = str(options[name])
+    check = options.get("ssl_check_hostname")
+    if isinstance(check, str):
+        if check.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"ssl_check_hostname must be true or false, got {check!r}")
+        check = check.lower() in ("true", "1")
+    if check is not None:
+        out["ssl_check_hostname"] = bool(check)
+    elif reqs == "none":
+        # Checking the name of a certificate nobody verifies cannot work.
+        out["ssl_check_hostname"] = False
+    return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Every option of a :class:`~caf_sharing.backends.redis.RedisBackend`,
+    checked (see its docstring for what each means)."""
+
+    url: str
+    cluster: bool
+    seeds: tuple[Address, ...]
+    coalescing_interval: float
+    max_pending_updates: int
+    max_retries: int
+    retry_delay: float
+    call_timeout: float | None
+    socket_timeout: float | None
+    wait_replicas: int
+    wait_timeout_ms: int
+    max_connections: int
+    read_chunk_size: int
+    health_check_interval: float
+    restart_grace: bool
+    conn_class: type[AbstractConnection]
+    conn_kwargs: dict[str, Any]
+
+    @classmethod
+    def make(cls, target: BackendURL, *,
+             coalescing_interval: float = 0.01, max_pending_updates: int = 20,
+             max_retries: int = 10, retry_delay: float = 0.1,
+             call_timeout: float | None = 3.0, socket_timeout: float | None = 1.0,
+             connect_timeout: float = 1.0,
+             wait_replicas: int | None = None, wait_timeout_ms: int | None = None,
+             max_connections: int = 16, read_chunk_size: int = 1000,
+             health_check_interval: float = 5.0, restart_grace: bool = True,
+             username: str | None = None, password: str | None = None,
+             ssl_cert_reqs: str | None = None, ssl_ca_certs: str | None = None,
+             ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+             ssl_check_hostname: bool | None = None) -> Settings:
+        if target.scheme not in SCHEMES:
+            raise ConfigError(f"RedisBackend cannot use {target.redacted!r}")
+        if not isinstance(restart_grace, bool):
+            raise ConfigError(f"option restart_grace must be true or false, got {restart_grace!r}")
+        _number("connect_timeout", connect_timeout)
+        for name, value in (("username", username), ("password", password)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"option {name} must be a str")
+        tls = target.scheme.startswith("rediss")
+        kwargs: dict[str, Any] = {
+            "db": target.db,
+            "username": username if username is not None else target.username,
+            "password": password if password is not None else target.password,
+            "socket_connect_timeout": connect_timeout,
+            # Retries are ours (max_retries/retry_delay), never redis-py's.
+            "retry": Retry(NoBackoff(), 0),
+            # RESP2: reply shapes the code relies on, pub/sub messages as plain
+            # replies, and no HELLO (servers before 6 do not know it).
+            "protocol": 2,
+            # No socket timeout of their own: a round trip is bounded as a
+            # whole, and pub/sub reads wait as long as they must.
+            "socket_timeout": None,
+        }
+        given_tls = {k: v for k, v in (
+            ("ssl_cert_reqs", ssl_cert_reqs), ("ssl_ca_certs", ssl_ca_certs),
+            ("ssl_certfile", ssl_certfile), ("ssl_keyfile", ssl_keyfile),
+            ("ssl_check_hostname", ssl_check_hostname)) if v is not None}
+        if tls:
+            kwargs.update(_tls_options({**target.options, **given_tls}))
+        elif given_tls:
+            raise ConfigError(f"TLS options {', '.join(sorted(given_tls))} need a rediss:// "
+                              f"URL, not {target.redacted!r}")
+        conn_class: type[AbstractConnection]
+        seeds: tuple[Address, ...]
+        if target.scheme == "unix":
+            conn_class = UnixDomainSocketConnection
+            assert target.path is not None
+            seeds = (target.path,)
+        else:
+            conn_class = SSLConnection if tls else Connection
+            kwargs["socket_keepalive"] = True
+            assert target.host is not None and target.port is not None
+            seeds = target.hosts or ((target.host, target.port),)
+        return cls(
+            url=target.redacted,
+            cluster=target.scheme.endswith("+cluster"),
+            seeds=seeds,
+            coalescing_interval=_number("coalescing_interval", coalescing_interval, zero=True),
+            max_pending_updates=_count("max_pending_updates", max_pending_updates),
+            max_retries=_count("max_retries", max_retries, zero=True),
+            retry_delay=_number("retry_delay", retry_delay, zero=True),
+            call_timeout=None if call_timeout is None
+            else _number("call_timeout", call_timeout),
+            socket_timeout=None if socket_timeout is None
+            else _number("socket_timeout", socket_timeout),
+            wait_replicas=_count("wait_replicas", _query_int(
+                "wait_replicas", wait_replicas, target.options, 0), zero=True),
+            wait_timeout_ms=_count("wait_timeout_ms", _query_int(
+                "wait_timeout_ms", wait_timeout_ms, target.options, 1000)),
+            max_connections=_count("max_connections", max_connections),
+            read_chunk_size=_count("read_chunk_size", read_chunk_size),
+            health_check_interval=_number("health_check_interval", health_check_interval,
+                                          zero=True),
+            restart_grace=restart_grace,
+            conn_class=conn_class,
+            conn_kwargs=kwargs)
+
+    def connector(self, address: Address) -> Callable[[], AbstractConnection]:
+        """What opens a new connection to the server at ``address``."""
+        kwargs = dict(self.conn_kwargs)
+        if isinstance(address, str):
+            kwargs["path"] = address
+        else:
+            kwargs["host"], kwargs["port"] = address
+        conn_class = self.conn_class
+        return lambda: conn_class(**kwargs)
