@@ -5,6 +5,11 @@
   free port. Without a redis-server binary the tests that need it are
   skipped — or fail when the environment variable CI is "true", so CI never
   passes by skipping them.
+* ``redis_cluster`` (session): a :class:`tests.rediscluster.RedisCluster` of
+  3 masters, no replicas (also needs redis-cli). Tests share it and may
+  migrate slots, so they ask it who owns a slot; they must not kill nodes.
+* ``cluster6``: 3 masters with a replica each, fresh for the test, which may
+  fail over, kill or freeze nodes.
 * ``backend_kind``: parametrizes a test over ``"memory"`` and ``"redis"``.
 * ``backend_factory``: ``await backend_factory(kind, **options)`` returns a
   new started backend; all backends of one test share one store (a unique
@@ -26,6 +31,7 @@ from typing import Any
 import pytest
 
 from caf_sharing.backends import Backend, MemoryStore, make_backend
+from rediscluster import RedisCluster, find_redis_cli
 from redisserver import RedisServer, find_redis_server
 
 BACKEND_KINDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
@@ -41,13 +47,22 @@ async def until_version(handle: Any, version: int, timeout: float = 15.0) -> Any
             await asyncio.sleep(0.005)
 
 
-def require_redis_server() -> None:
-    """Skip the calling test when redis-server is missing (fail under CI)."""
-    if find_redis_server() is None:
-        reason = "redis-server is not on PATH (Debian: apt-get install redis-server)"
+def _require(found: str | None, reason: str) -> None:
+    if found is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}; CI must run the Redis tests")
         pytest.skip(reason)
+
+
+def require_redis_server() -> None:
+    """Skip the calling test when redis-server is missing (fail under CI)."""
+    _require(find_redis_server(),
+             "redis-server is not on PATH (Debian: apt-get install redis-server)")
+
+
+def require_redis_cli() -> None:
+    """Skip the calling test when redis-cli is missing (fail under CI)."""
+    _require(find_redis_cli(), "redis-cli is not on PATH (Debian: apt-get install redis-tools)")
 
 
 @pytest.fixture
@@ -66,6 +81,22 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    require_redis_server()
+    require_redis_cli()
+    with RedisCluster(masters=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster6() -> Iterator[RedisCluster]:
+    require_redis_server()
+    require_redis_cli()
+    with RedisCluster(masters=3, replicas_per_master=1) as cluster:
+        yield cluster
 
 
 @pytest.fixture(params=BACKEND_KINDS)
