@@ -58,9 +58,11 @@ RETRYABLE = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 FATAL = (rexc.AuthenticationError, rexc.AuthorizationError)
 #: Replies after which a command is sent again, after a pause, unchanged.
 _WAIT_AND_RETRY = (rexc.TryAgainError, rexc.ClusterDownError)
-#: The most redirections one command follows in one call (a slot moving
-#: back and forth; a cluster whose nodes disagree for good).
-_MAX_REDIRECTS = 16
+#: The most redirections one command follows in one call (a cluster whose
+#: nodes disagree for good), and how many it follows at once before pausing
+#: ``retry_delay`` between two (nodes disagree for a moment in a failover).
+_MAX_REDIRECTS = 64
+_EAGER_REDIRECTS = 2
 #: The slowest a healthy server takes in a request (reading and running it
 #: included), bytes per second: a 60 MB commit creating a 1M-key map took
 #: 2-3 s on a loaded 2-core machine, about 20 MB/s.
@@ -274,6 +276,9 @@ class Router:
             return await self._exchange(server, parts, timeout)
         except (*RETRYABLE, *FATAL, BackendError) as exc:
             return exc
+        except rexc.ResponseError as exc:
+            # Raised, not replied: opening the connection failed (SELECT, AUTH).
+            return BackendError(f"Redis at {server.name} refused the connection: {exc}")
 
     async def call(self, commands: Sequence[Command], owners: Sequence[str] | str, what: str,
                    *, tail: Sequence[Command] = (), extra: float = 0.0,
@@ -354,7 +359,8 @@ class Router:
                                 f"Redis Cluster at {self.url}: {what}: still redirected "
                                 f"after {_MAX_REDIRECTS} tries ({reply})")
                         again.append(i)
-                        pause = pause or isinstance(reply, _WAIT_AND_RETRY)
+                        pause = pause or isinstance(reply, _WAIT_AND_RETRY) \
+                            or redirects[i] > _EAGER_REDIRECTS
                         refresh = refresh or isinstance(reply, rexc.MovedError)
                         continue
                     routed.replies[i] = reply
