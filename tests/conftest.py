@@ -10,7 +10,8 @@
   migrate slots, so they ask it who owns a slot; they must not kill nodes.
 * ``cluster6``: 3 masters with a replica each, fresh for the test, which may
   fail over, kill or freeze nodes.
-* ``backend_kind``: parametrizes a test over ``"memory"`` and ``"redis"``.
+* ``backend_kind``: parametrizes a test over ``"memory"``, ``"redis"`` and
+  ``"cluster"`` (the shared ``redis_cluster``).
 * ``backend_factory``: ``await backend_factory(kind, **options)`` returns a
   new started backend; all backends of one test share one store (a unique
   ``memory://`` name, or a unique ``app`` namespace on the shared Redis), so
@@ -34,7 +35,8 @@ from caf_sharing.backends import Backend, MemoryStore, make_backend
 from rediscluster import RedisCluster, find_redis_cli
 from redisserver import RedisServer, find_redis_server
 
-BACKEND_KINDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+BACKEND_KINDS = ["memory", pytest.param("redis", marks=pytest.mark.redis),
+                 pytest.param("cluster", marks=pytest.mark.redis)]
 
 
 async def until_version(handle: Any, version: int, timeout: float = 15.0) -> Any:
@@ -121,6 +123,9 @@ class BackendFactory:
         if kind == "redis":
             server: RedisServer = self._request.getfixturevalue("redis_server")
             return server.url
+        if kind == "cluster":
+            cluster: RedisCluster = self._request.getfixturevalue("redis_cluster")
+            return cluster.url
         raise ValueError(f"unknown backend kind {kind!r}")
 
     async def __call__(self, kind: str, **options: Any) -> Backend:

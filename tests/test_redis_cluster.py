@@ -21,7 +21,12 @@ import pytest
 from caf_sharing import Actor, Node
 from caf_sharing.backends import MapWrite, make_backend
 from caf_sharing.backends.redis import RedisBackend
-from caf_sharing.errors import BackendUnavailableError, ConfigError, ShardUnavailableError
+from caf_sharing.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    DurabilityError,
+    ShardUnavailableError,
+)
 from conftest import require_redis_cli, require_redis_server
 from rediscluster import RedisCluster
 from redisserver import RedisServer
@@ -116,8 +121,8 @@ class Committer:
                 await self.backend.commit(tx(
                     txid, prev=prev, actor=self.actor, ttl=30.0,
                     writes=[MapWrite(self.map, changes(self.version, {"n": self.version + 1}))]))
-            except BackendUnavailableError as exc:
-                # Ambiguous: the retry with the same txid tells (False: it landed).
+            except (BackendUnavailableError, DurabilityError) as exc:
+                # Ambiguous: retried with the same txid (False: it had landed).
                 self.errors.append(exc)
                 continue
             self.version += 1
@@ -391,3 +396,64 @@ async def test_one_shard_down_fails_only_its_own_actors() -> None:
             assert info.value.partial == []  # the others renewed; none lost
         finally:
             await made.close()
+
+
+async def test_a_lost_pubsub_connection_resyncs_only_its_shards_maps(
+        redis_cluster: RedisCluster, backends: Backends) -> None:
+    actors = actors_on_every_shard(redis_cluster, 1, f"p{uuid.uuid4().hex[:4]}")
+    writer = await backends()
+    reader = await backends()
+    inboxes = {a: Inbox() for a in actors}
+    missed: list[Sequence[str]] = []
+    reader.add_reconnect_listener(missed.append)
+    for actor in actors:
+        await writer.acquire_lease(actor, NODE, 30.0)
+        await writer.create_map(f"{actor}-m")
+        await reader.subscribe(f"{actor}-m", inboxes[actor])
+    cut = shard_of(redis_cluster, actors[0])
+    with redis_cluster.client(cut) as client:
+        assert client.execute_command("CLIENT", "KILL", "TYPE", "pubsub") == 1
+    async with asyncio.timeout(10):
+        while not missed:
+            await asyncio.sleep(0.01)
+    assert missed == [[f"{actors[0]}-m"]]
+    for actor in actors:
+        await writer.commit(tx(f"{actor}-0", actor=actor, ttl=30.0,
+                               writes=[MapWrite(f"{actor}-m", changes(0, {"n": 1}))]))
+    for actor in actors:
+        assert inboxes[actor].versions() == [1] or await inboxes[actor].wait_for(1)
+
+
+async def test_an_unplanned_failover_keeps_what_replicas_acknowledged(
+        cluster6: RedisCluster) -> None:
+    made = Backends(cluster6)
+    try:
+        # The promotion takes the node timeout (2 s) and an election: give
+        # each commit longer than that, as a deployment sized for it would.
+        writer = await made(wait_replicas=1, wait_timeout_ms=500, call_timeout=8.0,
+                            max_retries=100)
+        actor = "crash-app"
+        committer = Committer(writer, actor)
+        await committer.setup()
+        committer.start()
+        await committer.wait_for(20)
+        slot = cluster6.key_slot(actor)
+        primary = cluster6.node_for_slot(slot)
+        cluster6.kill(primary)
+        await asyncio.to_thread(cluster6.wait_ready, 20.0)
+        assert cluster6.node_for_slot(slot).port != primary.port
+        # The promoted replica has no replica of its own: no commit is
+        # acknowledged until the old primary is back, as its replica.
+        before = len(committer.acked)
+        await asyncio.sleep(0.5)
+        assert len(committer.acked) == before
+        await asyncio.to_thread(cluster6.restart, primary)
+        await committer.wait_for(before + 20, timeout=30)
+        await committer.stop()
+        reader = await made()
+        stored = as_dict(await reader.read_map(committer.map))
+        # Every commit WAIT confirmed on a replica survived the crash.
+        assert stored["n"] == committer.version
+        assert committer.acked == list(range(1, committer.version + 1))
+    finally:
+        await made.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import orjson
 import pytest
@@ -14,7 +15,9 @@ from caf_sharing.aggregate import DEFAULT_RETRY_DELAYS
 from caf_sharing.backends import Backend, MapCreate
 from caf_sharing.backends.redis.codec import Keys
 from caf_sharing.errors import MapNotFoundError
+from caf_sharing.names import map_owner
 from caf_sharing.service import MAX_BUFFERED_BYTES, SharingService, txid_of
+from rediscluster import RedisCluster
 
 
 class Stay:
@@ -77,17 +80,30 @@ async def until(predicate, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.005)
 
 
-async def publish_raw(backend: Backend, name: str, payload: bytes, redis_server=None) -> None:
+def raw_target(request: pytest.FixtureRequest, backend_kind: str) -> Any:
+    """Where a hostile peer publishes for ``backend_kind``: None (memory), the
+    shared server or the shared cluster."""
+    if backend_kind == "memory":
+        return None
+    return request.getfixturevalue("redis_server" if backend_kind == "redis"
+                                    else "redis_cluster")
+
+
+async def publish_raw(backend: Backend, name: str, payload: bytes, target: Any = None) -> None:
     """Put bytes on a map's channel by hand, as a faulty or hostile peer would."""
-    if redis_server is None:
+    if target is None:
         backend._publish(name, payload)  # type: ignore[attr-defined]
+        return
+    channel = Keys(backend.app).channel(name)
+    if isinstance(target, RedisCluster):  # the channel's shard
+        client = target.client(target.node_for_slot(target.key_slot(map_owner(name))))
     else:
-        client = redis_server.client()
-        try:
-            # Redis 7 and clusters carry change sets on sharded channels.
-            await asyncio.to_thread(client.spublish, Keys(backend.app).channel(name), payload)  # type: ignore[attr-defined]
-        finally:
-            client.close()
+        client = target.client()
+    try:
+        # Redis 7 and clusters carry change sets on sharded channels.
+        await asyncio.to_thread(client.spublish, channel, payload)
+    finally:
+        client.close()
 
 
 @pytest.fixture
@@ -174,7 +190,7 @@ async def test_subscribe_then_read_leaves_no_window(pair) -> None:
 async def test_malformed_message_is_counted_and_resynced(pair, backend_kind, garbage,
                                                          request) -> None:
     wsvc, rsvc = pair
-    server = request.getfixturevalue("redis_server") if backend_kind == "redis" else None
+    server = raw_target(request, backend_kind)
     writer = Writer(wsvc, "alice-admin", "alice-admin-m")
     await writer.create(a=1)
     replica = await rsvc.replica_of("alice-admin-m")
@@ -187,7 +203,7 @@ async def test_malformed_message_is_counted_and_resynced(pair, backend_kind, gar
 
 async def test_gap_triggers_resync(pair, backend_kind, request) -> None:
     wsvc, rsvc = pair
-    server = request.getfixturevalue("redis_server") if backend_kind == "redis" else None
+    server = raw_target(request, backend_kind)
     writer = Writer(wsvc, "alice-admin", "alice-admin-m")
     await writer.create(a=1)
     replica = await rsvc.replica_of("alice-admin-m")
@@ -236,7 +252,7 @@ async def test_aggregate_best_effort_and_release(pair) -> None:
 async def test_forged_change_set_is_undone_by_the_real_commit(pair, backend_kind,
                                                               request) -> None:
     wsvc, rsvc = pair
-    server = request.getfixturevalue("redis_server") if backend_kind == "redis" else None
+    server = raw_target(request, backend_kind)
     writer = Writer(wsvc, "alice-admin", "alice-admin-m")
     await writer.create(a=1)
     replica = await rsvc.replica_of("alice-admin-m")
@@ -332,7 +348,7 @@ FORGERIES = {
 async def test_a_forged_message_never_moves_a_replica(pair, backend_kind, request,
                                                       forge) -> None:
     wsvc, rsvc = pair
-    server = request.getfixturevalue("redis_server") if backend_kind == "redis" else None
+    server = raw_target(request, backend_kind)
     writer = Writer(wsvc, "alice-admin", "alice-admin-m")
     await writer.create(a=1)
     v = await writer.write(a=2)
