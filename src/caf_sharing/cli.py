@@ -1,5 +1,9 @@
 """The ``caf-sharing`` command: ``demo``, ``inspect`` and ``watch`` (and ``--version``).
 
+Every command takes any backend URL, a Redis Cluster's
+(``redis+cluster://host:port,...``) included; on a cluster the demo spreads
+its actors over the shards and says where each landed.
+
 Errors the user can act on (an unreachable backend, a map that does not
 exist, a bad option) print as one line on stderr with exit status 2; a demo
 that observed a violated guarantee exits with status 1.
@@ -47,15 +51,17 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="run the hello-world scenario and check the guarantees",
         description="An admin actor increments a counter in its map; reader actors on "
                     "another node replicate it. Prints propagation latency and checks "
-                    "monotonic reads, readers isolation and convergence.")
+                    "monotonic reads, readers isolation and convergence. On a Redis "
+                    "Cluster the actors spread over the shards.")
     demo.add_argument("--backend", default=os.environ.get(URL_VARIABLE) or DEFAULT_BACKEND,
-                      help=f"backend URL (default: ${URL_VARIABLE}, else {DEFAULT_BACKEND}, "
-                           "in-process, no server)")
+                      help=f"backend URL, e.g. redis://host:6379/0 or "
+                           f"redis+cluster://host1:port1,host2:port2 (default: ${URL_VARIABLE}, "
+                           f"else {DEFAULT_BACKEND}, in-process, no server)")
     demo.add_argument("--readers", type=_positive, default=4, help="reader actors (default 4)")
     demo.add_argument("--commits", type=_positive, default=200,
                       help="counter increments (default 200)")
     demo.add_argument("--processes", type=_non_negative, default=0,
-                      help="run the readers in K child processes (needs redis://)")
+                      help="run the readers in K child processes (needs a Redis backend)")
     demo.add_argument("--interval", type=float, default=1.0,
                       help="milliseconds between commits (default 1)")
     demo.add_argument("--app", default=None, help="application namespace (default: random)")
@@ -88,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
 def _backend_args(parser: argparse.ArgumentParser) -> None:
     from_env = os.environ.get(URL_VARIABLE)
     parser.add_argument("--backend", required=not from_env, default=from_env,
-                        help=f"backend URL, e.g. redis://host:6379/0 (default: ${URL_VARIABLE}; "
-                             "it keeps a password off the command line)")
+                        help="backend URL, e.g. redis://host:6379/0 or "
+                             "redis+cluster://host1:port1,host2:port2 (default: "
+                             f"${URL_VARIABLE}; it keeps a password off the command line)")
     parser.add_argument("--app", default="default", help="application namespace "
                                                          "(default: %(default)s)")
 

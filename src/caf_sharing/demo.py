@@ -14,6 +14,10 @@ It runs on ``memory://`` (two nodes sharing one in-process store) with no
 server, or on Redis, where ``--processes K`` moves the readers into K child
 processes. The children read the backend URL from stdin: on their command
 line, ``ps`` would show its password to every user of the machine.
+
+On a Redis Cluster the readers' names are picked so that the actors spread
+over the shards (an actor's keys live on the primary of its name's slot),
+and the table says which shard each landed on.
 """
 
 from __future__ import annotations
@@ -27,16 +31,29 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, runtime_checkable
 
 from .backends import redact_url
 from .node import Actor, Node
 
-__all__ = ["DemoResult", "run_demo", "run_reader_process"]
+__all__ = ["DemoResult", "reader_names", "run_demo", "run_reader_process"]
 
 OWNER = "alice"
+ADMIN = f"{OWNER}-admin"
 MAP = "counter"
-MAP_NAME = f"{OWNER}-admin-{MAP}"
+MAP_NAME = f"{ADMIN}-{MAP}"
+#: Reader names tried per reader when spreading the readers over shards.
+CANDIDATES_PER_READER = 64
+
+
+@runtime_checkable
+class _Sharded(Protocol):
+    """A backend that can say which server holds an actor's keys."""
+
+    @property
+    def cluster(self) -> bool: ...
+
+    def shard_of(self, actor: str) -> str: ...
 
 
 class Admin(Actor):
@@ -96,6 +113,8 @@ class DemoResult:
     committed_values: dict[int, int]
     readers: list[ReaderReport]
     problems: list[str] = field(default_factory=list)
+    #: On a cluster, the shard (host:port) of each actor, the admin included.
+    shards: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -139,23 +158,31 @@ class DemoResult:
 
     def table(self) -> str:
         lat = self.latencies()
-        rows = [
-            f"backend          {self.backend}",
+        rows = [f"backend          {self.backend}"]
+        if self.shards:
+            rows += [f"writer           {ADMIN} on {self.shards.get(ADMIN, '?')}",
+                     f"shards           {len(self.shards)} actors on "
+                     f"{len(set(self.shards.values()))} shards"]
+        rows += [
             f"commits          {self.commits} in {self.seconds:.2f}s "
             f"({self.commits / self.seconds if self.seconds else 0:.0f}/s)",
             "propagation      "
             + (f"p50 {_pct(lat, 50) * 1e3:.2f} ms, p99 {_pct(lat, 99) * 1e3:.2f} ms "
                f"over {len(lat)} first sightings" if lat else "no samples"),
             "",
-            f"{'reader':<18}{'reads':>8}{'versions seen':>15}{'last':>7}  monotonic  isolated",
         ]
+        header = f"{'reader':<18}{'reads':>8}{'versions seen':>15}{'last':>7}  monotonic  isolated"
+        rows.append(header + ("  shard" if self.shards else ""))
         for r in self.readers:
             versions = {v for v, _, _ in r.samples}
             last = r.samples[-1][0] if r.samples else "-"
             mono = all(a[0] <= b[0] for a, b in zip(r.samples, r.samples[1:], strict=False))
-            rows.append(f"{r.name:<18}{len(r.samples):>8}{len(versions):>15}{last!s:>7}  "
-                        f"{'yes' if mono else 'NO':<9}  "
-                        f"{'yes' if not r.isolation_violations else 'NO'}")
+            row = (f"{r.name:<18}{len(r.samples):>8}{len(versions):>15}{last!s:>7}  "
+                   f"{'yes' if mono else 'NO':<9}  "
+                   f"{'yes' if not r.isolation_violations else 'NO'}")
+            if self.shards:
+                row = f"{row:<{len(header)}}  {self.shards.get(r.name, '?')}"
+            rows.append(row)
         rows.append("")
         rows.append("all guarantees held" if self.ok else "VIOLATIONS:\n  " +
                     "\n  ".join(self.problems))
@@ -165,6 +192,35 @@ class DemoResult:
 def _pct(values: list[float], pct: float) -> float:
     index = min(len(values) - 1, max(0, round(pct / 100 * (len(values) - 1))))
     return values[index]
+
+
+def reader_names(count: int, shard_of: Callable[[str], str] | None = None) -> list[str]:
+    """The readers' names, ``alice-reader1`` to ``alice-reader<count>``; given
+    ``shard_of`` (a cluster), names among ``alice-reader<n>`` picked to put
+    the readers on the shards in turn, those the admin is not on first."""
+    if shard_of is None:
+        return [f"{OWNER}-reader{i + 1}" for i in range(count)]
+    # Shards no candidate name falls on are missed: with even slot ranges,
+    # 64 names per reader reach every one of a few hundred shards.
+    by_shard: dict[str, list[str]] = {shard_of(ADMIN): []}
+    for i in range(count * CANDIDATES_PER_READER):
+        name = f"{OWNER}-reader{i + 1}"
+        by_shard.setdefault(shard_of(name), []).append(name)
+    admin_shard, *others = by_shard.values()
+    turns = [*others, admin_shard]
+    chosen: list[str] = []
+    while len(chosen) < count:
+        for names in turns:
+            if names and len(chosen) < count:
+                chosen.append(names.pop(0))
+    return sorted(chosen, key=lambda name: int(name.removeprefix(f"{OWNER}-reader")))
+
+
+def _shard_lookup(backend: object) -> Callable[[str], str] | None:
+    """``backend.shard_of`` when the backend is a cluster, else ``None``."""
+    if isinstance(backend, _Sharded) and backend.cluster:
+        return backend.shard_of
+    return None
 
 
 async def _read_until(node: Node, names: list[str], last_version: Callable[[], int | None],
@@ -199,14 +255,15 @@ async def run_demo(backend: str = "memory://", *, readers: int = 4, commits: int
     if backend.rstrip("/") == "memory:":
         backend = f"memory://demo-{uuid.uuid4().hex[:8]}"
     app = app or f"demo-{uuid.uuid4().hex[:8]}"
-    names = [f"{OWNER}-reader{i + 1}" for i in range(readers)]
     commit_times: dict[int, float] = {}
     values: dict[int, int] = {}
     done: dict[str, int] = {}
     deadline = time.monotonic() + timeout
 
     async with Node(backend, app=app, node_id="demo-writer") as writer:
-        admin = await writer.start(Admin, f"{OWNER}-admin")
+        shard_of = _shard_lookup(writer.backend)
+        names = reader_names(readers, shard_of)
+        admin = await writer.start(Admin, ADMIN)
         async with Node(backend, app=app, node_id="demo-readers") as reading:
             children: list[subprocess.Popen[str]] = []
             if processes:
@@ -229,7 +286,9 @@ async def run_demo(backend: str = "memory://", *, readers: int = 4, commits: int
             done["last"] = max(values)
             reports = await reader_task
             reports += await asyncio.to_thread(_collect_children, children, timeout)
-    result = DemoResult(redact_url(backend), commits, seconds, commit_times, values, reports)
+        shards = {} if shard_of is None else {name: shard_of(name) for name in [ADMIN, *names]}
+    result = DemoResult(redact_url(backend), commits, seconds, commit_times, values, reports,
+                        shards=shards)
     result.check()
     return result
 

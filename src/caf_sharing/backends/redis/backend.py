@@ -170,6 +170,11 @@ class RedisBackend:
         """Whether this backend talks to a Redis Cluster."""
         return self._router.cluster
 
+    def shard_of(self, actor: str) -> str:
+        """``host:port`` (or socket path) of the server that holds ``actor``'s
+        keys: on a cluster, the primary of its slot as last learned."""
+        return self._router.server_for(actor).name
+
     def _check_open(self) -> None:
         check_open(self.url, self.app, self._started, self._closed)
 
