@@ -13,10 +13,10 @@ Replica acknowledgement: with ``wait_replicas=N`` every commit round trip
 ends with ``WAIT N wait_timeout_ms`` on the same connection, so one WAIT
 covers the whole batch. A commit is acknowledged only when WAIT counts N
 replicas; short of that it raises :class:`DurabilityError` (the primary holds
-it, a failover may lose it). A PUBLISH to an unwatched channel goes just
-before the WAIT: WAIT only covers what its own connection wrote, and a commit
-that landed in an earlier attempt (a lost reply) writes nothing the second
-time, yet must be covered too. Only commits wait: the runtime writes through
+it, a failover may lose it). A write of a short-lived key goes just before
+the WAIT: WAIT only covers what its own connection wrote, and a commit that
+landed in an earlier attempt (a lost reply) writes nothing the second time,
+yet must be covered too. Only commits wait: the runtime writes through
 commits alone; ``create_map``, ``delete_map`` and leases do not.
 
 At start the backend warns (once) when a server's ``maxmemory-policy`` is
@@ -149,11 +149,7 @@ class RedisBackend:
         self.url = settings.url
         self.app = check_app(app)
         self._keys = Keys(self.app)
-        #: Ends every commit round trip when wait_replicas is set: a write of
-        #: this connection's own (see the module docstring), then WAIT.
-        self._wait_tail: tuple[Command, ...] = () if not settings.wait_replicas else (
-            ("PUBLISH", f"caf:{self.app}:wait", ""),
-            ("WAIT", settings.wait_replicas, settings.wait_timeout_ms))
+        self._wait_tail = self._wait if settings.wait_replicas else None
         self._router = Router(settings)
         self._pubsub = PubSub(self._router, settings)
         self._committers: dict[Server, GroupCommit] = {}
@@ -436,7 +432,7 @@ class RedisBackend:
         try:
             routed = await self._router.call(
                 [p.command for p in batch], [p.tx.actor for p in batch], "commit", tail=tail,
-                extra=self.settings.wait_timeout_ms / 1000 if tail else 0.0)
+                extra=self.settings.wait_timeout_ms / 1000 if tail is not None else 0.0)
         except Exception as exc:
             # One exception object each: raised in several tasks, a shared one
             # would pile their tracebacks up.
@@ -458,11 +454,21 @@ class RedisBackend:
                     continue
                 try:
                     outcome = commit_outcome(self.url, pending.tx, reply)
-                    if tail:
+                    if tail is not None:
                         self._check_replicated(pending.tx, routed.tails[i][-1])
                     pending.future.set_result(outcome)
                 except SharingError as error:
                     pending.future.set_exception(error)
+
+    def _wait(self, owner: str) -> tuple[Command, ...]:
+        """What ends a commit round trip with wait_replicas: a write of this
+        connection's own, then WAIT (see the module docstring). The write is
+        to a key of the slot of ``owner``, an actor of the round trip, so that
+        it runs on that shard; PUBLISH would not do on a cluster, where it
+        travels over the cluster bus, not the replication stream WAIT
+        counts."""
+        return (("SET", self._keys.actor(owner, "wait"), "", "PX", self.settings.wait_timeout_ms),
+                ("WAIT", self.settings.wait_replicas, self.settings.wait_timeout_ms))
 
     def _check_replicated(self, tx: EncodedTransaction, confirmed: Any) -> None:
         """Raise DurabilityError unless the batch's WAIT counted enough replicas."""

@@ -9,6 +9,7 @@ included, share a slot and one script call can touch them all)::
     caf:<app>:{<actor>}:cp            hash: "txid", "blob" (the checkpoint JSON)
     caf:<app>:{<actor>}:recent        list: earlier txids, newest first (retried commits)
     caf:<app>:{<actor>}:lease         string: node id, with a TTL
+    caf:<app>:{<actor>}:wait          string: written before a WAIT, expires with it
     caf:<app>:{<owner>}:lineage       hash: map name -> txid that made its version
     caf:<app>:{<owner>}:map:<name>    hash: "__ca_version__" -> int, key -> JSON value
     caf:<app>:{<owner>}:chan:<name>   (sharded) pub/sub channel of the map's change sets

@@ -281,13 +281,15 @@ class Router:
             return BackendError(f"Redis at {server.name} refused the connection: {exc}")
 
     async def call(self, commands: Sequence[Command], owners: Sequence[str] | str, what: str,
-                   *, tail: Sequence[Command] = (), extra: float = 0.0,
+                   *, tail: Callable[[str], Sequence[Command]] | None = None,
+                   extra: float = 0.0,
                    partial: bool = False, to: Server | None = None) -> Routed:
         """Send ``commands`` (``owners[i]``: the actor whose keys command i
         touches; one str for all) and return their replies, a command that
         failed in Redis giving its ResponseError. ``to`` sends them all to
-        that server instead (keyless commands). ``tail`` ends every round
-        trip (the WAIT of commits). ``extra``: seconds more per attempt.
+        that server instead (keyless commands). ``tail(owner)`` ends every
+        round trip, given the owner of one of the round trip's commands (the
+        WAIT of commits). ``extra``: seconds more per attempt.
 
         Past the retries, a server's failure raises
         :class:`BackendUnavailableError`; with ``partial``, its commands get
@@ -297,13 +299,14 @@ class Router:
             raise BackendUnavailableError(f"backend {self.url} is closed")
         settings = self._settings
         parts = [hiredis.pack_command(c) for c in commands]
-        tail_parts = [hiredis.pack_command(c) for c in tail]
-        extra += allowance(sum(map(len, parts)) + sum(map(len, tail_parts)))
+        extra += allowance(sum(map(len, parts)))
         timeout = None if settings.socket_timeout is None else settings.socket_timeout + extra
         deadline = None if settings.call_timeout is None \
             else time.monotonic() + settings.call_timeout + extra
         count = len(commands)
-        routed = Routed([None] * count, [()] * count if tail else [])
+        routed = Routed([None] * count, [()] * count if tail is not None else [])
+        owner_of: Callable[[int], str] = (lambda _: owners) if isinstance(owners, str) \
+            else owners.__getitem__
         todo: Sequence[int] = range(count)
         asking: dict[int, Server] = {}
         redirects = [0] * count
@@ -311,8 +314,7 @@ class Router:
         while True:
             groups: dict[Server, list[int]] = {}
             for i in todo:
-                target = to or asking.get(i) or self.server_for(
-                    owners if isinstance(owners, str) else owners[i])
+                target = to or asking.get(i) or self.server_for(owner_of(i))
                 groups.setdefault(target, []).append(i)
             limit = timeout
             if deadline is not None:
@@ -325,7 +327,9 @@ class Router:
                     if i in asking:
                         sent.append(_ASKING)
                     sent.append(parts[i])
-                sends.append((server, indices, [*sent, *tail_parts]))
+                if tail is not None:
+                    sent.extend(map(hiredis.pack_command, tail(owner_of(indices[0]))))
+                sends.append((server, indices, sent))
             if len(sends) == 1:
                 results = [await self._attempt(sends[0][0], sends[0][2], limit)]
             else:
@@ -347,6 +351,7 @@ class Router:
                     refresh = self.cluster
                     continue
                 body = iter(result)
+                answered: list[int] = []
                 for i in indices:
                     if asking.pop(i, None) is not None:
                         next(body)  # ASKING's own OK
@@ -364,8 +369,11 @@ class Router:
                         refresh = refresh or isinstance(reply, rexc.MovedError)
                         continue
                     routed.replies[i] = reply
-                    if tail:
-                        routed.tails[i] = result[len(result) - len(tail):]
+                    answered.append(i)
+                if tail is not None:
+                    tail_replies = list(body)  # what is left: the tail's
+                    for i in answered:
+                        routed.tails[i] = tail_replies
             if not again:
                 return routed
             todo = again
