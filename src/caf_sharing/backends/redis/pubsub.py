@@ -195,7 +195,7 @@ class _Link:
                         channel.fail(self.down)
                 if self.hub.router.cluster:
                     # A replica may have taken over: channels move to it.
-                    await self.hub.rehome()
+                    await self.hub.relocate()
                     if not self.channels:
                         return
                 await asyncio.sleep(self._delay(failures))
@@ -219,7 +219,7 @@ class _Link:
                 await conn.disconnect(nowait=True)
             lost = True
             if self.hub.router.cluster:
-                await self.hub.rehome()
+                await self.hub.relocate()
                 if not self.channels:
                     return
 
@@ -426,19 +426,27 @@ class PubSub:
     async def _move(self, refresh: bool) -> None:
         if refresh:
             await asyncio.sleep(self.settings.retry_delay)
-            try:
-                await self.router.refresh()
-            except BackendUnavailableError as exc:
-                _log.warning("%s", exc)
-        await self.rehome()
+            moved = await self.relocate()
+        else:
+            moved = await self.rehome()
         # Channels pushed out that still map to the same server: the slot map
         # was not updated yet; subscribe them again there.
-        stale = [c for c in self._channels.values() if c.missed and not c.active]
+        stale = [c for c in self._channels.values()
+                 if c.missed and not c.active and c not in moved]
         for link in {id(c.link): c.link for c in stale}.values():
             await link.subscribe([c for c in stale if c.link is link])
 
-    async def rehome(self) -> None:
-        """Move every channel to the link of its slot's current owner."""
+    async def relocate(self) -> set[_Channel]:
+        """Read the slot map again, then :meth:`rehome`."""
+        try:
+            await self.router.refresh()
+        except BackendUnavailableError as exc:
+            _log.warning("%s", exc)
+        return await self.rehome()
+
+    async def rehome(self) -> set[_Channel]:
+        """Move every channel to the link of its slot's current owner; the
+        channels moved."""
         moved: dict[_Link, list[_Channel]] = {}
         for channel in list(self._channels.values()):
             owner = self.router.server_for(_owner(channel.key))
@@ -465,6 +473,7 @@ class PubSub:
             if not link.channels:
                 del self._links[server]
                 await link.stop()
+        return {c for channels in moved.values() for c in channels}
 
     async def close(self) -> None:
         self._closed = True
