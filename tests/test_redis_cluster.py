@@ -22,6 +22,7 @@ from caf_sharing import Actor, Node
 from caf_sharing.backends import MapWrite, make_backend
 from caf_sharing.backends.redis import RedisBackend
 from caf_sharing.errors import (
+    ActorStoppedError,
     BackendUnavailableError,
     ConfigError,
     DurabilityError,
@@ -457,3 +458,37 @@ async def test_an_unplanned_failover_keeps_what_replicas_acknowledged(
         assert committer.acked == list(range(1, committer.version + 1))
     finally:
         await made.close()
+
+
+async def test_a_node_keeps_renewing_the_leases_on_the_live_shards() -> None:
+    require_redis_server()
+    require_redis_cli()
+    with RedisCluster(masters=3, extra_args=(
+            "--cluster-require-full-coverage", "no")) as cluster:
+        app = f"c{uuid.uuid4().hex[:12]}"
+        actors = actors_on_every_shard(cluster, 1, "r")
+        async with Node(cluster.url, app=app, lease_ttl=1.0, max_retries=1,
+                        call_timeout=0.5, restart_grace=False) as node:
+            handles = [await node.start(Counter, a) for a in actors]
+            for handle in handles:
+                await handle.call("bump")
+            cluster.kill(shard_of(cluster, actors[0]))
+            # Three lease lifetimes: only renewals keep the others' leases.
+            await asyncio.sleep(3.0)
+            for actor in actors[1:]:
+                with cluster.client(shard_of(cluster, actor)) as client:
+                    key = f"caf:{app}:{{{actor}}}:lease"
+                    assert client.get(key) == node.node_id.encode()
+                    assert client.pttl(key) > 0
+            for handle in handles[1:]:
+                assert await handle.call("bump") == 2
+            with pytest.raises(BackendUnavailableError):
+                await handles[0].call("bump")
+            # Another node takes an actor of a live shard: this node learns it
+            # at its next renewal, shard down or not, and stops the actor.
+            with cluster.client(shard_of(cluster, actors[1])) as client:
+                client.set(f"caf:{app}:{{{actors[1]}}}:lease", "intruder", px=30_000)
+            await asyncio.sleep(1.0)
+            with pytest.raises(ActorStoppedError):
+                await handles[1].call("bump")
+            assert await handles[2].call("bump") == 3

@@ -338,6 +338,7 @@ class Router:
             again: list[int] = []
             pause = refresh = False
             failure: BaseException | None = None
+            failed_on: Server | None = None
             for (server, indices, _), result in zip(sends, results, strict=True):
                 if isinstance(result, BaseException):
                     if isinstance(result, FATAL):
@@ -346,7 +347,7 @@ class Router:
                             f"{result}") from None
                     if isinstance(result, BackendError):
                         raise result
-                    failure = result
+                    failure, failed_on = result, server
                     again.extend(indices)
                     refresh = self.cluster
                     continue
@@ -382,8 +383,9 @@ class Router:
                 late = deadline is not None and \
                     time.monotonic() + settings.retry_delay >= deadline
                 if failures > settings.max_retries or late:
+                    where = f" (node {failed_on.name})" if self.cluster and failed_on else ""
                     error = BackendUnavailableError(
-                        f"Redis at {self.url} is unavailable ({what}, {failures} "
+                        f"Redis at {self.url}{where} is unavailable ({what}, {failures} "
                         f"attempts): {failure}")
                     if not partial:
                         raise error
