@@ -287,7 +287,7 @@ class _Link:
                   self.server.name, channel.map_name)
         channel.active = False
         channel.missed = True
-        self.hub.moved_out(channel)
+        self.hub.moved_out()
 
     def _on_error(self, error: rexc.ResponseError) -> None:
         """A command on the connection failed: a cluster says where the
@@ -304,7 +304,7 @@ class _Link:
                 self.hub.router.moved(error)
             for channel in channels:
                 channel.missed = True
-                self.hub.moved_out(channel)
+            self.hub.moved_out()
             return
         _log.error("Redis at %s refused a pub/sub command: %s", self.server.name, error)
         refused = BackendError(f"Redis at {self.hub.url} refused to subscribe: {error}")
@@ -415,8 +415,9 @@ class PubSub:
         if self._channels and not self._closed:
             self._schedule_move()
 
-    def moved_out(self, channel: _Channel) -> None:
-        """``channel``'s server no longer serves it: find its owner again."""
+    def moved_out(self) -> None:
+        """A server no longer serves some of our channels (marked ``missed``
+        and inactive): find their owners again."""
         self._schedule_move(refresh=True)
 
     def _schedule_move(self, refresh: bool = False) -> None:

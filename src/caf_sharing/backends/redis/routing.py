@@ -176,9 +176,10 @@ class Router:
         self._slots: list[Server | None] = [None] * SLOTS
         self._seeds = [self.server(address) for address in settings.seeds]
         self._refreshing: asyncio.Task[None] | None = None
+        # A node that answers nothing must not hold the others' answers up.
+        self._refresh_timeout = settings.socket_timeout or settings.call_timeout or 1.0
         self.closed = False
-        #: Bumped whenever the slot map changes; pub/sub re-homes its channels.
-        self.epoch = 0
+        #: Called whenever the slot map changes (pub/sub moves its channels).
         self.listeners: list[Callable[[], None]] = []
 
     # -- servers and slots ---------------------------------------------------
@@ -216,8 +217,7 @@ class Router:
         errors: list[str] = []
         for server in {id(s): s for s in known}.values():
             try:
-                reply = await self._exchange(server, [_CLUSTER_SLOTS],
-                                             self._settings.socket_timeout)
+                reply = await self._exchange(server, [_CLUSTER_SLOTS], self._refresh_timeout)
             except (*RETRYABLE, *FATAL) as exc:
                 errors.append(f"{server.name}: {exc}")
                 continue
@@ -241,18 +241,18 @@ class Router:
                 slots[slot] = server
         if slots != self._slots:
             self._slots = slots
-            self.epoch += 1
-            for listener in list(self.listeners):
-                listener()
+            self._changed()
 
     def moved(self, error: rexc.MovedError) -> None:
         """Note a slot's new owner, as a MOVED reply gave it."""
         server = self.server(error.node_addr)
         if self._slots[error.slot_id] is not server:
             self._slots[error.slot_id] = server
-            self.epoch += 1
-            for listener in list(self.listeners):
-                listener()
+            self._changed()
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            listener()
 
     # -- round trips ------------------------------------------------------------
 
