@@ -163,8 +163,8 @@ class DurabilityError(BackendError):
 class MapNotFoundError(BackendError, KeyError):
     """A map that does not exist in the backend."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"map {name!r} does not exist")
+    def __init__(self, name: str, hint: str = "") -> None:
+        super().__init__(f"map {name!r} does not exist" + (f"; {hint}" if hint else ""))
         self.name = name
 
     def __str__(self) -> str:

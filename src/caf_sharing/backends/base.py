@@ -64,6 +64,8 @@ __all__ = [
     "MapWrite",
     "MessageHandler",
     "ReconnectListener",
+    "StoredActor",
+    "StoredMap",
     "Transaction",
 ]
 
@@ -80,6 +82,32 @@ Checkpoint = dict[str, Any]
 MessageHandler = Callable[[bytes], None]
 ReconnectListener = Callable[[Sequence[str]], None]
 """Told the names of the subscribed maps that may have missed messages."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMap:
+    """A map as the store holds it (see :meth:`Backend.survey`)."""
+
+    app: str
+    name: str
+    version: int
+    #: User keys (the version pair not counted).
+    keys: int
+    #: What the store spends on it, as it reports it (Redis: MEMORY USAGE).
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredActor:
+    """An actor as the store holds it: its checkpoint and lease."""
+
+    app: str
+    name: str
+    #: The txid of its stored checkpoint (``None``: none stored).
+    txid: str | None
+    #: The node holding its lease, and the seconds the lease has left.
+    holder: str | None
+    ttl: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,4 +224,11 @@ class Backend(Protocol):
 
     async def commit(self, tx: Transaction) -> bool:
         """Apply ``tx`` atomically; ``False`` if ``tx.txid`` was already committed."""
+        ...
+
+    async def survey(self, every_app: bool = False) -> tuple[list[StoredMap], list[StoredActor]]:
+        """The maps and actors the store holds for this backend's app (for
+        every app with ``every_app``), sorted by app and name. Read in small
+        steps (Redis: SCAN, never KEYS), so it never stalls the store; not a
+        snapshot: what commits meanwhile may or may not show."""
         ...

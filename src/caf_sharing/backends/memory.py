@@ -49,6 +49,8 @@ from .base import (
     Checkpoint,
     MessageHandler,
     ReconnectListener,
+    StoredActor,
+    StoredMap,
     Transaction,
 )
 from .wire import (
@@ -141,6 +143,10 @@ class MemoryStore:
 
     def __repr__(self) -> str:
         return f"MemoryStore({self.name!r})"
+
+    def spaces(self) -> dict[str, _Space]:
+        """Every app namespace with its contents (hold :attr:`lock`)."""
+        return self._spaces
 
     def space(self, app: str) -> _Space:
         space = self._spaces.get(app)
@@ -443,3 +449,24 @@ class MemoryBackend:
         for write in tx.writes:
             self._publish(write.name, write.payload)
         return True
+
+    async def survey(self, every_app: bool = False) -> tuple[list[StoredMap], list[StoredActor]]:
+        self._check_open()
+        maps: list[StoredMap] = []
+        actors: list[StoredActor] = []
+        with self.store.lock:
+            now = time.monotonic()
+            for app, space in sorted(self.store.spaces().items()):
+                if not every_app and app != self.app:
+                    continue
+                for name, held in sorted(space.maps.items()):
+                    size = sum(len(k) + len(v) for k, v in held.fields.items())
+                    maps.append(StoredMap(app, name, held.version, len(held.fields), size))
+                for actor in sorted(set(space.checkpoints) | set(space.leases)):
+                    checkpoint = space.checkpoints.get(actor)
+                    holder = space.lease_holder(actor, now)
+                    lease = space.leases.get(actor)
+                    actors.append(StoredActor(
+                        app, actor, checkpoint.txid if checkpoint else None, holder,
+                        None if holder is None or lease is None else lease.expires - now))
+        return maps, actors

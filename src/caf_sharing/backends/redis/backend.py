@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,15 @@ from ...errors import (
 )
 from ...names import check_actor_name, check_map_name, map_owner
 from .. import BackendURL, parse_url
-from ..base import ChangeSet, Checkpoint, MessageHandler, ReconnectListener, Transaction
+from ..base import (
+    ChangeSet,
+    Checkpoint,
+    MessageHandler,
+    ReconnectListener,
+    StoredActor,
+    StoredMap,
+    Transaction,
+)
 from ..wire import (
     EncodedTransaction,
     check_app,
@@ -487,6 +496,61 @@ class RedisBackend:
             "ambiguous: the primary holds the commit, but a failover may lose it",
             required=wanted, confirmed=confirmed)
 
+    # -- survey ------------------------------------------------------------
+
+    async def survey(self, every_app: bool = False) -> tuple[list[StoredMap], list[StoredActor]]:
+        self._check_open()
+        pattern = "caf:*" if every_app else f"caf:{self.app}:*"
+        maps: set[tuple[str, str, str]] = set()  # (app, owner, name)
+        actors: set[tuple[str, str]] = set()
+        for server in await self._router.servers_now():
+            cursor: bytes | int = 0
+            while True:
+                cursor, keys = (await self._router.call(
+                    [("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)], "", "survey",
+                    to=server)).replies[0]
+                for key in keys:
+                    found = _KEY.fullmatch(key)
+                    if found is None:
+                        continue
+                    app, owner, what = (part.decode(errors="replace") for part in found.groups())
+                    if what.startswith("map:"):
+                        maps.add((app, owner, what[4:]))
+                    else:
+                        actors.add((app, owner))
+                if cursor in (0, b"0"):
+                    break
+        map_list, actor_list = sorted(maps), sorted(actors)
+        commands: list[Command] = []
+        for app, owner, name in map_list:
+            key = f"caf:{app}:{{{owner}}}:map:{name}"
+            commands += [("HGET", key, "__ca_version__"), ("HLEN", key),
+                         ("MEMORY", "USAGE", key)]
+        for app, actor in actor_list:
+            prefix = f"caf:{app}:{{{actor}}}:"
+            commands += [("HGET", prefix + "cp", "txid"), ("GET", prefix + "lease"),
+                         ("PTTL", prefix + "lease")]
+        owners = [owner for _, owner, _ in map_list for _ in range(3)] + \
+            [actor for _, actor in actor_list for _ in range(3)]
+        replies = (await self._router.call(commands, owners, "survey")).replies if commands \
+            else []
+        stored_maps = []
+        for i, (app, _, name) in enumerate(map_list):
+            version, size, usage = replies[3 * i:3 * i + 3]
+            if version is None or isinstance(version, rexc.ResponseError):
+                continue  # deleted meanwhile
+            stored_maps.append(StoredMap(app, name, int(version), max(int(size) - 1, 0),
+                                         usage if isinstance(usage, int) else 0))
+        stored_actors = []
+        base = 3 * len(map_list)
+        for i, (app, actor) in enumerate(actor_list):
+            txid, holder, pttl = replies[base + 3 * i:base + 3 * i + 3]
+            stored_actors.append(StoredActor(
+                app, actor, _txid(txid), _txid(holder),
+                pttl / 1000 if holder is not None and isinstance(pttl, int) and pttl > 0
+                else None))
+        return stored_maps, stored_actors
+
     # -- pub/sub ------------------------------------------------------------
 
     def add_reconnect_listener(self, listener: ReconnectListener) -> None:
@@ -503,6 +567,9 @@ class RedisBackend:
         check_map_name(name)
         self._check_open()
         await self._pubsub.unsubscribe(self._keys.channel(name).encode(), handler)
+
+
+_KEY = re.compile(rb"caf:([A-Za-z0-9_.\-]+):\{([^}]*)\}:(cp|lease|map:.+)")
 
 
 def _txid(reply: Any) -> str | None:

@@ -204,6 +204,12 @@ class Router:
             return [self._seeds[0]]
         return list({id(s): s for s in self._slots if s is not None}.values())
 
+    async def servers_now(self) -> list[Server]:
+        """Every primary, the slot map read again first on a cluster."""
+        if self.cluster:
+            await self.refresh()
+        return self.primaries()
+
     async def refresh(self) -> None:
         """Read the slot map again; concurrent callers share one read."""
         if self._refreshing is None or self._refreshing.done():
@@ -433,9 +439,7 @@ class Router:
     async def on_each_primary(self, commands: Sequence[Command], what: str) -> list[list[Any]]:
         """Send ``commands`` to every primary (on a cluster, after reading the
         slot map); their replies, per server."""
-        if self.cluster:
-            await self.refresh()
-        servers = self.primaries()
+        servers = await self.servers_now()
         if not servers:
             raise BackendError(f"Redis Cluster at {self.url} has no slots assigned")
         routed = await asyncio.gather(*(self.call(commands, "", what, to=server)
