@@ -252,6 +252,8 @@ def parse_url(url: str) -> BackendURL:
     password = unquote(parts.password) if parts.password is not None else None
 
     if scheme == "memory":
+        if "://" not in url:
+            raise _fail(redacted, "write memory://NAME, with two slashes")
         name = parts.netloc + parts.path
         if username or password or port is not None or parts.query:
             raise _fail(redacted, "memory:// takes only a store name")

@@ -113,7 +113,9 @@ class RedisBackend:
 
     * ``coalescing_interval`` (s, 0.01): longest wait of a queued commit;
     * ``max_pending_updates`` (20): most commits in one round trip;
-    * ``max_retries`` (10), ``retry_delay`` (s, 0.1): per round trip;
+    * ``max_retries`` (10): retries per round trip; ``retry_delay`` (s, 0.1):
+      the first pause, doubling up to ``max_retry_delay`` (s, 1, or
+      ``retry_delay`` if longer), each with a random half taken off (jitter);
     * ``call_timeout`` (s, 3; ``None``: no bound): longest time one round
       trip may take, its retries and their pauses included (plus the same
       allowances as ``socket_timeout``); past it the call fails with
