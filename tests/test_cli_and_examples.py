@@ -59,7 +59,8 @@ def test_version(capsys) -> None:
 def test_errors_are_one_line(capsys) -> None:
     assert main(["inspect", "alice-admin-nothing", "--backend", "memory://empty"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "caf-sharing inspect: error: map 'alice-admin-nothing' does not exist"
+    assert err.strip() == ("caf-sharing inspect: error: map 'alice-admin-nothing' does not "
+                           "exist; no app holds a map of that name")
     assert main(["inspect", "x-y-z", "--backend", "ftp://nowhere"]) == 2
     assert "error:" in capsys.readouterr().err
     done = cli("demo", "--processes", "2")
