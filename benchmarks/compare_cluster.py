@@ -15,7 +15,10 @@ everything at the end:
       PUBLISH/PUBLISHSHARD messages per commit (CLUSTER INFO of every node;
       100 classic PUBLISHes first show that the counters see traffic).
       Targets: cluster >= 1x one server at the same K; bus publish messages
-      per commit ~0 (sharded pub/sub with no replicas crosses no bus).
+      per commit ~0 (sharded pub/sub with no replicas crosses no bus). Then
+      the bus messages once more on 3 masters with a replica each, with
+      wait_replicas 0 and 1: ~0 PUBLISH and <= 1 PUBLISHSHARD (to the
+      shard's replica) per commit, so that none grows with the cluster.
 * C2  propagation on the cluster: commit on backend A -> handler on backend B
       (subscribed to maps of 12 actors, 4 per shard), against raw redis-py
       SPUBLISH -> SSUBSCRIBE of the same payload through the same shards,
@@ -259,6 +262,28 @@ class Throughput:
                     if kept is None or result.rate > kept.rate:
                         best[name, k] = result
         return best
+
+
+async def replica_bus(commits_per_actor: int) -> dict[int, tuple[int, dict[str, int]]]:
+    """Cluster-bus publish messages of 100 writers on 3 masters with one
+    replica each, with wait_replicas 0 and 1: {wait_replicas: (commits,
+    messages sent by every node, by CLUSTER INFO field)}."""
+    out = {}
+    with RedisCluster(masters=3, replicas_per_master=1) as cluster:
+        for wait in (0, 1):
+            backend = make_backend(cluster.url, app=f"bus{wait}", restart_grace=False,
+                                   wait_replicas=wait)
+            await backend.start()
+            actors = [f"r{i}-a" for i in range(WRITERS_PER_PROCESS)]
+            await setup_actors(backend, actors)
+            before = Throughput.bus_counts(cluster.nodes)
+            for v in range(commits_per_actor):
+                await asyncio.gather(*(backend.commit(transaction(a, v)) for a in actors))
+            after = Throughput.bus_counts(cluster.nodes)
+            await backend.close()
+            out[wait] = (commits_per_actor * len(actors),
+                         {f: after[f] - before[f] for f in BUS_FIELDS})
+    return out
 
 
 # -- C2 and S1: propagation latency ------------------------------------------------
@@ -552,6 +577,22 @@ def report_c1(best: dict[tuple[str, int], Burst], duration: float) -> bool:
     return met
 
 
+def report_replica_bus(counts: dict[int, tuple[int, dict[str, int]]]) -> bool:
+    """Sharded messages go to the shard's own replica (1 per commit here);
+    anything sent to every node grows with the cluster."""
+    print("C1  cluster bus with replicas: 3 masters + 1 replica each, 100 writers, "
+          "messages sent by all 6 nodes")
+    met = True
+    for wait, (commits, bus) in counts.items():
+        publish, shard = bus[BUS_FIELDS[0]] / commits, bus[BUS_FIELDS[1]] / commits
+        ok = publish <= 0.01 and shard <= 1.01
+        met = met and ok
+        print(f"    wait_replicas={wait}: {commits} commits, {publish:.3f} publish + "
+              f"{shard:.3f} publishshard messages per commit  target ~0 + <= 1 "
+              f"(one per replica of the shard) {verdict(ok)}")
+    return met
+
+
 def report_latency(title: str, lat: dict[str, tuple[float, float]],
                    pairs: list[tuple[str, str, float | None]]) -> bool:
     print(title)
@@ -577,6 +618,7 @@ async def main(rounds: int, samples: int, writes: int, duration: float) -> bool:
               f"{[n.port for n in cluster.masters()]}; single server: port {server.port}; "
               f"{rounds} interleaved rounds, best kept")
         lat_c2 = await cluster_latency(cluster, rounds, samples)
+        bus_replicas = await replica_bus(10 if rounds < 3 else 20)
         lat_s1, rates_s1 = await single_pubsub(server, rounds, samples, writes)
         # The bus counters can see traffic: a classic PUBLISH goes to every node.
         before = Throughput.bus_counts(cluster.masters())
@@ -602,6 +644,7 @@ async def main(rounds: int, samples: int, writes: int, duration: float) -> bool:
     print(f"calibration: 100 classic PUBLISH on one cluster3 node -> {calibration} "
           "publish messages sent on the cluster bus")
     met = report_c1(best, duration)
+    met = report_replica_bus(bus_replicas) and met
     met = report_latency("C2  cluster: commit on A -> handler on B (12 actors, 4 per shard) "
                          "vs raw SPUBLISH -> SSUBSCRIBE", lat_c2,
                          [("ours", "raw", 1.5)]) and met
