@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -184,14 +185,18 @@ def one_shard_cluster() -> RedisServer:
     """A cluster of one master holding every slot: cluster mode without the
     sharding, to tell its cost apart from the cost of three shards."""
     node = RedisServer([*CLUSTER_ARGS, "--cluster-port", str(free_port())])
-    node.start()
-    with node.client() as client:
-        client.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
-    deadline = time.monotonic() + 10
-    while cluster_info(node).get("cluster_state") != "ok":
-        if time.monotonic() > deadline:
-            raise RuntimeError("the one-shard cluster did not come up within 10 s")
-        time.sleep(0.02)
+    try:
+        node.start()
+        with node.client() as client:
+            client.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + 10
+        while cluster_info(node).get("cluster_state") != "ok":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the one-shard cluster did not come up within 10 s")
+            time.sleep(0.02)
+    except BaseException:
+        node.cleanup()
+        raise
     return node
 
 
@@ -218,7 +223,8 @@ class Throughput:
 
     def close(self) -> None:
         for conn in self.conns:
-            conn.send(None)
+            with contextlib.suppress(OSError):  # that process may be gone already
+                conn.send(None)
         for proc in self.procs:
             proc.join(10)
             if proc.is_alive():
@@ -241,7 +247,13 @@ class Throughput:
             conn.send((name, start_at, self.duration))
         time.sleep(max(0.0, start_at - time.time()))
         cpu = cpu_seconds(target.pids)
-        results = [conn.recv() for conn in self.conns[:k]]
+        results = []
+        for i, conn in enumerate(self.conns[:k]):
+            # A hung commit would otherwise hang the benchmark.
+            if not conn.poll(self.duration + 60):
+                raise RuntimeError(f"client process {i} did not report within "
+                                   f"{self.duration + 60:g} s of its {name} burst")
+            results.append(conn.recv())
         cpu = cpu_seconds(target.pids) - cpu
         after = self.bus_counts(target.bus_nodes)
         return Burst(commits=sum(r[0] for r in results),
