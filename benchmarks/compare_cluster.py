@@ -1,9 +1,10 @@
 """Redis Cluster backend against one Redis server and against raw redis-py.
 
-Starts its own 3-master Redis Cluster (tests/rediscluster.py, no replicas)
-and one plain redis-server (tests/redisserver.py) on free ports, runs
-interleaved rounds of each measurement, keeps the best round, and removes
-everything at the end:
+Starts its own servers on free ports (tests/rediscluster.py,
+tests/redisserver.py): a 3-master Redis Cluster without replicas, one plain
+redis-server, a one-node cluster, and for a moment a 3-master cluster with a
+replica each; runs interleaved rounds of each measurement, keeps the best
+round, and removes everything at the end:
 
 * C1  commit throughput: K client processes (K = 1, 2, 4), each a backend
       with 100 writer actors (1-key commits, actors spread over every shard),
@@ -46,6 +47,7 @@ import contextlib
 import gc
 import multiprocessing
 import os
+import socket
 import statistics
 import sys
 import time
@@ -514,8 +516,6 @@ def socket_pubsub(server: RedisServer, rounds: int, samples: int, payload: bytes
     """S1 without any client library: blocking sockets, one publisher, one
     SUBSCRIBE and one SSUBSCRIBE connection; returns (p50, p99) in µs, and
     the server's own time per call (INFO commandstats) under "server"."""
-    import socket
-
     def connect() -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", server.port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
