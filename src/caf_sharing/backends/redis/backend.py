@@ -32,7 +32,7 @@ import asyncio
 import inspect
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,7 @@ from ..base import (
 )
 from ..wire import (
     EncodedTransaction,
+    Pairs,
     check_app,
     check_one_owner,
     check_open,
@@ -70,7 +71,15 @@ from ..wire import (
     make_dump,
     ttl_to_ms,
 )
-from .codec import Command, Keys, commit_outcome, decode_all, decode_pairs, flatten
+from .codec import (
+    Command,
+    Keys,
+    StageLostError,
+    commit_outcome,
+    decode_all,
+    decode_pairs,
+    flatten,
+)
 from .group_commit import GroupCommit, PendingCommit
 from .options import Settings
 from .pubsub import PubSub
@@ -80,6 +89,13 @@ from .scripts import ACQUIRE, CREATE, READ, RELEASE, RENEW, SCRIPTS
 __all__ = ["RedisBackend", "RedisStats"]
 
 _log = logging.getLogger("caf_sharing.backends.redis")
+
+#: A map written whole with more fields or bytes than this is staged first,
+#: in chunks of this size: one chunk is one HSET, a few ms of server time.
+STAGE_FIELDS = 5000
+STAGE_BYTES = 1 << 20
+#: How long a staged hash no commit claimed lives.
+STAGE_TTL_MS = 600_000
 
 
 @dataclass(slots=True)
@@ -425,7 +441,17 @@ class RedisBackend:
     async def commit(self, tx: Transaction) -> bool:
         enc = encode_transaction(tx)
         self._check_open()
-        pending = PendingCommit(enc, self._keys.commit(enc, self._publish),
+        try:
+            return await self._commit(enc)
+        except StageLostError:
+            # The server lost a staged hash (a failover, say): once more.
+            _log.warning("Redis at %s: commit %s lost its staged maps; staging them again",
+                         self.url, enc.txid)
+            return await self._commit(enc)
+
+    async def _commit(self, enc: EncodedTransaction) -> bool:
+        staged = await self._stage(enc)
+        pending = PendingCommit(enc, self._keys.commit(enc, self._publish, staged),
                                 asyncio.get_running_loop().create_future())
         server = self._router.server_for(enc.actor)
         committer = self._committers.get(server)
@@ -434,6 +460,33 @@ class RedisBackend:
                 self._round_trip, self.settings.coalescing_interval,
                 self.settings.max_pending_updates)
         return await committer.commit(pending)
+
+    async def _stage(self, enc: EncodedTransaction) -> dict[str, str]:
+        """Write the content of each big map the commit writes whole (a create,
+        a full dump, a restore) to a hash of its own first, in chunks of one
+        round trip each, so that no call stalls the server (a 1M-key map in
+        one script blocked Redis for seconds). The commit renames it into
+        place, atomically with the rest; until then readers see nothing of
+        it. A hash no commit claims expires."""
+        wholes = [*((f"c{i}", c.name, c.fields) for i, c in enumerate(enc.creates)),
+                  *((f"w{i}", w.name, w.full) for i, w in enumerate(enc.writes)
+                    if w.full is not None),
+                  *((f"r{i}", r.name, r.fields) for i, r in enumerate(enc.restores))]
+        staged: dict[str, str] = {}
+        for item, name, pairs in wholes:
+            if len(pairs) <= STAGE_FIELDS and _size(pairs) <= STAGE_BYTES:
+                continue
+            key = staged[item] = self._keys.stage(enc, item)
+            what = f"commit {enc.txid}: staging map {name}"
+            for n, chunk in enumerate(_chunks(pairs)):
+                commands: list[Command] = [("HSET", key, *flatten(chunk))]
+                if n == 0:
+                    # What an earlier attempt of this txid staged goes first.
+                    commands = [("UNLINK", key), *commands, ("PEXPIRE", key, STAGE_TTL_MS)]
+                for reply in (await self._router.call(commands, enc.actor, what)).replies:
+                    if isinstance(reply, rexc.ResponseError):
+                        raise BackendError(f"Redis at {self.url}: {what} failed: {reply}")
+        return staged
 
     async def _round_trip(self, batch: list[PendingCommit]) -> None:
         self.stats.round_trips += 1
@@ -572,6 +625,22 @@ class RedisBackend:
 
 
 _KEY = re.compile(rb"caf:([A-Za-z0-9_.\-]+):\{([^}]*)\}:(cp|lease|map:.+)")
+
+
+def _size(pairs: Pairs) -> int:
+    return sum(len(key) + len(value) for key, value in pairs)
+
+
+def _chunks(pairs: Pairs) -> Iterator[Pairs]:
+    """``pairs`` in runs of at most STAGE_FIELDS fields and about STAGE_BYTES."""
+    start = 0
+    while start < len(pairs):
+        end, size = start, 0
+        while end < len(pairs) and end - start < STAGE_FIELDS and size < STAGE_BYTES:
+            size += len(pairs[end][0]) + len(pairs[end][1])
+            end += 1
+        yield pairs[start:end]
+        start = end
 
 
 def _txid(reply: Any) -> str | None:
