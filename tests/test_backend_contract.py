@@ -785,3 +785,26 @@ async def test_change_sets_of_the_core_replicate_into_the_core(backend_factory: 
     stored = SharedMap()
     stored.apply_changes(await reader.read_map(MAP))
     assert stored.ref().to_dict() == primary.ref().to_dict() and stored.version == 13
+
+
+async def test_purge_deletes_everything_of_its_app_only(backend_factory: Any,
+                                                        backend_kind: str) -> None:
+    backend = await backend_factory(backend_kind)
+    await setup_map(backend, initial=dump(0, {"a": 1}))
+    await advance(backend, 0, 2)
+    other = make_backend(backend_factory.url(backend_kind), app=f"o{backend.app}")
+    await other.start()
+    try:
+        await other.acquire_lease(ACTOR, NODE, 10.0)
+        await other.create_map(MAP)
+        assert await backend.purge(expire_after=60.0) >= 3  # map, checkpoint, lease...
+        assert await backend.read_map(MAP) is not None  # still there, until it expires
+        assert await backend.purge() >= 3
+        assert await backend.read_map(MAP) is None
+        assert await backend.load_checkpoint(ACTOR) is None
+        assert await backend.survey() == ([], [])
+        assert await other.read_map(MAP) is not None  # another app keeps its own
+        assert await backend.purge() == 0
+    finally:
+        await other.purge()
+        await other.close()

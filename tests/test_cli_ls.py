@@ -109,3 +109,30 @@ async def test_watch_waits_for_a_map_that_does_not_exist_yet(kind: str,
         out, err = await asyncio.wait_for(watch.communicate(), 30)
     assert watch.returncode == 0, err
     assert json.loads(out)["add"] == ["b", 2, "__ca_version__", 2]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_demo_deletes_its_data_unless_kept_and_says_where_it_was(
+        kind: str, backend_factory: Any) -> None:
+    from caf_sharing.demo import KEEP_SECONDS, MAP_NAME, run_demo
+
+    url = backend_factory.url(kind)
+    gone = await run_demo(url, readers=2, commits=5)
+    assert gone.ok and f"app namespace {gone.app}: its keys are deleted" in gone.table()
+    assert await asyncio.to_thread(ls, url, "--app", gone.app) == []
+    kept = await run_demo(url, readers=2, commits=5, keep=True)
+    table = kept.table()
+    assert f"kept for 1 h; try\n  caf-sharing inspect {MAP_NAME} --backend {url} " \
+           f"--app {kept.app}" in table
+    listed = await asyncio.to_thread(ls, url, "--app", kept.app)
+    assert {"map": MAP_NAME, "app": kept.app, "version": 6, "keys": 1,
+            "bytes": listed[0]["bytes"]} == listed[0]
+    store = await backend_factory(kind)
+    ttl_left = await store._router.call_one(  # type: ignore[attr-defined]
+        ("PTTL", f"caf:{kept.app}:{{alice-admin}}:map:{MAP_NAME}"), "alice-admin", "test")
+    assert 0 < ttl_left <= KEEP_SECONDS * 1000
+    make = type(store)
+    cleanup = make(url, app=kept.app)
+    await cleanup.start()
+    await cleanup.purge()
+    await cleanup.close()

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--interval", type=float, default=1.0,
                       help="milliseconds between commits (default 1)")
     demo.add_argument("--app", default=None, help="application namespace (default: random)")
+    demo.add_argument("--keep", action="store_true",
+                      help="leave the demo's data in the store for an hour (default: delete "
+                           "it at the end)")
     demo.add_argument("--timeout", type=float, default=60.0,
                       help="seconds before giving up (default 60)")
 
@@ -148,7 +151,7 @@ async def _demo(args: argparse.Namespace) -> int:
           file=sys.stderr)
     result = await run_demo(args.backend, readers=args.readers, commits=args.commits,
                             processes=args.processes, app=args.app, timeout=args.timeout,
-                            interval=args.interval / 1000.0,
+                            interval=args.interval / 1000.0, keep=args.keep,
                             progress=_progress)
     print(result.table())
     return 0 if result.ok else 1

@@ -226,6 +226,14 @@ class Backend(Protocol):
         """Apply ``tx`` atomically; ``False`` if ``tx.txid`` was already committed."""
         ...
 
+    async def purge(self, expire_after: float | None = None) -> int:
+        """Delete everything this backend's app holds, or with
+        ``expire_after``, let it expire that many seconds from now (an
+        in-process store keeps it: it ends with its process). Returns how
+        many keys (Redis) or items (maps, checkpoints, leases) it touched.
+        For demos and tests: actors still running lose their data."""
+        ...
+
     async def survey(self, every_app: bool = False) -> tuple[list[StoredMap], list[StoredActor]]:
         """The maps and actors the store holds for this backend's app (for
         every app with ``every_app``), sorted by app and name. Read in small

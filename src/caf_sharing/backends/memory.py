@@ -450,6 +450,17 @@ class MemoryBackend:
             self._publish(write.name, write.payload)
         return True
 
+    async def purge(self, expire_after: float | None = None) -> int:
+        self._check_open()
+        with self.store.lock:
+            space = self._space
+            count = len(space.maps) + len(space.checkpoints) + len(space.leases)
+            if expire_after is None:
+                space.maps.clear()
+                space.checkpoints.clear()
+                space.leases.clear()
+        return count
+
     async def survey(self, every_app: bool = False) -> tuple[list[StoredMap], list[StoredActor]]:
         self._check_open()
         maps: list[StoredMap] = []

@@ -32,7 +32,7 @@ import asyncio
 import inspect
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -551,30 +551,50 @@ class RedisBackend:
             "ambiguous: the primary holds the commit, but a failover may lose it",
             required=wanted, confirmed=confirmed)
 
-    # -- survey ------------------------------------------------------------
+    # -- survey and purge ------------------------------------------------------
+
+    async def _scan_keys(self, pattern: str, what: str) -> AsyncIterator[list[bytes]]:
+        """The keys matching ``pattern`` on every primary, a SCAN page at a time."""
+        for server in await self._router.servers_now():
+            cursor: bytes | int = 0
+            while True:
+                cursor, keys = (await self._router.call(
+                    [("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)], "", what,
+                    to=server)).replies[0]
+                yield keys
+                if cursor in (0, b"0"):
+                    break
+
+    async def purge(self, expire_after: float | None = None) -> int:
+        self._check_open()
+        count = 0
+        async for page in self._scan_keys(f"caf:{self.app}:*", "purge"):
+            tags = [_TAG.search(raw) for raw in page]
+            commands: list[Command] = [
+                ("UNLINK", raw) if expire_after is None
+                else ("PEXPIRE", raw, max(1, round(expire_after * 1000))) for raw in page]
+            if commands:
+                # One key a command: on a cluster the keys of a page span slots.
+                await self._router.call(commands, [t.group(1).decode() if t else ""
+                                                   for t in tags], "purge")
+                count += len(commands)
+        return count
 
     async def survey(self, every_app: bool = False) -> tuple[list[StoredMap], list[StoredActor]]:
         self._check_open()
         pattern = "caf:*" if every_app else f"caf:{self.app}:*"
         maps: set[tuple[str, str, str]] = set()  # (app, owner, name)
         actors: set[tuple[str, str]] = set()
-        for server in await self._router.servers_now():
-            cursor: bytes | int = 0
-            while True:
-                cursor, keys = (await self._router.call(
-                    [("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)], "", "survey",
-                    to=server)).replies[0]
-                for key in keys:
-                    found = _KEY.fullmatch(key)
-                    if found is None:
-                        continue
-                    app, owner, what = (part.decode(errors="replace") for part in found.groups())
-                    if what.startswith("map:"):
-                        maps.add((app, owner, what[4:]))
-                    else:
-                        actors.add((app, owner))
-                if cursor in (0, b"0"):
-                    break
+        async for page in self._scan_keys(pattern, "survey"):
+            for raw in page:
+                found = _KEY.fullmatch(raw)
+                if found is None:
+                    continue
+                app, owner, what = (part.decode(errors="replace") for part in found.groups())
+                if what.startswith("map:"):
+                    maps.add((app, owner, what[4:]))
+                else:
+                    actors.add((app, owner))
         map_list, actor_list = sorted(maps), sorted(actors)
         commands: list[Command] = []
         for app, owner, name in map_list:
@@ -624,6 +644,7 @@ class RedisBackend:
         await self._pubsub.unsubscribe(self._keys.channel(name).encode(), handler)
 
 
+_TAG = re.compile(rb"\{([^}]*)\}")
 _KEY = re.compile(rb"caf:([A-Za-z0-9_.\-]+):\{([^}]*)\}:(cp|lease|map:.+)")
 
 
