@@ -8,6 +8,7 @@
 -- KEYS[5 .. 4+C]         maps the transaction creates when absent
 -- KEYS[5+C .. 4+C+W]     maps the transaction writes
 -- KEYS[5+C+W .. 4+C+W+R] maps the transaction restores
+-- KEYS[5+C+W+R .. 4+C+W+R+D] maps the transaction deletes
 --
 -- ARGV[1] node id          ARGV[2] txid
 -- ARGV[3] previous txid    ARGV[4] "1" if ARGV[3] is meaningful, else "0"
@@ -15,6 +16,7 @@
 -- ARGV[6] checkpoint blob  ARGV[7] C  ARGV[8] W  ARGV[9] R
 -- ARGV[10] "1" for a re-assert  ARGV[11] how many earlier txids to keep
 -- ARGV[12] the publish command: SPUBLISH (sharded channels) or PUBLISH
+-- ARGV[13] D  ARGV[14] the deletion marker published on a deleted map's channel
 -- then, per create:  map name, version, n, n items (field, value, ...)
 -- then, per write:   map name, base version, new version, index of the create
 --                    of the same map (0: none), version renumbered to base
@@ -22,6 +24,7 @@
 --                    n, n items to set, n (-1: no full dump), n items of the
 --                    full dump, channel, payload to publish
 -- then, per restore: map name, version, txid ("": unknown), n, n items
+-- then, per delete:  map name, channel
 --
 -- Values arrive already JSON-encoded by the client: the script never decodes
 -- them, and versions are compared as numbers.
@@ -82,7 +85,8 @@ local reassert = ARGV[10] == "1"
 
 local ncreates, nwrites, nrestores = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local publish = ARGV[12] == "SPUBLISH" and "SPUBLISH" or "PUBLISH"
-local pos = 13
+local ndeletes = tonumber(ARGV[13])
+local pos = 15
 local creates = {}
 for i = 1, ncreates do
   local key = KEYS[fixed + i]
@@ -151,6 +155,13 @@ for i = 1, nrestores do
   pos = pos + 4 + count
 end
 
+local deletes = {}
+for i = 1, ndeletes do
+  deletes[i] = {key = KEYS[fixed + ncreates + nwrites + nrestores + i], name = ARGV[pos],
+                channel = ARGV[pos + 1]}
+  pos = pos + 2
+end
+
 -- Every check passed: write everything, then publish.
 if take_lease then
   redis.call("SET", lease, node, "PX", ARGV[5])
@@ -180,6 +191,10 @@ for _, w in ipairs(writes) do
   end
   redis.call("HSET", lineage, w.name, txid)
 end
+for _, d in ipairs(deletes) do
+  d.existed = redis.call("DEL", d.key) == 1
+  redis.call("HDEL", lineage, d.name)
+end
 if stored_txid then
   -- Keep the last ARGV[11] txids before this one.
   redis.call("LPUSH", recent, stored_txid)
@@ -188,5 +203,10 @@ end
 redis.call("HSET", checkpoint, "txid", txid, "blob", ARGV[6])
 for _, w in ipairs(writes) do
   redis.call(publish, w.channel, w.payload)
+end
+for _, d in ipairs(deletes) do
+  if d.existed then
+    redis.call(publish, d.channel, ARGV[14])
+  end
 end
 return {"ok"}
