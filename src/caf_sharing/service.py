@@ -261,6 +261,8 @@ class SharingService:
         key = (name, no_exec)
         replica = self._replicas.get(key)
         if replica is not None:
+            if replica.deleted and not best_effort:
+                raise MapNotFoundError(name)
             replica.count += 1
             return replica.map
         try:
@@ -299,7 +301,7 @@ class SharingService:
             dump = await self.backend.read_map(name)
             if dump is not None:
                 self._install(replica, dump)
-            elif retired is None:
+            elif retired is None or retired.deleted:
                 raise MapNotFoundError(name)
             # else the store lost the map: stay readable at the version
             # already shown until its writer re-creates it.
