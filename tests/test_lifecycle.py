@@ -330,6 +330,11 @@ async def test_a_second_live_node_with_the_same_node_id_is_refused(url: str) -> 
             pass
     async with Node(url, node_id="web-1"):  # closed nodes release their id
         pass
+    # A live node renews its claim with its leases: it outlives the TTL.
+    async with Node(url, node_id="web-3", lease_ttl=0.3):
+        await asyncio.sleep(0.8)
+        with pytest.raises(NodeIdInUseError):
+            await Node(url, node_id="web-3").open()
 
 
 async def test_read_only_error_names_the_map_and_its_owner(url: str) -> None:

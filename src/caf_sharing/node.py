@@ -546,17 +546,19 @@ class Node:
             if not received.done():
                 received.set_result(sig)
 
+        installed: list[signal.Signals] = []
         try:
             for sig in wanted:
                 loop.add_signal_handler(sig, on_signal, sig)
+                installed.append(sig)
             sig = await received
             self.log.info("node %s got %s: closing", self.node_id, sig.name)
             return sig
         finally:
-            for sig in wanted:
+            for sig in installed:
                 loop.remove_signal_handler(sig)
                 handler = previous[sig]
-                if handler is not None:
+                if handler is not None:  # None: set from C, nothing to put back
                     signal.signal(sig, handler)
             await self.close()
 
