@@ -24,6 +24,7 @@ from caf_sharing import Actor, ActorHandle, Node
 from caf_sharing.backends import MemoryStore
 from caf_sharing.errors import (
     ActorError,
+    ActorStoppedError,
     InvalidTypeError,
     InvalidValueError,
     LeaseHeldError,
@@ -132,13 +133,24 @@ async def test_serve_closes_on_sigterm_and_restores_the_handlers(url: str) -> No
         node = Node(url)
         server = asyncio.create_task(node.serve())
         await _until(lambda: _async(_installed(signal.SIGTERM)))
-        await node.start(Counter, "ann-counter")
+        counter = await node.start(Counter, "ann-counter")
+        gate = asyncio.Event()
+        running = asyncio.create_task(counter.call(Counter.slow_increment, gate))
+        await asyncio.sleep(0.01)
         os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.05)
+        # Closing: new messages are refused, the one under way finishes.
+        with pytest.raises(ActorStoppedError):
+            await counter.call(Counter.increment, 1)
+        assert not server.done()
+        gate.set()
         assert await asyncio.wait_for(server, 5) == signal.SIGTERM
+        await running
         assert calls == []  # asyncio's handler took it, not ours
         assert node.actors == []
         async with Node(url, lease_ttl=30) as other:
-            await other.start(Counter, "ann-counter")  # the lease was released
+            counter = await other.start(Counter, "ann-counter")  # the lease was released
+            assert await counter.call(Counter.increment, 0) == 1  # and the message committed
         # Our handler is back.
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.sleep(0.05)
@@ -280,6 +292,25 @@ async def test_delete_map_deletes_the_data_at_commit(backend_factory: Any,
         with pytest.raises(MapNotFoundError,
                            match=r"does not exist; add it with .*best_effort=True"):
             await strict.call(Reader.follow, "ann-counter-x", False)
+
+
+@pytest.mark.redis
+async def test_a_forged_deletion_marker_does_not_empty_a_replica(
+        redis_server: RedisServer) -> None:
+    app = f"t{uuid.uuid4().hex[:8]}"
+    async with Node(redis_server.url, app=app, restart_grace=False) as node:
+        counter = await node.start(Counter, "ann-counter")
+        await counter.call(Counter.increment, 4)
+        reader = await node.start(Reader, "bob-reader")
+        await reader.call(Reader.follow, "ann-counter-x", False)
+        resyncs = node.service.stats.resyncs
+        channel = f"caf:{app}:{{ann-counter}}:chan:ann-counter-x"
+        with redis_server.client() as client:
+            client.execute_command("SPUBLISH", channel, b'{"deleted": true, "txid": null}')
+        # The marker makes the replica read the store, which still has the map.
+        await _until(lambda: _async(node.service.stats.resyncs > resyncs))
+        assert await reader.call(Reader.read) == 4
+        assert node.service.stats.deletions == 0
 
 
 # -- typed calls -------------------------------------------------------------------------
