@@ -30,14 +30,13 @@ from typing import Any
 import orjson
 
 from ._version import __version__
-from .backends import make_backend
+from .backends import DEFAULT_URL, URL_VARIABLE, default_url, make_backend
 from .errors import MapNotFoundError, SharingError
 
 __all__ = ["main"]
 
-DEFAULT_BACKEND = "memory://"
-#: Where ``--backend`` comes from when it is not given.
-URL_VARIABLE = "CAF_SHARING_URL"
+#: What ``--backend`` of ``demo`` is without it and without ``$CAF_SHARING_URL``.
+DEFAULT_BACKEND = DEFAULT_URL
 #: Seconds between two looks for a map ``watch`` waits for.
 WATCH_POLL = 0.2
 
@@ -55,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                     "another node replicate it. Prints propagation latency and checks "
                     "monotonic reads, readers isolation and convergence. On a Redis "
                     "Cluster the actors spread over the shards.")
-    demo.add_argument("--backend", default=os.environ.get(URL_VARIABLE) or DEFAULT_BACKEND,
+    demo.add_argument("--backend", default=default_url(),
                       help=f"backend URL, e.g. redis://host:6379/0 or "
                            f"redis+cluster://host1:port1,host2:port2 (default: ${URL_VARIABLE}, "
                            f"else {DEFAULT_BACKEND}, in-process, no server)")

@@ -35,7 +35,7 @@ from ..errors import (
     InvalidNameError,
 )
 from ..names import check_actor_name, check_map_name, map_owner
-from .base import ChangeSet, MapCreate, MapRestore, MapWrite, Transaction
+from .base import DELETED, ChangeSet, MapCreate, MapRestore, MapWrite, Transaction
 
 __all__ = [
     "MAX_VERSION",
@@ -52,6 +52,7 @@ __all__ = [
     "decode_fields",
     "decode_value",
     "decode_version",
+    "deleted_marker",
     "encode_dump",
     "encode_transaction",
     "make_dump",
@@ -125,6 +126,10 @@ class EncodedTransaction:
     writes: list[EncodedWrite]
     restores: list[EncodedRestore]
     reassert: bool
+    #: Maps deleted, data included (validated names of the actor's maps).
+    deletes: list[str]
+    #: What the channel of each deleted map carries.
+    deleted_payload: bytes
 
 
 #: orjson's result holds a buffer of at least this many bytes, however short
@@ -333,14 +338,22 @@ def encode_transaction(tx: Transaction) -> EncodedTransaction:
     creates = [_encode_create(actor, c) for c in tx.creates]
     writes = [_encode_write(actor, txid, w) for w in tx.writes]
     restores = [_encode_restore(actor, r) for r in tx.restores]
+    deletes = [_owned_map(actor, name, "deletes") for name in tx.deletes]
     if len(creates) > 1:
         _no_duplicates("creates", (c.name for c in creates))
-    if len(writes) + len(restores) > 1:
-        _no_duplicates("writes or restores", [w.name for w in writes] +
-                       [r.name for r in restores])
+    if len(writes) + len(restores) + len(deletes) > 1:
+        _no_duplicates("writes, restores or deletes", [w.name for w in writes] +
+                       [r.name for r in restores] + deletes)
+    if deletes and creates:
+        _no_duplicates("creates and deletes", [c.name for c in creates] + deletes)
     return EncodedTransaction(actor, node_id, txid, tx.prev_txid, checkpoint,
                               ttl_to_ms(tx.lease_ttl), creates, writes, restores,
-                              bool(tx.reassert))
+                              bool(tx.reassert), deletes, deleted_marker(txid))
+
+
+def deleted_marker(txid: str | None) -> bytes:
+    """What a deleted map's channel carries (see :data:`~.base.DELETED`)."""
+    return orjson.dumps({DELETED: True, "txid": txid})
 
 
 def check_one_owner(names: Sequence[str]) -> str | None:

@@ -17,7 +17,8 @@ it, a failover may lose it). A write of a short-lived key goes just before
 the WAIT: WAIT only covers what its own connection wrote, and a commit that
 landed in an earlier attempt (a lost reply) writes nothing the second time,
 yet must be covered too. Only commits wait: the runtime writes through
-commits alone; ``create_map``, ``delete_map`` and leases do not.
+commits alone; ``create_map``, ``delete_map``, ``destroy_actor`` and leases
+do not.
 
 At start the backend warns (once) when a server's ``maxmemory-policy`` is
 not ``noeviction``: an eviction silently drops checkpoints, leases or maps.
@@ -45,6 +46,7 @@ from ...errors import (
     ConfigError,
     DurabilityError,
     LeaseHeldError,
+    NodeIdInUseError,
     ShardUnavailableError,
     SharingError,
 )
@@ -66,6 +68,7 @@ from ..wire import (
     check_one_owner,
     check_open,
     decode_checkpoint,
+    deleted_marker,
     encode_dump,
     encode_transaction,
     make_dump,
@@ -84,7 +87,7 @@ from .group_commit import GroupCommit, PendingCommit
 from .options import Settings
 from .pubsub import PubSub
 from .routing import Router, Server, allowance
-from .scripts import ACQUIRE, CREATE, READ, RELEASE, RENEW, SCRIPTS
+from .scripts import ACQUIRE, CLAIM, CREATE, DESTROY, READ, RELEASE, RENEW, SCRIPTS
 
 __all__ = ["RedisBackend", "RedisStats"]
 
@@ -347,7 +350,11 @@ class RedisBackend:
         for reply in routed.replies:
             if isinstance(reply, rexc.ResponseError):
                 raise BackendError(f"Redis at {self.url}: {what} failed: {reply}")
-        return bool(routed.replies[0])
+        existed = bool(routed.replies[0])
+        if existed:
+            await self._router.call_one(
+                (self._publish, self._keys.channel(name), deleted_marker(None)), owner, what)
+        return existed
 
     # -- leases and checkpoints -------------------------------------------------
 
@@ -367,7 +374,9 @@ class RedisBackend:
                          reply / 1000, actor)
             await asyncio.sleep(reply / 1000)
         if reply is not None:
-            raise LeaseHeldError(actor, reply.decode(errors="replace"))
+            holder, pttl = reply
+            raise LeaseHeldError(actor, holder.decode(errors="replace"),
+                                 pttl / 1000 if pttl >= 0 else None)
 
     async def _per_actor(self, commands: Sequence[Command], actors: Sequence[str],
                          what: str) -> list[Any]:
@@ -413,6 +422,44 @@ class RedisBackend:
         await self._router.call_one(
             ("EVALSHA", RELEASE.sha, 1, self._keys.actor(actor, "lease"), node_id), actor,
             f"release_lease {actor}")
+
+    async def destroy_actor(self, actor: str) -> bool:
+        check_actor_name(actor)
+        self._check_open()
+        what = f"destroy_actor {actor}"
+        prefix = self._keys.actor(actor, "")
+        for _ in range(5):
+            checkpoint = await self.load_checkpoint(actor)
+            txid = "" if checkpoint is None else str(checkpoint.get("txid") or "")
+            registered = _registered_maps(actor, checkpoint)
+            reply = await self._router.call_one(
+                ("EVALSHA", DESTROY.sha, 4, prefix + "cp", prefix + "lease",
+                 prefix + "lineage", prefix + "recent", txid, prefix + "map:",
+                 prefix + "chan:", self._publish, deleted_marker(None), *registered),
+                actor, what)
+            if reply[0] == b"lease":
+                raise LeaseHeldError(actor, reply[1].decode(errors="replace"),
+                                     reply[2] / 1000 if reply[2] >= 0 else None)
+            if reply[0] == b"ok":
+                return bool(reply[1])
+        raise BackendError(f"Redis at {self.url}: {what}: its checkpoint keeps changing")
+
+    async def claim_node(self, node_id: str, nonce: str, ttl: float) -> None:
+        ms = ttl_to_ms(ttl)
+        self._check_open()
+        key = self._keys.node(node_id)
+        # The key is its own routing owner: its hash tag picks its slot.
+        reply = await self._router.call_one(("EVALSHA", CLAIM.sha, 1, key, nonce, ms), key,
+                                            f"claim_node {node_id}")
+        if reply is not None:
+            raise NodeIdInUseError(node_id, f"{self.url} (app {self.app!r})",
+                                   reply[0] / 1000 if reply[0] >= 0 else None)
+
+    async def release_node(self, node_id: str, nonce: str) -> None:
+        self._check_open()
+        key = self._keys.node(node_id)
+        await self._router.call_one(("EVALSHA", RELEASE.sha, 1, key, nonce), key,
+                                    f"release_node {node_id}")
 
     async def load_checkpoint(self, actor: str) -> Checkpoint | None:
         check_actor_name(actor)
@@ -662,6 +709,24 @@ def _chunks(pairs: Pairs) -> Iterator[Pairs]:
             end += 1
         yield pairs[start:end]
         start = end
+
+
+def _registered_maps(actor: str, checkpoint: Checkpoint | None) -> list[str]:
+    """The maps of ``actor`` its checkpoint registers (a map made outside any
+    commit is in no lineage hash, but may be registered)."""
+    maps = None if checkpoint is None else checkpoint.get("maps")
+    if not isinstance(maps, dict):
+        return []
+    names = {entry.get("name") for entry in maps.values() if isinstance(entry, dict)}
+    return sorted(name for name in names
+                  if isinstance(name, str) and _owned_by(name, actor))
+
+
+def _owned_by(name: str, actor: str) -> bool:
+    try:
+        return map_owner(name) == actor
+    except ValueError:
+        return False
 
 
 def _txid(reply: Any) -> str | None:

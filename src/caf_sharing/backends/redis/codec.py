@@ -13,6 +13,7 @@ included, share a slot and one script call can touch them all)::
     caf:<app>:{<owner>}:lineage       hash: map name -> txid that made its version
     caf:<app>:{<owner>}:map:<name>    hash: "__ca_version__" -> int, key -> JSON value
     caf:<app>:{<owner>}:chan:<name>   (sharded) pub/sub channel of the map's change sets
+    caf:<app>:node:{<node_id>}        string: the nonce of the live node using node_id, with a TTL
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class Keys:
     def channel(self, name: str) -> str:
         return f"caf:{self.app}:{{{map_owner(name)}}}:chan:{name}"
 
+    def node(self, node_id: str) -> str:
+        return f"caf:{self.app}:node:{{{node_id}}}"
+
     def stage(self, tx: EncodedTransaction, item: str) -> str:
         """Where the client stages the content of one big map of ``tx``."""
         return self.actor(tx.actor, f"stage:{tx.txid}:{item}")
@@ -79,6 +83,7 @@ class Keys:
         keys.extend(f"{prefix}map:{c.name}" for c in tx.creates)
         keys.extend(f"{prefix}map:{w.name}" for w in tx.writes)
         keys.extend(f"{prefix}map:{r.name}" for r in tx.restores)
+        keys.extend(f"{prefix}map:{name}" for name in tx.deletes)
         staged = staged or {}
 
         def items(item: str, pairs: Pairs) -> list[Any]:
@@ -90,7 +95,8 @@ class Keys:
         argv: list[Any] = [
             tx.node_id, tx.txid, tx.prev_txid or "", 0 if tx.prev_txid is None else 1,
             tx.lease_ttl_ms, tx.checkpoint, len(tx.creates), len(tx.writes),
-            len(tx.restores), 1 if tx.reassert else 0, RECENT_TXIDS, publish]
+            len(tx.restores), 1 if tx.reassert else 0, RECENT_TXIDS, publish,
+            len(tx.deletes), tx.deleted_payload]
         create_index: dict[str, int] = {}
         for i, create in enumerate(tx.creates, 1):
             create_index[create.name] = i
@@ -113,6 +119,8 @@ class Keys:
         for i, restore in enumerate(tx.restores):
             argv.extend((restore.name, restore.version, restore.txid or ""))
             argv.extend(items(f"r{i}", restore.fields))
+        for name in tx.deletes:
+            argv.extend((name, f"{prefix}chan:{name}"))
         return ("EVALSHA", COMMIT.sha, len(keys), *keys, *argv)
 
 

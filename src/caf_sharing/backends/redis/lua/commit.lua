@@ -8,7 +8,8 @@
 -- KEYS[5 .. 4+C]         maps the transaction creates when absent
 -- KEYS[5+C .. 4+C+W]     maps the transaction writes
 -- KEYS[5+C+W .. 4+C+W+R] maps the transaction restores
--- KEYS[5+C+W+R ..]       staged contents of big maps (filled by the client in
+-- KEYS[5+C+W+R .. 4+C+W+R+D] maps the transaction deletes
+-- KEYS[5+C+W+R+D ..]     staged contents of big maps (filled by the client in
 --                        chunks, so that no call blocks the server for long):
 --                        renamed into place, or unlinked when the commit is refused
 --
@@ -18,6 +19,7 @@
 -- ARGV[6] checkpoint blob  ARGV[7] C  ARGV[8] W  ARGV[9] R
 -- ARGV[10] "1" for a re-assert  ARGV[11] how many earlier txids to keep
 -- ARGV[12] the publish command: SPUBLISH (sharded channels) or PUBLISH
+-- ARGV[13] D  ARGV[14] the deletion marker published on a deleted map's channel
 -- then, per create:  map name, version, n, n items (field, value, ...)
 --                    (n = -2: one argument follows instead of the items, the
 --                    index in KEYS of the staged hash holding them, here and
@@ -28,6 +30,7 @@
 --                    n, n items to set, n (-1: no full dump), n items of the
 --                    full dump, channel, payload to publish
 -- then, per restore: map name, version, txid ("": unknown), n, n items
+-- then, per delete:  map name, channel
 --
 -- Values arrive already JSON-encoded by the client: the script never decodes
 -- them, and versions are compared as numbers.
@@ -61,7 +64,8 @@ local checkpoint, lease, lineage, recent = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local node, txid = ARGV[1], ARGV[2]
 local fixed = 4 -- KEYS before the maps
 local ncreates, nwrites, nrestores = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local first_stage = fixed + ncreates + nwrites + nrestores + 1
+local ndeletes = tonumber(ARGV[13])
+local first_stage = fixed + ncreates + nwrites + nrestores + ndeletes + 1
 
 -- A refused commit leaves no staged hash behind.
 local function refuse(reply)
@@ -98,7 +102,7 @@ local take_lease = not holder
 local reassert = ARGV[10] == "1"
 
 local publish = ARGV[12] == "SPUBLISH" and "SPUBLISH" or "PUBLISH"
-local pos = 13
+local pos = 15
 local creates = {}
 local staged_ok = true
 -- The items at ARGV[pos] (a count, then the items or a staged hash's index):
@@ -193,6 +197,13 @@ if not staged_ok then
   return refuse({"staged"})
 end
 
+local deletes = {}
+for i = 1, ndeletes do
+  deletes[i] = {key = KEYS[fixed + ncreates + nwrites + nrestores + i], name = ARGV[pos],
+                channel = ARGV[pos + 1]}
+  pos = pos + 2
+end
+
 -- Every check passed: write everything, then publish.
 if take_lease then
   redis.call("SET", lease, node, "PX", ARGV[5])
@@ -225,6 +236,10 @@ for _, w in ipairs(writes) do
   end
   redis.call("HSET", lineage, w.name, txid)
 end
+for _, d in ipairs(deletes) do
+  d.existed = redis.call("UNLINK", d.key) == 1
+  redis.call("HDEL", lineage, d.name)
+end
 if stored_txid then
   -- Keep the last ARGV[11] txids before this one.
   redis.call("LPUSH", recent, stored_txid)
@@ -233,5 +248,10 @@ end
 redis.call("HSET", checkpoint, "txid", txid, "blob", ARGV[6])
 for _, w in ipairs(writes) do
   redis.call(publish, w.channel, w.payload)
+end
+for _, d in ipairs(deletes) do
+  if d.existed then
+    redis.call(publish, d.channel, ARGV[14])
+  end
 end
 return {"ok"}
