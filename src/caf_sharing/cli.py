@@ -183,10 +183,14 @@ async def _watch(args: argparse.Namespace) -> int:
         if dump is None:
             print(f"caf-sharing watch: map {args.name!r} does not exist yet in app "
                   f"{args.app!r}; waiting for it", file=sys.stderr, flush=True)
-        while dump is None:
-            # Change sets published meanwhile stay queued for below.
-            await asyncio.sleep(WATCH_POLL)
-            dump = await backend.read_map(args.name)
+            try:
+                async with asyncio.timeout(args.timeout):
+                    while dump is None:
+                        # Change sets published meanwhile stay queued for below.
+                        await asyncio.sleep(WATCH_POLL)
+                        dump = await backend.read_map(args.name)
+            except TimeoutError:
+                raise MapNotFoundError(args.name, f"waited {args.timeout:g}s for it") from None
         add = dump["add"]
         version = next((add[i + 1] for i in range(0, len(add), 2)
                         if add[i] == "__ca_version__"), 0)
