@@ -98,8 +98,9 @@ async def test_retries_are_counted(server: RedisServer) -> None:
 async def test_prometheus_exposition(backend_url: str, app: str) -> None:
     registry = CollectorRegistry()
     async with Node(backend_url, app=app) as wnode, Node(backend_url, app=app) as rnode:
-        register(wnode, registry)
-        register(rnode, registry)
+        register(wnode, rnode, registry=registry)
+        with pytest.raises(ValueError, match="Duplicated"):
+            register(wnode, registry=registry)  # one collector of these names
         writer = await wnode.start(Writer, "obs-writer")
         reader = await rnode.start(Reader, "obs-reader")
         for n in range(3):
@@ -117,6 +118,19 @@ async def test_prometheus_exposition(backend_url: str, app: str) -> None:
     assert f'caf_sharing_mailbox_depth{{actor="obs-writer",node_id="{w}"}} 0.0' in text
     assert "# TYPE caf_sharing_propagation_lag_seconds histogram" in text
     assert f'caf_sharing_leases_lost_total{{node_id="{r}"}} 0.0' in text
+    # Each family once, with a sample per node.
+    assert text.count("# TYPE caf_sharing_commits_total counter") == 1
+
+
+async def test_a_demo_run_exports_live_figures() -> None:
+    from caf_sharing.demo import run_demo
+
+    result = await run_demo("memory://", readers=2, commits=20, metrics=True)
+    assert result.ok
+    text = result.metrics
+    assert 'caf_sharing_commits_total{node_id="demo-writer"} 21.0' in text  # init too
+    assert 'caf_sharing_propagation_lag_seconds_count{map="alice-admin-counter",' \
+           'node_id="demo-readers"} 20.0' in text
 
 
 async def test_lifecycle_is_logged_at_debug_with_structured_fields(
