@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-import orjson
 import pytest
 
 from caf_sharing.backends import MapCreate, MapWrite, make_backend
