@@ -15,14 +15,21 @@ for each message, the snapshots the actor reads and writes:
 
 The registrations are part of the actor's checkpoint (``maps``), so ``restore``
 plus the next ``begin`` reopens every map after a restart.
+
+**Notifications.** A read-only registration with ``on_change`` watches the
+replicas it holds (every map of an aggregate) and tells the plug's
+:class:`Notifier` — the node's mailbox — which alias changed. A watch starts
+when the registration takes effect or its map is (re)opened, after a restart
+too, and notifies at once: changes made while nobody watched are not lost.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeAlias
+from functools import partial
+from typing import Any, Protocol, TypeAlias
 
 from ._fastmap import MapRef, SharedMap
 from .aggregate import AggregateMap, AggregateSnapshot
@@ -31,10 +38,25 @@ from .errors import InvalidNameError, InvalidTypeError, SharingError
 from .names import SEPARATOR, check_map_name, check_part, map_owner
 from .service import SharingService
 
-__all__ = ["ActorSharing", "MapInfo", "PreparedSharing", "UnknownAliasError"]
+__all__ = ["ActorSharing", "MapInfo", "Notifier", "PreparedSharing", "UnknownAliasError"]
 
 MapObject: TypeAlias = SharedMap | AggregateMap
 Snapshot: TypeAlias = MapRef | AggregateSnapshot
+
+
+class Notifier(Protocol):
+    """Where an actor's ``on_change`` notifications go (its node's mailbox)."""
+
+    def check(self, method: str) -> None:
+        """Raise :class:`~caf_sharing.errors.UnknownActorMethodError` unless
+        the actor accepts messages ``method``."""
+
+    def notify(self, alias: str) -> None:
+        """The map(s) of ``alias`` changed: deliver its ``on_change`` soon.
+        Called from inside the sharing service: must not block or raise."""
+
+    def close(self) -> None:
+        """The actor leaves: drop what is still to deliver."""
 
 
 class UnknownAliasError(SharingError, KeyError, AttributeError):
@@ -54,9 +76,15 @@ class MapInfo:
     best_effort: bool = False
     no_exec: bool = False
     link_key: str | None = None
+    #: Method the actor receives as ``method(alias, version)`` on a change.
+    on_change: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # Registrations without it stay as checkpoints always wrote them.
+        if self.on_change is None:
+            del data["on_change"]
+        return data
 
     @classmethod
     def from_json(cls, alias: str, data: object) -> MapInfo:
@@ -68,6 +96,9 @@ class MapInfo:
             raise SharingError(
                 f"checkpoint entry for map alias {alias!r} is malformed: {exc}") from None
         check_map_name(info.name)
+        if info.on_change is not None and not isinstance(info.on_change, str):
+            raise SharingError(f"checkpoint entry for map alias {alias!r} is malformed: "
+                               f"on_change {info.on_change!r}")
         return info
 
 
@@ -108,6 +139,12 @@ class ActorSharing:
         self._refs: dict[str, Snapshot | None] = {}
         self._pending: dict[str, _PendingAdd | None] = {}  # None marks a delete
         self._staged: dict[str, MapObject | None] = {}
+        #: Receives the ``on_change`` notifications (set by the node).
+        self.notifier: Notifier | None = None
+        # (alias, map name) -> the watched replica and what stops the watch.
+        self._watches: dict[tuple[str, str], tuple[SharedMap, Callable[[], None]]] = {}
+        # Alias -> the map object whose replicas are watched for it.
+        self._watched: dict[str, MapObject] = {}
 
     # -- what the proxy calls during a message -------------------------------
 
@@ -128,6 +165,11 @@ class ActorSharing:
         check_part(alias, "map alias")
         if alias.startswith("_"):
             raise InvalidNameError(f"map alias {alias!r} must not start with '_'")
+        if info.on_change is not None:
+            if self.notifier is None:
+                raise SharingError(f"on_change of map alias {alias!r} needs an actor hosted "
+                                   "by a node")
+            self.notifier.check(info.on_change)
         current = self._pending[alias] if alias in self._pending else self._committed_add(alias)
         if current is not None and current.info == info:
             self._log.debug("alias %r already refers to %s: ignored", alias, info.name)
@@ -191,6 +233,7 @@ class ActorSharing:
                 obj = await self._open(info)
                 self._objects[alias] = obj
             self._refs[alias] = await _snapshot(obj, info)
+        self._sync_watches()
 
     async def prepare(self) -> PreparedSharing:
         """Resolve registrations and prepare the change sets of written maps."""
@@ -234,6 +277,7 @@ class ActorSharing:
                     self._objects[alias] = staged
         self._pending.clear()
         self._staged.clear()
+        self._sync_watches()
 
     async def abort(self) -> None:
         """The message failed: forget its registrations and what they opened."""
@@ -267,6 +311,8 @@ class ActorSharing:
         """Release every map this actor holds: it leaves the node."""
         await self._release_all(keep_primaries=False)
         self._refs.clear()
+        if self.notifier is not None:
+            self.notifier.close()
 
     async def _release_all(self, *, keep_primaries: bool) -> None:
         await self.abort()
@@ -275,6 +321,68 @@ class ActorSharing:
             info = self._info.get(alias)
             if obj is not None and info is not None and not (keep_primaries and info.writable):
                 await self._release(info, obj)
+        self._sync_watches()
+
+    # -- notifications -----------------------------------------------------------
+
+    def on_change_of(self, alias: str) -> str | None:
+        """The ``on_change`` method of ``alias`` (None: none, or no such alias)."""
+        info = self._info.get(alias)
+        return None if info is None else info.on_change
+
+    def notice_version(self, alias: str) -> int | None:
+        """The version a notification of ``alias`` reports in this message:
+        the map's, or an aggregate's first map's (-1 when it is missing);
+        None when the alias has no map now (deleted, or not available yet)."""
+        snap = self._refs.get(alias)
+        if isinstance(snap, AggregateSnapshot):
+            info = self._info[alias]
+            first = snap.refs.get(info.name)
+            return -1 if first is None else first.version
+        return None if snap is None else snap.version
+
+    def is_stale(self, alias: str) -> bool:
+        """Whether a map of ``alias`` moved on since this message began."""
+        snap, obj = self._refs.get(alias), self._objects.get(alias)
+        if isinstance(snap, AggregateSnapshot) and isinstance(obj, AggregateMap):
+            return any(name in obj.maps and obj.maps[name].version != ref.version
+                       for name, ref in snap.refs.items())
+        return isinstance(snap, MapRef) and isinstance(obj, SharedMap) \
+            and obj.version != snap.version
+
+    def _sync_watches(self) -> None:
+        """Watch exactly the replicas of the ``on_change`` registrations in
+        effect; a new watch, or a registration whose map (aggregate) was
+        opened again, notifies at once."""
+        wanted: dict[tuple[str, str], SharedMap] = {}
+        watched: dict[str, MapObject] = {}
+        fresh: set[str] = set()
+        for alias, info in self._info.items():
+            obj = self._objects.get(alias)
+            if info.on_change is None or info.writable or obj is None:
+                continue
+            watched[alias] = obj
+            if self._watched.get(alias) is not obj:
+                fresh.add(alias)
+            maps = obj.maps if isinstance(obj, AggregateMap) else {info.name: obj}
+            for name, shared in maps.items():
+                wanted[alias, name] = shared
+        self._watched = watched
+        for key, (shared, stop) in list(self._watches.items()):
+            if wanted.get(key) is not shared:
+                stop()
+                del self._watches[key]
+        notifier = self.notifier
+        for key, shared in wanted.items():
+            if key in self._watches or notifier is None:
+                continue
+            alias, name = key
+            self._watches[key] = (shared, self._service.watch(
+                name, shared, partial(notifier.notify, alias)))
+            fresh.add(alias)
+        if notifier is not None:
+            for alias in sorted(fresh):
+                notifier.notify(alias)
 
     # -- helpers ---------------------------------------------------------------
 

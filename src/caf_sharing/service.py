@@ -9,7 +9,9 @@ One service per node sits between the actors' sharing plugs and the backend:
   reads them and reference counted: the backend subscription is dropped when
   the last reader lets go. A replica subscribes first, then reads the map,
   then applies what arrived in between, so no update falls in a window.
-  Gaps and malformed messages trigger a resync from a full read.
+  Gaps and malformed messages trigger a resync from a full read. Watchers
+  (:meth:`SharingService.watch`) hear of every change of a replica's content;
+  views and ``on_change`` notifications are built on them.
 * **aggregates** — AggregateMaps whose linked maps are found best-effort
   through replicas.
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -65,7 +67,7 @@ from .lineage import (
 from .methods import MethodLimits, check_limits
 from .names import map_owner
 
-__all__ = ["ServiceStats", "SharingService", "txid_of"]
+__all__ = ["ServiceStats", "SharingService", "Watcher", "txid_of"]
 
 log = logging.getLogger("caf_sharing.service")
 
@@ -99,11 +101,16 @@ RETIRED_REPLICAS = 64
 #: and resyncs again (a flood must not grow memory without bound).
 MAX_BUFFERED_BYTES = 16 * 2**20
 
+#: Called with no argument after a replica's content changed (see
+#: :meth:`SharingService.watch`).
+Watcher = Callable[[], None]
+
 
 class _Replica:
     """One subscribed replica, its lineage and the state of its catch-up protocol."""
 
-    __slots__ = ("buffer", "buffered", "count", "handle", "lineage", "map", "name", "owner")
+    __slots__ = ("buffer", "buffered", "count", "handle", "lineage", "map", "name", "owner",
+                 "watchers")
 
     def __init__(self, service: SharingService, name: str, shared: SharedMap) -> None:
         self.name = name
@@ -115,6 +122,7 @@ class _Replica:
         self.buffer: list[bytes] | None = []
         self.buffered = 0
         self.lineage = ReplicaLineage()
+        self.watchers: list[Watcher] = []
         self.handle: MessageHandler = lambda data: service._on_message(self, data)
 
 
@@ -310,6 +318,34 @@ class SharingService:
         self._retire(key, replica)
         await self.backend.unsubscribe(name, replica.handle)
 
+    def watch(self, name: str, shared: SharedMap, watcher: Watcher) -> Callable[[], None]:
+        """Call ``watcher()`` after each change of the replica ``shared`` of
+        ``name`` (one the caller holds a reference to); return the function
+        that stops it (it may be called after the replica was released).
+
+        Watchers run inside the service, as the change lands, and must only
+        schedule work: a resync installs every replica of one writer before
+        the event loop runs anything else, so that what they schedule sees
+        the writer's maps at one commit.
+        """
+        replica = self._replicas.get((name, shared.no_exec))
+        if replica is None or replica.map is not shared:
+            raise SharingError(f"no replica of map {name!r} is held on this node to watch")
+        replica.watchers.append(watcher)
+
+        def stop() -> None:
+            if watcher in replica.watchers:
+                replica.watchers.remove(watcher)
+
+        return stop
+
+    def _changed(self, replica: _Replica) -> None:
+        for watcher in tuple(replica.watchers):
+            try:
+                watcher()
+            except Exception:
+                self._log.exception("watcher %r of map %s failed", watcher, replica.name)
+
     def _retire(self, key: tuple[str, bool], replica: _Replica | None) -> None:
         """Keep ``replica``, which no reader holds, for the next open of ``key``
         (a failed open keeps the one it took)."""
@@ -369,6 +405,7 @@ class SharingService:
             self.stats.applied += 1
             if replica.map.version > before:
                 replica.lineage.record(replica.map.version, sets[-1].get("txid"))
+                self._changed(replica)
 
     def _forked(self, replica: _Replica, why: str) -> None:
         self.stats.forks += 1
@@ -405,6 +442,7 @@ class SharingService:
             return
         lineage.forked = False
         lineage.record(version, txid)
+        self._changed(replica)
 
     def _drain(self, replica: _Replica) -> None:
         pending, replica.buffer, replica.buffered = replica.buffer or [], None, 0
