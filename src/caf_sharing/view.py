@@ -52,8 +52,8 @@ class ReplicaView:
     Made by :meth:`caf_sharing.Node.replica`; not meant to be built directly.
     """
 
-    __slots__ = ("_change", "_closed", "_map", "_name", "_no_exec", "_on_close", "_poller",
-                 "_ref", "_service", "_stop_watch")
+    __slots__ = ("_closed", "_map", "_name", "_no_exec", "_on_close", "_poller",
+                 "_ref", "_service", "_stop_watch", "_waiters")
 
     def __init__(self, service: SharingService, name: str, *, no_exec: bool = False,
                  on_close: Callable[[ReplicaView], None] | None = None) -> None:
@@ -66,8 +66,8 @@ class ReplicaView:
         self._ref: MapRef | None = None
         self._stop_watch: Callable[[], None] | None = None
         self._poller: asyncio.Task[None] | None = None
-        # Resolved (and replaced) at the next change or at close.
-        self._change: asyncio.Future[None] | None = None
+        # One future per coroutine waiting for the next change (or close).
+        self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
 
     @property
@@ -200,15 +200,15 @@ class ReplicaView:
         self._wake()
 
     def _wake(self) -> None:
-        change, self._change = self._change, None
-        if change is not None and not change.done():
-            change.set_result(None)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():  # a cancelled waiter is done
+                waiter.set_result(None)
 
     async def _next_change(self) -> None:
-        if self._change is None:
-            self._change = asyncio.get_running_loop().create_future()
-        # Shielded: one waiter cancelled must not cancel the others' future.
-        await asyncio.shield(self._change)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
 
     def _check_open(self) -> None:
         if self._closed:
