@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from typing import Any, ClassVar
 
 import pytest
@@ -409,3 +411,55 @@ async def test_close_semantics(backend_url: str, app: str) -> None:
         assert view.closed and missing.closed and view.version == -1
         with pytest.raises(Exception, match="not open"):
             await rnode.replica(MAP)
+
+
+class Early(Actor):
+    seen: ClassVar[list[tuple[int, int]]] = []
+
+    async def init(self) -> None:
+        self.sharing.add_read_only_map("m", MAP, best_effort=True, on_change="changed")
+
+    async def changed(self, alias: str, version: int) -> None:
+        Early.seen.append((version, self.sharing.maps.m.get("n")))
+
+
+async def test_on_change_of_a_best_effort_map_tells_when_it_appears(backend_url: str,
+                                                                    app: str) -> None:
+    Early.seen = []
+    async with Node(backend_url, app=app) as wnode, Node(backend_url, app=app) as rnode:
+        await rnode.start(Early, "alice-early")
+        await asyncio.sleep(0.2)
+        assert Early.seen == []  # nothing to tell yet, and no error
+        writer = await wnode.start(Writer, "alice-writer")  # creates it, publishes nothing
+        await until(lambda: Early.seen == [(1, 0)], timeout=5)
+        version = await writer.call("bump")
+        await until(lambda: Early.seen[-1] == (version, 1))
+
+
+async def test_threads_read_views_with_no_message(backend_url: str, app: str) -> None:
+    async with Node(backend_url, app=app) as wnode, Node(backend_url, app=app) as rnode:
+        writer = await wnode.start(Writer, "alice-writer")
+        view = await rnode.replica(MAP)
+        await view.wait_for(timeout=10)
+        stop = threading.Event()
+        seen: list[tuple[int, int]] = []
+
+        def read() -> None:
+            while not stop.is_set():
+                ref = view.ref()
+                seen.append((ref.version, ref.get("n")))
+                time.sleep(0)  # let the event loop's thread have the GIL too
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        try:
+            for _ in range(200):
+                last = await writer.call("bump")
+            await view.wait_for(last, timeout=10)
+            await asyncio.sleep(0.01)
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join)
+    assert all(n == version - 1 for version, n in seen), "a torn snapshot"
+    versions_seen = [version for version, _ in seen]
+    assert versions_seen == sorted(versions_seen) and versions_seen[-1] == last

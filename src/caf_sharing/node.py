@@ -351,7 +351,8 @@ class _Notifications:
     Coalesced per alias: while one is queued and its message has not begun,
     further changes of that alias queue nothing (the message begins with the
     newest snapshots anyway). Its message reports the version it sees, and
-    queues another at once if the map moved on while it began. A full
+    queues another at once if the map moved on while it began; one for a map
+    that is missing calls nothing (the plug asks again later). A full
     mailbox never fails or blocks the replica that notifies: the notification
     waits for room in a task of its own (one per alias at most), and so goes
     in as soon as the actor takes its next message.
@@ -362,6 +363,7 @@ class _Notifications:
         # Alias -> the future of its queued notification that has not begun.
         self._queued: dict[str, asyncio.Future[Any]] = {}
         self._waiting: dict[str, asyncio.Task[None]] = {}
+        self._later: dict[str, asyncio.TimerHandle] = {}
 
     def check(self, method: str) -> None:
         self._host._method(method)
@@ -382,6 +384,16 @@ class _Notifications:
                                     name=f"caf-sharing notify {host.name} {alias}")
             self._waiting[alias] = task
             task.add_done_callback(lambda _: self._waiting.pop(alias, None))
+
+    def notify_later(self, alias: str, delay: float) -> None:
+        if alias in self._later or self._host.stopping:
+            return
+        self._later[alias] = asyncio.get_running_loop().call_later(
+            delay, self._due, alias)
+
+    def _due(self, alias: str) -> None:
+        del self._later[alias]
+        self.notify(alias)
 
     async def _deliver(self, alias: str) -> None:
         plug = self._host.plug
@@ -407,6 +419,9 @@ class _Notifications:
     def close(self) -> None:
         for task in list(self._waiting.values()):
             task.cancel()
+        for timer in self._later.values():
+            timer.cancel()
+        self._later.clear()
         self._queued.clear()
 
 

@@ -21,6 +21,9 @@ replicas it holds (every map of an aggregate) and tells the plug's
 :class:`Notifier` — the node's mailbox — which alias changed. A watch starts
 when the registration takes effect or its map is (re)opened, after a restart
 too, and notifies at once: changes made while nobody watched are not lost.
+A best-effort map that does not exist yet is looked up again by a
+notification message every ``RETRY_DELAYS[0]`` seconds at first, then less
+often, up to ``RETRY_DELAYS[1]``, until it appears.
 """
 
 from __future__ import annotations
@@ -38,7 +41,12 @@ from .errors import InvalidNameError, InvalidTypeError, SharingError
 from .names import SEPARATOR, check_map_name, check_part, map_owner
 from .service import SharingService
 
-__all__ = ["ActorSharing", "MapInfo", "Notifier", "PreparedSharing", "UnknownAliasError"]
+__all__ = ["RETRY_DELAYS", "ActorSharing", "MapInfo", "Notifier", "PreparedSharing",
+           "UnknownAliasError"]
+
+#: First and longest delay (seconds) before an ``on_change`` registration
+#: whose map is missing looks for it again.
+RETRY_DELAYS = (0.02, 1.0)
 
 MapObject: TypeAlias = SharedMap | AggregateMap
 Snapshot: TypeAlias = MapRef | AggregateSnapshot
@@ -54,6 +62,11 @@ class Notifier(Protocol):
     def notify(self, alias: str) -> None:
         """The map(s) of ``alias`` changed: deliver its ``on_change`` soon.
         Called from inside the sharing service: must not block or raise."""
+
+    def notify_later(self, alias: str, delay: float) -> None:
+        """Notify ``alias`` in ``delay`` seconds (unless one is already due):
+        its map is not available yet, and the notification's message looks
+        for it again."""
 
     def close(self) -> None:
         """The actor leaves: drop what is still to deliver."""
@@ -145,6 +158,8 @@ class ActorSharing:
         self._watches: dict[tuple[str, str], tuple[SharedMap, Callable[[], None]]] = {}
         # Alias -> the map object whose replicas are watched for it.
         self._watched: dict[str, MapObject] = {}
+        # Alias -> delay of its next lookup, while its map is missing.
+        self._missing: dict[str, float] = {}
 
     # -- what the proxy calls during a message -------------------------------
 
@@ -357,9 +372,13 @@ class ActorSharing:
         wanted: dict[tuple[str, str], SharedMap] = {}
         watched: dict[str, MapObject] = {}
         fresh: set[str] = set()
+        missing: dict[str, float] = {}
         for alias, info in self._info.items():
             obj = self._objects.get(alias)
-            if info.on_change is None or info.writable or obj is None:
+            if info.on_change is None or info.writable:
+                continue
+            if obj is None:
+                missing[alias] = self._missing.get(alias, RETRY_DELAYS[0])
                 continue
             watched[alias] = obj
             if self._watched.get(alias) is not obj:
@@ -380,9 +399,13 @@ class ActorSharing:
             self._watches[key] = (shared, self._service.watch(
                 name, shared, partial(notifier.notify, alias)))
             fresh.add(alias)
+        self._missing = {alias: min(delay * 2, RETRY_DELAYS[1])
+                         for alias, delay in missing.items()}
         if notifier is not None:
             for alias in sorted(fresh):
                 notifier.notify(alias)
+            for alias, delay in missing.items():
+                notifier.notify_later(alias, delay)
 
     # -- helpers ---------------------------------------------------------------
 
