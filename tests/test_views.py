@@ -463,3 +463,36 @@ async def test_threads_read_views_with_no_message(backend_url: str, app: str) ->
     assert all(n == version - 1 for version, n in seen), "a torn snapshot"
     versions_seen = [version for version, _ in seen]
     assert versions_seen == sorted(versions_seen) and versions_seen[-1] == last
+
+
+class Fragile(Actor):
+    calls: ClassVar[list[int]] = []
+
+    async def init(self) -> None:
+        self.sharing.add_read_only_map("m", MAP, on_change="changed")
+
+    async def changed(self, alias: str, version: int) -> None:
+        Fragile.calls.append(version)
+        self.state["last"] = version
+        if version == 2:
+            raise RuntimeError("boom in on_change")
+
+    async def last(self) -> int | None:
+        return self.state.get("last")
+
+
+async def test_a_failing_on_change_aborts_its_message_and_is_logged(
+        backend_url: str, app: str, caplog: pytest.LogCaptureFixture) -> None:
+    Fragile.calls = []
+    async with Node(backend_url, app=app) as wnode, Node(backend_url, app=app) as rnode:
+        writer = await wnode.start(Writer, "alice-writer")
+        reader = await rnode.start(Fragile, "alice-fragile")
+        await until(lambda: Fragile.calls == [1])
+        await writer.call("bump")
+        await until(lambda: Fragile.calls[-1:] == [2])
+        await until(lambda: "boom in on_change" in caplog.text)
+        assert await reader.call("last") == 1  # the failed message changed nothing
+        version = await writer.call("bump")
+        await until(lambda: Fragile.calls[-1:] == [version])
+        assert await reader.call("last") == version
+    assert "alice-fragile" in caplog.text and "'m'" in caplog.text
