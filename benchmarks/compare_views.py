@@ -11,6 +11,8 @@
       the ``on_change`` message of an actor, each against a raw redis-py
       ``SPUBLISH`` -> ``SSUBSCRIBE`` round trip (a bare connection reading
       pushes, as the backend's reader does) of a change set's size: p50 <= 1.5x.
+      The same round trip through redis-py's ``PubSub`` (the baseline of P6
+      in compare_redis.py) is printed too.
       Raw, view and on_change samples alternate within each round, so all see
       the machine in the same state; each round's median is taken, the best
       round kept. Printed beside them: when node B's replica applied the
@@ -180,14 +182,18 @@ class Latency:
         await self.sub.read_response(timeout=5)
         self.raw_arrived: asyncio.Future[float] | None = None
         self.reader = asyncio.create_task(self._raw_listen())
+        self.pubsub = self.raw.pubsub()
+        await self.pubsub.ssubscribe("pubsub-latency")
+        self.listener = asyncio.create_task(self._pubsub_listen())
         for i in range(50):  # warm every path up
             await self.raw_sample(i)
             await self.view_sample()
             await self.notify_sample()
 
     async def close(self) -> None:
-        for task in (self.consumer, self.reader):
+        for task in (self.consumer, self.reader, self.listener):
             task.cancel()
+        await self.pubsub.aclose()
         await self.sub.disconnect()
         await self.raw.aclose()
         await self.b.close()
@@ -208,13 +214,19 @@ class Latency:
                     and self.raw_arrived is not None and not self.raw_arrived.done():
                 self.raw_arrived.set_result(time.perf_counter())
 
-    async def raw_sample(self, i: int) -> float:
+    async def _pubsub_listen(self) -> None:
+        async for message in self.pubsub.listen():
+            if message["type"] == "smessage" and self.raw_arrived is not None \
+                    and not self.raw_arrived.done():
+                self.raw_arrived.set_result(time.perf_counter())
+
+    async def raw_sample(self, i: int, channel: str = "raw-latency") -> float:
         payload = orjson.dumps({"version": i, "remove": [], "add": ["k", i,
                                                                     "__ca_version__", i + 1],
                                 "txid": "0123456789abcdef-1", "base_txid": None})
         self.raw_arrived = asyncio.get_running_loop().create_future()
         started = time.perf_counter()
-        await self.raw.execute_command("SPUBLISH", "raw-latency", payload)
+        await self.raw.execute_command("SPUBLISH", channel, payload)
         return await self.raw_arrived - started
 
     async def view_sample(self) -> float:
@@ -234,12 +246,14 @@ class Latency:
         return await Reader.arrived - started
 
     async def round(self) -> dict[str, list[float]]:
-        out: dict[str, list[float]] = {"raw": [], "view": [], "on_change": []}
+        out: dict[str, list[float]] = {"raw": [], "raw PubSub": [], "view": [], "on_change": []}
         self.applied = []
-        kinds = [("raw", self.raw_sample), ("view", lambda _i: self.view_sample()),
+        kinds = [("raw", self.raw_sample),
+                 ("raw PubSub", lambda i: self.raw_sample(i, "pubsub-latency")),
+                 ("view", lambda _i: self.view_sample()),
                  ("on_change", lambda _i: self.notify_sample())]
         for i in range(self.samples):
-            shift = i % 3
+            shift = i % len(kinds)
             for name, sample in kinds[shift:] + kinds[:shift]:
                 out[name].append(await sample(i))
         out["replica applied"] = self.applied
@@ -251,8 +265,8 @@ async def v2(rounds: int, samples: int) -> list[tuple[str, float, float, str, bo
         bench = Latency(server, samples)
         await bench.setup()
         try:
-            medians: dict[str, list[float]] = {"raw": [], "view": [], "on_change": [],
-                                               "replica applied": []}
+            medians: dict[str, list[float]] = {"raw": [], "raw PubSub": [], "view": [],
+                                               "on_change": [], "replica applied": []}
             for _ in range(rounds):
                 gc.collect()
                 for name, values in (await bench.round()).items():
