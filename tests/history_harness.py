@@ -3,7 +3,7 @@
 One writer process and ``readers`` reader processes (``history_worker.py``;
 the first hosts two reader actors, for fairness, the others one, so that a
 reader is sometimes the only one of its map on its node) run against a Redis
-server of the run's own, while the harness injects one fault every
+server (or cluster) of the run's own, while the harness injects one fault every
 ``fault_every`` seconds, in turn from ``faults``:
 
 * ``kill_writer`` — SIGKILL the writer process; a new one takes the actor
@@ -18,6 +18,27 @@ server of the run's own, while the harness injects one fault every
   at once, racing the running one for the actor on the empty store;
 * ``redis_older`` — restart Redis from a snapshot ``SAVE``\\ d two faults
   earlier (RDB without AOF).
+
+With ``cluster=True`` the store is a Redis Cluster of 3 masters with one
+replica each (``rediscluster.RedisCluster``) instead of one server, and the
+faults are the actor faults above, ``kill_pubsub`` (on every node) and the
+cluster's own, on the shard of the writer actor (its keys, its maps' and
+their channels share the hash tag ``{w-writer}``, so one slot):
+
+* ``migrate_writer_slot`` — move that slot to another master the way
+  redis-cli reshards, with commits running: ``MIGRATING``/``IMPORTING``,
+  then the slot's keys one at a time with a pause between (commits meet
+  ``TRYAGAIN``, reads ``ASK``), then ``SETSLOT NODE`` everywhere;
+* ``failover_writer_shard`` — ``CLUSTER FAILOVER`` on the replica of the
+  slot's master: a planned failover, which loses no write.
+
+The data-loss faults of one server (``DATA_LOSS_FAULTS``) are not run on a
+cluster: a cluster node restarted empty or from an old snapshot is a
+different fault (a master without replicas losing its shard), out of scope
+here. The actors are placed so that the readers and the writer start on at
+least two shards (``placement.json`` in the workdir says where), and
+``redis_errors.json`` counts the error replies the nodes sent (``TRYAGAIN``,
+``ASK``, ``MOVED``...).
 
 A writer process is always running: when the last one exits (it lost the
 actor) or was killed, a new incarnation starts. After ``seconds`` the harness
@@ -38,6 +59,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +71,12 @@ import caf_sharing
 from caf_sharing import Node
 from caf_sharing.errors import MapNotFoundError, SharingError
 from history import HistoryReport, check_history, load_history
-from history_worker import NODE_OPTIONS, WRITER, FinalReader
+from history_worker import NODE_OPTIONS, WRITER, FinalReader, reader_name
+from rediscluster import RedisCluster
 from redisserver import RedisServer
 
-__all__ = ["ACTOR_FAULTS", "ALL_FAULTS", "DATA_LOSS_FAULTS", "FAULT_GROUPS", "RESYNC_FAULTS",
+__all__ = ["ACTOR_FAULTS", "ALL_FAULTS", "CLUSTER_ALL_FAULTS", "CLUSTER_FAULTS",
+           "CLUSTER_FAULT_GROUPS", "DATA_LOSS_FAULTS", "FAULT_GROUPS", "RESYNC_FAULTS",
            "HistoryRun", "HistoryRunError", "run_history"]
 
 ACTOR_FAULTS = ("kill_writer", "pause_writer", "restart_reader")
@@ -61,6 +85,13 @@ DATA_LOSS_FAULTS = ("redis_empty", "redis_older", "redis_empty_second_node")
 ALL_FAULTS = ACTOR_FAULTS + RESYNC_FAULTS + DATA_LOSS_FAULTS
 FAULT_GROUPS = {"actor": ACTOR_FAULTS, "resync": RESYNC_FAULTS,
                 "data-loss": DATA_LOSS_FAULTS, "all": ALL_FAULTS}
+CLUSTER_FAULTS = ("migrate_writer_slot", "failover_writer_shard")
+CLUSTER_ALL_FAULTS = ACTOR_FAULTS + RESYNC_FAULTS + CLUSTER_FAULTS
+CLUSTER_FAULT_GROUPS = {"actor": ACTOR_FAULTS, "resync": RESYNC_FAULTS,
+                        "cluster": CLUSTER_FAULTS, "all": CLUSTER_ALL_FAULTS}
+
+#: Pause between two keys of a migrating slot: commits meet the slot half moved.
+MIGRATE_KEY_PAUSE = 0.05
 
 WORKER = Path(__file__).with_name("history_worker.py")
 #: Where the caf_sharing under test lives, so that workers import the same one.
@@ -85,12 +116,20 @@ class HistoryRun:
     reader_pause: float = 0.01
     #: Quiet time after the last fault before the processes are stopped.
     settle: float = 3.0
+    #: A Redis Cluster (3 masters, a replica each) rather than one server.
+    cluster: bool = False
     app: str = field(default_factory=lambda: f"h{uuid.uuid4().hex[:8]}")
 
+    @property
+    def known_faults(self) -> tuple[str, ...]:
+        return CLUSTER_ALL_FAULTS if self.cluster else ALL_FAULTS
+
     def __post_init__(self) -> None:
-        unknown = [name for name in self.faults if name not in ALL_FAULTS]
+        unknown = [name for name in self.faults if name not in self.known_faults]
         if unknown:
-            raise ValueError(f"unknown faults {unknown}; known: {', '.join(ALL_FAULTS)}")
+            where = "a cluster" if self.cluster else "one server"
+            raise ValueError(f"unknown faults {unknown} on {where}; known: "
+                             f"{', '.join(self.known_faults)}")
         if self.readers < 1:
             raise ValueError(f"readers must be >= 1, got {self.readers}")
         for name in ("seconds", "lease_ttl", "fault_every"):
@@ -99,9 +138,10 @@ class HistoryRun:
 
 
 class _Harness:
-    def __init__(self, run: HistoryRun, server: RedisServer) -> None:
+    def __init__(self, run: HistoryRun, store: RedisServer | RedisCluster) -> None:
         self.run = run
-        self.server = server
+        self.store = store
+        self.migrations = 0
         self.writers: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.readers: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.incarnations = 0
@@ -120,7 +160,7 @@ class _Harness:
         run = self.run
         with (run.workdir / f"{proc}.err").open("wb") as stderr:
             return subprocess.Popen(
-                [sys.executable, str(WORKER), role, self.server.url, run.app,
+                [sys.executable, str(WORKER), role, self.store.url, run.app,
                  str(run.workdir / f"{proc}.jsonl"), "--proc", proc,
                  "--lease-ttl", str(run.lease_ttl), "--pause", str(pause),
                  "--actors", str(actors)],
@@ -177,8 +217,73 @@ class _Harness:
         """Whether every reader logged a record, so it handles SIGUSR1 by now."""
         return all((self.run.workdir / f"{proc}.jsonl").exists() for proc, _ in self.readers)
 
-    def inject(self, name: str) -> None:
+    def reader_procs(self) -> list[tuple[str, int]]:
+        """(process, how many reader actors it hosts) of every reader process."""
+        return [(f"r{i}", 2 if i == 0 else 1) for i in range(self.run.readers)]
+
+    def place(self) -> None:
+        """Write where each actor's keys are; on a cluster, refuse a run whose
+        actors would all share one shard (nothing would cross shards)."""
+        actors = [WRITER, *(reader_name(proc, i) for proc, count in self.reader_procs()
+                            for i in range(count))]
+        if isinstance(self.store, RedisCluster):
+            cluster = self.store
+            placement = {actor: cluster.node_for_slot(cluster.key_slot(actor)).port
+                         for actor in actors}
+            if len(set(placement.values())) < 2:
+                raise HistoryRunError(f"every actor is on one shard: {placement}; "
+                                      "run more readers")
+        else:
+            placement = dict.fromkeys(actors, self.store.port)
+        (self.run.workdir / "placement.json").write_bytes(orjson.dumps(placement))
+
+    def nodes(self) -> list[RedisServer]:
+        store = self.store
+        return store.masters() + store.replicas() if isinstance(store, RedisCluster) \
+            else [store]
+
+    def kill_pubsub(self) -> int:
+        return sum(node.kill_pubsub_clients() for node in self.nodes())
+
+    def save_error_replies(self) -> None:
+        """Write the error replies the nodes sent, by kind (``INFO errorstats``:
+        TRYAGAIN, ASK, MOVED...), so a run shows what its faults made the
+        clients meet."""
+        counts: Counter[str] = Counter()
+        for node in self.nodes():
+            with node.client() as client:
+                for stat, value in client.info("errorstats").items():
+                    counts[stat.removeprefix("errorstat_")] += value["count"]
+        (self.run.workdir / "redis_errors.json").write_bytes(orjson.dumps(dict(counts)))
+
+    def migrate_writer_slot(self, cluster: RedisCluster) -> dict[str, Any]:
+        """Move the writer's slot to another master (each in turn), a key at a time."""
+        slot = cluster.key_slot(WRITER)
+        source = cluster.node_for_slot(slot)
+        targets = [node for node in cluster.masters() if node is not source]
+        target = targets[self.migrations % len(targets)]
+        self.migrations += 1
+        migration = cluster.begin_migration(slot, target)
+        with cluster.client(source) as client:
+            keys = client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        for key in sorted(keys):
+            time.sleep(MIGRATE_KEY_PAUSE)
+            cluster.move_keys(migration, [key])
+        time.sleep(MIGRATE_KEY_PAUSE)
+        cluster.finish_migration(migration)  # with the keys created meanwhile
+        return {"slot": slot, "source": source.port, "target": target.port,
+                "keys": len(keys)}
+
+    def failover_writer_shard(self, cluster: RedisCluster) -> dict[str, Any]:
+        slot = cluster.key_slot(WRITER)
+        before = cluster.node_for_slot(slot)
+        return {"slot": slot, "source": before.port,
+                "target": cluster.failover_slot(slot).port}
+
+    async def inject(self, name: str) -> None:
         proc, popen = self.active_writer()
+        detail: dict[str, Any] = {"began": time.time()}  # "t" is when it was done
+        store = self.store
         if name == "kill_writer" and popen is not None:
             popen.kill()
             popen.wait()
@@ -195,26 +300,31 @@ class _Harness:
             self.reader_restarts += 1
             popen.send_signal(signal.SIGUSR1)
         elif name == "kill_pubsub":
-            self.server.kill_pubsub_clients()
-        elif name == "redis_empty":
-            self.server.restart()
-        elif name == "redis_empty_second_node":
-            self.server.restart()
+            detail["killed"] = await asyncio.to_thread(self.kill_pubsub)
+        elif name == "migrate_writer_slot" and isinstance(store, RedisCluster):
+            # In a thread: the supervisor goes on replacing writers meanwhile.
+            detail.update(await asyncio.to_thread(self.migrate_writer_slot, store))
+        elif name == "failover_writer_shard" and isinstance(store, RedisCluster):
+            detail.update(await asyncio.to_thread(self.failover_writer_shard, store))
+        elif name == "redis_empty" and isinstance(store, RedisServer):
+            store.restart()
+        elif name == "redis_empty_second_node" and isinstance(store, RedisServer):
+            store.restart()
             self.spawn_writer()
-        elif name == "redis_older" and self.snapshots:
-            self.server.restart_from(self.snapshots[-2] if len(self.snapshots) > 1
-                                     else self.snapshots[-1])
+        elif name == "redis_older" and self.snapshots and isinstance(store, RedisServer):
+            store.restart_from(self.snapshots[-2] if len(self.snapshots) > 1
+                               else self.snapshots[-1])
         else:
             return  # no writer to kill or pause, no reader ready, or no snapshot yet
-        self.record_fault(name, proc=proc)
+        self.record_fault(name, proc=proc, **detail)
 
     # -- the run -------------------------------------------------------------------
 
     async def drive(self) -> None:
         run = self.run
-        self.readers = [(f"r{i}", self.spawn("reader", f"r{i}", run.reader_pause,
-                                             actors=2 if i == 0 else 1))
-                        for i in range(run.readers)]
+        self.place()
+        self.readers = [(proc, self.spawn("reader", proc, run.reader_pause, actors=count))
+                        for proc, count in self.reader_procs()]
         supervisor = asyncio.get_running_loop().create_task(self.supervise())
         try:
             start = time.monotonic()
@@ -224,9 +334,9 @@ class _Harness:
                 if due > start + run.seconds:
                     break
                 await asyncio.sleep(due - time.monotonic())
-                self.inject(run.faults[tick % len(run.faults)])
-                if "redis_older" in run.faults:
-                    self.snapshots.append(self.server.snapshot())
+                await self.inject(run.faults[tick % len(run.faults)])
+                if "redis_older" in run.faults and isinstance(self.store, RedisServer):
+                    self.snapshots.append(self.store.snapshot())
                 tick += 1
             await asyncio.sleep(max(0.0, start + run.seconds - time.monotonic()))
             for task in list(self.thaws):
@@ -256,7 +366,7 @@ class _Harness:
 
     async def read_final(self) -> dict[str, Any]:
         """The store's state once every worker is gone."""
-        async with Node(self.server.url, app=self.run.app, node_id="history-final",
+        async with Node(self.store.url, app=self.run.app, node_id="history-final",
                         lease_ttl=self.run.lease_ttl, **NODE_OPTIONS) as node:
             deadline = time.monotonic() + 5 * self.run.lease_ttl + 5
             while True:
@@ -282,14 +392,15 @@ class _Harness:
 async def run_history(run: HistoryRun) -> HistoryReport:
     """Run the processes and faults of ``run``; judge the history they leave."""
     run.workdir.mkdir(parents=True, exist_ok=True)
-    server = RedisServer()
-    server.start()
+    store = RedisCluster(masters=3, replicas_per_master=1) if run.cluster else RedisServer()
+    store.start()
     try:
-        harness = _Harness(run, server)
+        harness = _Harness(run, store)
         await harness.drive()
         final = await harness.read_final()
+        harness.save_error_replies()
         (run.workdir / "final.jsonl").write_bytes(orjson.dumps({"kind": "final", **final})
                                                   + b"\n")
     finally:
-        server.cleanup()
+        store.cleanup()
     return check_history(load_history(sorted(run.workdir.glob("*.jsonl"))))

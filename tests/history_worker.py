@@ -36,7 +36,8 @@ from caf_sharing import Actor, ActorHandle, MapRef, Node
 from caf_sharing.errors import ActorStoppedError, LeaseHeldError, LeaseLostError, SharingError
 from history import digest
 
-__all__ = ["WRITER", "FinalReader", "HistoryReader", "HistoryWriter", "map_view"]
+__all__ = ["WRITER", "FinalReader", "HistoryReader", "HistoryWriter", "map_view",
+           "reader_name"]
 
 WRITER = "w-writer"
 #: How many recent tokens each map keeps (keys c0..c7): a replica that
@@ -47,6 +48,11 @@ LOST = 3
 #: Backend options of every node of a run: fail fast, so faults show up as
 #: failed messages within a run rather than as minutes of retries.
 NODE_OPTIONS: dict[str, Any] = {"max_retries": 3, "retry_delay": 0.05, "socket_timeout": 2.0}
+
+
+def reader_name(proc: str, index: int) -> str:
+    """The name of reader actor ``index`` (from 0) of process ``proc``."""
+    return f"{proc}-{chr(ord('a') + index)}"
 
 
 def map_view(ref: MapRef) -> dict[str, Any]:
@@ -204,7 +210,7 @@ class _Worker:
                         **NODE_OPTIONS) as node:
             if args.role == "writer":
                 return await self.writer(node)
-            await asyncio.gather(*(self.reader(node, f"{args.proc}-{chr(ord('a') + i)}",
+            await asyncio.gather(*(self.reader(node, reader_name(args.proc, i),
                                                restartable=i == 0)
                                    for i in range(args.actors)))
             return 0

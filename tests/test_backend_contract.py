@@ -30,6 +30,7 @@ from caf_sharing.errors import (
     LeaseHeldError,
     LeaseLostError,
     MapMissingError,
+    NodeIdInUseError,
 )
 
 ACTOR = "alice-admin"
@@ -67,11 +68,11 @@ def as_dict(d: dict[str, Any] | None) -> dict[str, Any]:
 def tx(txid: str, *, writes: Sequence[MapWrite] = (), creates: Sequence[MapCreate] = (),
        restores: Sequence[MapRestore] = (), reassert: bool = False,
        prev: str | None = None, node: str = NODE, actor: str = ACTOR,
-       state: Any = None, ttl: float = 10.0) -> Transaction:
+       state: Any = None, ttl: float = 10.0, deletes: Sequence[str] = ()) -> Transaction:
     return Transaction(actor=actor, node_id=node, txid=txid, prev_txid=prev,
                        checkpoint={"txid": txid, "state": state, "maps": [MAP]},
                        lease_ttl=ttl, writes=tuple(writes), creates=tuple(creates),
-                       restores=tuple(restores), reassert=reassert)
+                       restores=tuple(restores), reassert=reassert, deletes=tuple(deletes))
 
 
 OFF_CHAIN = "does not follow this node's commits of actor 'alice-admin'"
@@ -426,6 +427,117 @@ async def test_large_change_sets(backend: Backend) -> None:
         **{f"k{i}": i for i in range(10_000, 12_000)}, V: 2}
 
 
+async def test_a_transaction_deletes_maps_with_its_commit(backend_factory: Any,
+                                                         backend_kind: str) -> None:
+    a = await backend_factory(backend_kind)
+    b = await backend_factory(backend_kind)
+    await setup_map(a, initial=dump(0, {"a": 1}))
+    await a.create_map(MAP2)
+    last = await advance(a, 0, 2)
+    inbox = Inbox()
+    await b.subscribe(MAP, inbox)
+    # One atomic step: a write to one map, the deletion of the other...
+    assert await a.commit(tx("d1", prev=last, deletes=[MAP],
+                             writes=[MapWrite(MAP2, changes(0, {"y": 1}))]))
+    assert await b.read_map(MAP) is None
+    assert as_dict(await b.read_map(MAP2)) == {"y": 1, V: 1}
+    assert (await b.load_checkpoint(ACTOR) or {})["txid"] == "d1"
+    # ...and the deleted map's subscribers get the marker, which is no change set.
+    await inbox.wait_for(1)
+    assert orjson.loads(inbox.messages[0]) == {"deleted": True, "txid": "d1"}
+    # A retry of the commit changes nothing; deleting a missing map is fine.
+    assert await a.commit(tx("d1", prev=last, deletes=[MAP])) is False
+    assert await a.commit(tx("d2", prev="d1", deletes=[MAP]))
+    await asyncio.sleep(0.05)
+    assert len(inbox.messages) == 1
+    # Created again, the map starts afresh (its lineage went with it).
+    assert await a.commit(tx("d3", prev="d2", creates=[MapCreate(MAP)],
+                             writes=[MapWrite(MAP, {**changes(0, {"z": 1}),
+                                                    "base_txid": "d3"})]))
+    assert as_dict(await b.read_map(MAP)) == {"z": 1, V: 1}
+
+
+async def test_a_refused_transaction_deletes_nothing(backend: Backend) -> None:
+    await setup_map(backend)
+    await backend.create_map(MAP2)
+    last = await advance(backend, 0, 1)
+    with pytest.raises(ConcurrentUpdateError):
+        await backend.commit(tx("d1", prev=last, deletes=[MAP2],
+                                writes=[MapWrite(MAP, changes(5))]))
+    with pytest.raises(ChainError):
+        await backend.commit(tx("d1", prev="nope", deletes=[MAP2]))
+    assert await backend.read_map(MAP2) is not None
+    # A map is written or deleted by one transaction, not both; only its own maps.
+    with pytest.raises(ValueError, match="more than once"):
+        await backend.commit(tx("d1", prev=last, deletes=[MAP],
+                                writes=[MapWrite(MAP, changes(1))]))
+    with pytest.raises(InvalidChangeSetError, match="owned by 'bob-admin'"):
+        await backend.commit(tx("d1", prev=last, deletes=["bob-admin-x"]))
+    assert await backend.read_map(MAP) is not None
+
+
+async def test_delete_map_publishes_the_deletion_marker(backend: Backend) -> None:
+    await backend.create_map(MAP)
+    inbox = Inbox()
+    await backend.subscribe(MAP, inbox)
+    assert await backend.delete_map(MAP)
+    await inbox.wait_for(1)
+    assert orjson.loads(inbox.messages[0]) == {"deleted": True, "txid": None}
+
+
+async def test_destroy_actor_deletes_everything_of_an_unheld_actor(
+        backend_factory: Any, backend_kind: str) -> None:
+    a = await backend_factory(backend_kind)
+    b = await backend_factory(backend_kind)
+    await setup_map(a, initial=dump(0, {"a": 1}))
+    last = await advance(a, 0, 2)
+    assert await a.commit(tx("c1", prev=last, creates=[MapCreate(MAP2)]))
+    await a.acquire_lease("alice-other", NODE, 10.0)
+    await a.create_map("alice-other-x")
+    inbox = Inbox()
+    await b.subscribe(MAP2, inbox)
+    with pytest.raises(LeaseHeldError) as held:
+        await b.destroy_actor(ACTOR)
+    assert held.value.holder == NODE
+    assert held.value.expires_in is not None and 0 < held.value.expires_in <= 10.0
+    assert "expires in" in str(held.value)
+    assert await a.read_map(MAP) is not None  # nothing deleted
+    await a.release_lease(ACTOR, NODE)
+    assert await b.destroy_actor(ACTOR) is True
+    assert await a.read_map(MAP) is None and await a.read_map(MAP2) is None
+    assert await a.load_checkpoint(ACTOR) is None
+    assert await a.load_txids([ACTOR]) == [None]
+    await inbox.wait_for(1)
+    assert orjson.loads(inbox.messages[0])["deleted"] is True
+    # Another actor of the same owner prefix keeps its maps; the actor starts afresh.
+    assert await a.read_map("alice-other-x") is not None
+    assert await b.destroy_actor(ACTOR) is False
+    await b.acquire_lease(ACTOR, OTHER, 10.0)
+    assert await b.commit(tx("n1", node=OTHER, creates=[MapCreate(MAP)]))
+    assert as_dict(await a.read_map(MAP)) == {V: 0}
+
+
+async def test_a_node_id_is_claimed_by_one_live_instance(backend_factory: Any,
+                                                         backend_kind: str) -> None:
+    a = await backend_factory(backend_kind)
+    b = await backend_factory(backend_kind)
+    await a.claim_node(NODE, "nonce-a", 0.5)
+    await a.claim_node(NODE, "nonce-a", 0.5)  # renewing my claim is fine
+    await b.claim_node(OTHER, "nonce-b", 0.5)  # another id is another claim
+    with pytest.raises(NodeIdInUseError) as used:
+        await b.claim_node(NODE, "nonce-b", 10.0)
+    assert used.value.node_id == NODE
+    assert "node_id 'node1'" in str(used.value)
+    assert used.value.expires_in is not None and 0 < used.value.expires_in <= 0.5
+    await b.release_node(NODE, "nonce-b")  # not its claim: no effect
+    with pytest.raises(NodeIdInUseError):
+        await b.claim_node(NODE, "nonce-b", 10.0)
+    await a.release_node(NODE, "nonce-a")
+    await b.claim_node(NODE, "nonce-b", 0.3)
+    await asyncio.sleep(0.4)  # a claim nobody renews expires
+    await a.claim_node(NODE, "nonce-a", 10.0)
+
+
 # -- leases --------------------------------------------------------------------------
 
 
@@ -439,6 +551,9 @@ async def test_lease_excludes_other_nodes_until_it_expires(backend_factory: Any,
     with pytest.raises(LeaseHeldError) as held:
         await b.acquire_lease(ACTOR, OTHER, 10.0)
     assert (held.value.actor, held.value.holder) == (ACTOR, NODE)
+    # The error says when the lease expires, unless its holder renews it.
+    assert held.value.expires_in is not None and 0 < held.value.expires_in <= 0.5
+    assert "the lease expires in 0." in str(held.value)
     with pytest.raises(LeaseLostError) as lost:
         await b.commit(tx("b1", node=OTHER, writes=[MapWrite(MAP, changes(0))]))
     assert (lost.value.node_id, lost.value.holder) == (OTHER, NODE)
@@ -785,3 +900,26 @@ async def test_change_sets_of_the_core_replicate_into_the_core(backend_factory: 
     stored = SharedMap()
     stored.apply_changes(await reader.read_map(MAP))
     assert stored.ref().to_dict() == primary.ref().to_dict() and stored.version == 13
+
+
+async def test_purge_deletes_everything_of_its_app_only(backend_factory: Any,
+                                                        backend_kind: str) -> None:
+    backend = await backend_factory(backend_kind)
+    await setup_map(backend, initial=dump(0, {"a": 1}))
+    await advance(backend, 0, 2)
+    other = make_backend(backend_factory.url(backend_kind), app=f"o{backend.app}")
+    await other.start()
+    try:
+        await other.acquire_lease(ACTOR, NODE, 10.0)
+        await other.create_map(MAP)
+        assert await backend.purge(expire_after=60.0) >= 3  # map, checkpoint, lease...
+        assert await backend.read_map(MAP) is not None  # still there, until it expires
+        assert await backend.purge() >= 3
+        assert await backend.read_map(MAP) is None
+        assert await backend.load_checkpoint(ACTOR) is None
+        assert await backend.survey() == ([], [])
+        assert await other.read_map(MAP) is not None  # another app keeps its own
+        assert await backend.purge() == 0
+    finally:
+        await other.purge()
+        await other.close()

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,8 @@ def test_version(capsys) -> None:
 def test_errors_are_one_line(capsys) -> None:
     assert main(["inspect", "alice-admin-nothing", "--backend", "memory://empty"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "caf-sharing inspect: error: map 'alice-admin-nothing' does not exist"
+    assert err.strip() == ("caf-sharing inspect: error: map 'alice-admin-nothing' does not "
+                           "exist; no app holds a map of that name")
     assert main(["inspect", "x-y-z", "--backend", "ftp://nowhere"]) == 2
     assert "error:" in capsys.readouterr().err
     done = cli("demo", "--processes", "2")
@@ -102,6 +104,18 @@ async def test_example_helloworld(capsys) -> None:
     module = load_example("helloworld")
     assert await module.main("memory://ex-helloworld") == [5, 5, 5]
     assert "cannot write" in capsys.readouterr().out
+
+
+async def test_example_helloworld_resumes_where_the_last_run_left(redis_server) -> None:
+    # A second run resumes the counter at 5 from the checkpoint and must not
+    # wait for readers to see 5 again.
+    module = load_example("helloworld")
+    app = f"ex{uuid.uuid4().hex[:8]}"
+    assert await module.main("memory://ex-helloworld-twice") == [5, 5, 5]
+    assert await module.main("memory://ex-helloworld-twice") == [10, 10, 10]
+    # restart_grace off: a young test server would delay the first leases.
+    assert await module.main(redis_server.url, app, restart_grace=False) == [5, 5, 5]
+    assert await module.main(redis_server.url, app, restart_grace=False) == [10, 10, 10]
 
 
 async def test_example_helloadaptive() -> None:

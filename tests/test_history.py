@@ -1,8 +1,9 @@
-"""The history checker on hand-made histories, and a multi-process run on Redis.
+"""The history checker on hand-made histories, and multi-process runs on Redis.
 
 Each violation kind is caught on a history that breaks only that guarantee,
-and a clean history passes. The run drives a writer process and reader
-processes through the faults today's code handles and must break nothing.
+and a clean history passes. The runs drive a writer process and reader
+processes through the faults today's code handles, on one server and on a
+Redis Cluster (slot migration, failover), and must break nothing.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 import orjson
 import pytest
 
-from conftest import require_redis_server
+from conftest import require_redis_cli, require_redis_server
 from history import EXAMPLES, HistoryError, check_history, digest, load_history
-from history_harness import ALL_FAULTS, HistoryRun, run_history
+from history_harness import ALL_FAULTS, CLUSTER_ALL_FAULTS, HistoryRun, run_history
 from redisserver import RedisServer, RedisServerError
 
 Record = dict[str, Any]
@@ -321,9 +322,41 @@ async def test_a_multi_process_run_under_faults_breaks_nothing(
         assert report.restarts >= 1, report.summary()
 
 
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_a_multi_process_run_on_a_cluster_under_its_faults_breaks_nothing(
+        tmp_path: Path) -> None:
+    require_redis_server()
+    require_redis_cli()
+    faults = CLUSTER_ALL_FAULTS
+    # Every fault once; the cluster starts in about 3 s.
+    report = await run_history(HistoryRun(workdir=tmp_path, cluster=True,
+                                          seconds=2.0 * len(faults) + 1.0, faults=faults))
+    assert report.ok, report.summary()
+    assert report.commits > 50, report.summary()
+    assert report.observations > 50, report.summary()
+    assert set(report.faults) == set(faults), report.summary()
+    assert report.restarts >= 1, report.summary()
+    placement = orjson.loads((tmp_path / "placement.json").read_bytes())
+    assert len(set(placement.values())) >= 2, placement
+    # The migrations met commits: the source refused them while the slot was half moved.
+    replies = orjson.loads((tmp_path / "redis_errors.json").read_bytes())
+    assert replies.get("TRYAGAIN", 0) + replies.get("ASK", 0) >= 1, replies
+    moved = [orjson.loads(line) for line in (tmp_path / "faults.jsonl").read_bytes().splitlines()]
+    for record in moved:
+        if record["fault"] in ("migrate_writer_slot", "failover_writer_shard"):
+            assert record["target"] != record["source"], record
+        if record["fault"] == "kill_pubsub":  # the readers' subscriptions at least
+            assert record["killed"] >= 2, record
+
+
 def test_a_run_refuses_unknown_faults(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown faults \['kill_everything'\]"):
         HistoryRun(workdir=tmp_path, faults=["kill_everything"])
+    with pytest.raises(ValueError, match=r"unknown faults \['redis_empty'\] on a cluster"):
+        HistoryRun(workdir=tmp_path, faults=["redis_empty"], cluster=True)
+    with pytest.raises(ValueError, match=r"\['migrate_writer_slot'\] on one server"):
+        HistoryRun(workdir=tmp_path, faults=["migrate_writer_slot"])
 
 
 @pytest.mark.redis

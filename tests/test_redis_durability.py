@@ -334,3 +334,19 @@ def test_bad_durability_options_are_refused(url: str, options: dict[str, Any],
                                             words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         make_backend(url, **options)
+
+
+def test_retry_pauses_double_with_jitter_up_to_their_bound() -> None:
+    backend = make_backend("redis://h/0", retry_delay=0.1, max_retry_delay=0.5)
+    assert isinstance(backend, RedisBackend)
+    settings = backend.settings
+    for attempt, pause in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.5), (30, 0.5)]:
+        seen = [settings.backoff(attempt) for _ in range(200)]
+        assert all(pause / 2 <= s <= pause for s in seen)
+        assert max(seen) - min(seen) > pause / 10  # jittered, not fixed
+    assert max(settings.backoff(50, 5.0) for _ in range(50)) > 2.5
+    # The bound defaults to 1 s, or to retry_delay when that is longer.
+    assert make_backend("redis://h/0").settings.max_retry_delay == 1.0  # type: ignore[attr-defined]
+    assert make_backend("redis://h/0", retry_delay=2.0).settings.max_retry_delay == 2.0  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"max_retry_delay .* must be >= retry_delay"):
+        make_backend("redis://h/0", retry_delay=0.5, max_retry_delay=0.1)

@@ -496,3 +496,54 @@ async def test_a_failing_on_change_aborts_its_message_and_is_logged(
         await until(lambda: Fragile.calls[-1:] == [version])
         assert await reader.call("last") == version
     assert "alice-fragile" in caplog.text and "'m'" in caplog.text
+
+
+class Dropper(Writer):
+    async def drop(self) -> None:
+        self.sharing.delete_map("m")  # deletes the map, data included
+
+    async def recreate(self) -> None:
+        self.sharing.add_writable_map("m", "data", initial_value={"n": 100})
+
+
+class Follower(Actor):
+    seen: ClassVar[list[tuple[int, int | None]]] = []
+
+    async def init(self) -> None:
+        self.sharing.add_read_only_map("m", MAP, best_effort=True, on_change="changed")
+
+    async def changed(self, alias: str, version: int) -> None:
+        ref = self.sharing.maps.m
+        Follower.seen.append((version, None if ref is None else ref.get("n")))
+
+
+async def test_a_deleted_map_reads_as_missing_and_its_new_life_starts_over(
+        backend_url: str, app: str) -> None:
+    Follower.seen = []
+    async with Node(backend_url, app=app) as wnode, Node(backend_url, app=app) as rnode:
+        writer = await wnode.start(Dropper, "alice-writer")
+        await rnode.start(Follower, "alice-follower")
+        view = await rnode.replica(MAP)
+        got: list[tuple[int, int]] = []
+
+        async def consume() -> None:
+            async for ref in view.changes():
+                got.append((ref.version, ref.get("n")))
+
+        consumer = asyncio.ensure_future(consume())
+        version = await writer.call("bump")
+        await until(lambda: got[-1:] == [(version, 1)] and Follower.seen[-1:] == [(version, 1)])
+        await writer.call("drop")
+        await until(lambda: view.version == -1 and Follower.seen[-1] == (-1, None))
+        with pytest.raises(MapNotFoundError):
+            view.ref()
+        await writer.call("recreate")
+        # Creating a map publishes nothing: replicas (the view's, the
+        # actor's) see the new map at its first write.
+        assert await writer.call("bump") == 2
+        ref = await view.wait_for(timeout=10)
+        assert (ref.version, ref.get("n")) == (2, 101)
+        await until(lambda: got[-1:] == [(2, 101)] and Follower.seen[-1] == (2, 101))
+        await view.close()
+        await consumer
+    assert got == [(1, 0), (version, 1), (2, 101)]

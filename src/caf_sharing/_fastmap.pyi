@@ -107,8 +107,10 @@ class _ItemsView:
 class SharedMap:
     def __init__(
         self, *, no_exec: bool = False, max_updates: int = 100, logger: _Logger | None = None,
-        method_limits: MethodLimits | None = None,
+        method_limits: MethodLimits | None = None, name: str | None = None,
     ) -> None: ...
+    @property
+    def name(self) -> str | None: ...
     @property
     def version(self) -> int: ...
     @property

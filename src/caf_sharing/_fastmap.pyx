@@ -1603,13 +1603,16 @@ cdef class SharedMap:
     """A versioned, single-writer map of JSON data with snapshot refs.
 
     ``SharedMap(*, no_exec=False, max_updates=100, logger=None,
-    method_limits=None)``: `no_exec` disables serialized methods,
+    method_limits=None, name=None)``: `no_exec` disables serialized methods,
     `max_updates` bounds the change sets kept for ``updates_slice`` (0 keeps
     none), `logger` gets ``debug()`` calls for ignored replays, and
     `method_limits` (a ``caf_sharing.methods.MethodLimits``, None for the
-    defaults) is the budget of each method call on this map's refs.
+    defaults) is the budget of each method call on this map's refs, and
+    `name` (the map's full name, or None) is named by the ReadOnlyError of a
+    write through one of its read-only refs.
     """
     cdef _Snapshot _cur
+    cdef readonly object name
     cdef bint _no_exec
     cdef object _method_limits
     cdef Py_ssize_t _max_updates
@@ -1617,7 +1620,7 @@ cdef class SharedMap:
     cdef Py_hash_t _mask  # bits of hash() the trie uses: all but in collision tests
 
     def __init__(self, *, bint no_exec=False, max_updates=100, logger=None,
-                 method_limits=None):
+                 method_limits=None, name=None):
         if self._cur is not None:
             # It would reset the map under its refs and could turn no_exec off.
             raise TypeError("SharedMap is already initialised: __init__ runs once")
@@ -1628,6 +1631,7 @@ cdef class SharedMap:
         self._method_limits = method_limits
         self._no_exec = no_exec
         self._logger = logger
+        self.name = name
         self._mask = -1
         self._cur = _empty_snapshot()
 
@@ -2141,8 +2145,10 @@ cdef class MapRef:
     cdef int _check_writable(self, object key, str action) except -1:
         _check_ref(self)
         if self._read_only:
-            why = "it was already prepared" if self._changes is not None else "it is read-only"
-            raise ReadOnlyError(f"cannot {action} {key!r}: {why}")
+            if self._changes is not None:
+                raise ReadOnlyError(f"cannot {action} {key!r}: it was already prepared")
+            raise ReadOnlyError(f"cannot {action} {key!r}: it is read-only",
+                                map_name=self._map.name)
         return 0
 
     cdef int _put(self, str key, object value) except -1:

@@ -1,4 +1,4 @@
-"""The ``caf-sharing`` command: ``demo``, ``inspect`` and ``watch`` (and ``--version``).
+"""The ``caf-sharing`` command: ``demo``, ``ls``, ``inspect`` and ``watch`` (and ``--version``).
 
 Every command takes any backend URL, a Redis Cluster's
 (``redis+cluster://host:port,...``) included; on a cluster the demo spreads
@@ -30,14 +30,15 @@ from typing import Any
 import orjson
 
 from ._version import __version__
-from .backends import make_backend
+from .backends import DEFAULT_URL, URL_VARIABLE, default_url, make_backend
 from .errors import MapNotFoundError, SharingError
 
 __all__ = ["main"]
 
-DEFAULT_BACKEND = "memory://"
-#: Where ``--backend`` comes from when it is not given.
-URL_VARIABLE = "CAF_SHARING_URL"
+#: What ``--backend`` of ``demo`` is without it and without ``$CAF_SHARING_URL``.
+DEFAULT_BACKEND = DEFAULT_URL
+#: Seconds between two looks for a map ``watch`` waits for.
+WATCH_POLL = 0.2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                     "another node replicate it. Prints propagation latency and checks "
                     "monotonic reads, readers isolation and convergence. On a Redis "
                     "Cluster the actors spread over the shards.")
-    demo.add_argument("--backend", default=os.environ.get(URL_VARIABLE) or DEFAULT_BACKEND,
+    demo.add_argument("--backend", default=default_url(),
                       help=f"backend URL, e.g. redis://host:6379/0 or "
                            f"redis+cluster://host1:port1,host2:port2 (default: ${URL_VARIABLE}, "
                            f"else {DEFAULT_BACKEND}, in-process, no server)")
@@ -65,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--interval", type=float, default=1.0,
                       help="milliseconds between commits (default 1)")
     demo.add_argument("--app", default=None, help="application namespace (default: random)")
+    demo.add_argument("--keep", action="store_true",
+                      help="leave the demo's data in the store for an hour (default: delete "
+                           "it at the end)")
     demo.add_argument("--timeout", type=float, default=60.0,
                       help="seconds before giving up (default 60)")
 
@@ -73,9 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("name", help="full map name, owner-local-map")
     _backend_args(inspect)
 
+    ls = sub.add_parser("ls", help="list the maps and actors an app holds",
+                        description="List the maps (name, version, keys, bytes) and the "
+                                    "actors (checkpoint txid, lease holder, lease time left) "
+                                    "the store holds, for one app or, without --app, for "
+                                    "every app. Reads in small steps (SCAN, never KEYS).")
+    _backend_args(ls, app_default=None)
+    ls.add_argument("--json", action="store_true", help="one JSON object a line")
+
     watch = sub.add_parser("watch", help="stream a map's change sets as they arrive",
                            description="Print the map's version, then each change set "
-                                       "published for it, one JSON object a line.")
+                                       "published for it, one JSON object a line. A map "
+                                       "that does not exist yet is waited for.")
     watch.add_argument("name", help="full map name, owner-local-map")
     _backend_args(watch)
     watch.add_argument("--count", type=_positive, default=None,
@@ -91,14 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _backend_args(parser: argparse.ArgumentParser) -> None:
+def _backend_args(parser: argparse.ArgumentParser, app_default: str | None = "default") -> None:
     from_env = os.environ.get(URL_VARIABLE)
     parser.add_argument("--backend", required=not from_env, default=from_env,
                         help="backend URL, e.g. redis://host:6379/0 or "
                              "redis+cluster://host1:port1,host2:port2 (default: "
                              f"${URL_VARIABLE}; it keeps a password off the command line)")
-    parser.add_argument("--app", default="default", help="application namespace "
-                                                         "(default: %(default)s)")
+    parser.add_argument("--app", default=app_default,
+                        help="application namespace (default: "
+                             + (f"{app_default})" if app_default else "every app)"))
 
 
 def _positive(text: str) -> int:
@@ -136,7 +150,7 @@ async def _demo(args: argparse.Namespace) -> int:
           file=sys.stderr)
     result = await run_demo(args.backend, readers=args.readers, commits=args.commits,
                             processes=args.processes, app=args.app, timeout=args.timeout,
-                            interval=args.interval / 1000.0,
+                            interval=args.interval / 1000.0, keep=args.keep,
                             progress=_progress)
     print(result.table())
     return 0 if result.ok else 1
@@ -150,7 +164,7 @@ async def _inspect(args: argparse.Namespace) -> int:
     finally:
         await backend.close()
     if dump is None:
-        raise MapNotFoundError(args.name)
+        raise MapNotFoundError(args.name, await _apps_holding(args.backend, args.name))
     add = dump["add"]
     contents = {add[i]: add[i + 1] for i in range(0, len(add), 2)}
     version = contents.pop("__ca_version__", 0)
@@ -167,7 +181,12 @@ async def _watch(args: argparse.Namespace) -> int:
         await backend.subscribe(args.name, queue.put_nowait)
         dump = await backend.read_map(args.name)
         if dump is None:
-            raise MapNotFoundError(args.name)
+            print(f"caf-sharing watch: map {args.name!r} does not exist yet in app "
+                  f"{args.app!r}; waiting for it", file=sys.stderr, flush=True)
+        while dump is None:
+            # Change sets published meanwhile stay queued for below.
+            await asyncio.sleep(WATCH_POLL)
+            dump = await backend.read_map(args.name)
         add = dump["add"]
         version = next((add[i + 1] for i in range(0, len(add), 2)
                         if add[i] == "__ca_version__"), 0)
@@ -188,6 +207,53 @@ async def _watch(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _apps_holding(url: str, name: str) -> str:
+    """Where else a map called ``name`` exists, as a hint for a missing one."""
+    backend = make_backend(url)
+    await backend.start()
+    try:
+        maps, _ = await backend.survey(every_app=True)
+    finally:
+        await backend.close()
+    apps = sorted({m.app for m in maps if m.name == name})
+    if not apps:
+        return "no app holds a map of that name"
+    return f"it exists in app(s) {', '.join(apps)}: add --app {apps[0]}"
+
+
+async def _ls(args: argparse.Namespace) -> int:
+    backend = make_backend(args.backend, app=args.app or "default")
+    await backend.start()
+    try:
+        maps, actors = await backend.survey(every_app=args.app is None)
+    finally:
+        await backend.close()
+    if args.json:
+        for item in maps:
+            print(json.dumps({"map": item.name, "app": item.app, "version": item.version,
+                              "keys": item.keys, "bytes": item.bytes}))
+        for actor in actors:
+            print(json.dumps({"actor": actor.name, "app": actor.app, "txid": actor.txid,
+                              "holder": actor.holder, "ttl": actor.ttl}))
+        return 0
+    for app in sorted({m.app for m in maps} | {a.app for a in actors}):
+        print(f"app {app}")
+        app_maps = [m for m in maps if m.app == app]
+        if app_maps:
+            print(f"  {'map':<40}{'version':>18}{'keys':>10}{'bytes':>12}")
+            for m in app_maps:
+                print(f"  {m.name:<40}{m.version:>18}{m.keys:>10}{m.bytes:>12}")
+        app_actors = [a for a in actors if a.app == app]
+        if app_actors:
+            print(f"  {'actor':<40}{'checkpoint txid':<24}{'lease holder':<24}{'ttl left':>9}")
+            for a in app_actors:
+                ttl = f"{a.ttl:.1f}s" if a.ttl is not None else "-"
+                print(f"  {a.name:<40}{a.txid or '-':<24}{a.holder or '-':<24}{ttl:>9}")
+    if not maps and not actors:
+        print("nothing stored" + (f" in app {args.app}" if args.app else ""))
+    return 0
+
+
 async def _reader(args: argparse.Namespace) -> int:
     from .demo import run_reader_process
 
@@ -197,7 +263,8 @@ async def _reader(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"demo": _demo, "inspect": _inspect, "watch": _watch, "_demo-reader": _reader}
+_COMMANDS = {"demo": _demo, "ls": _ls, "inspect": _inspect, "watch": _watch,
+             "_demo-reader": _reader}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO, runtime_checkable
 
-from .backends import redact_url
+from .backends import make_backend, redact_url
 from .node import Actor, Node
 
 __all__ = ["DemoResult", "reader_names", "run_demo", "run_reader_process"]
@@ -42,6 +42,8 @@ OWNER = "alice"
 ADMIN = f"{OWNER}-admin"
 MAP = "counter"
 MAP_NAME = f"{ADMIN}-{MAP}"
+#: How long ``--keep`` leaves the demo's data in the store.
+KEEP_SECONDS = 3600
 #: Reader names tried per reader when spreading the readers over shards.
 CANDIDATES_PER_READER = 64
 
@@ -115,6 +117,9 @@ class DemoResult:
     problems: list[str] = field(default_factory=list)
     #: On a cluster, the shard (host:port) of each actor, the admin included.
     shards: dict[str, str] = field(default_factory=dict)
+    #: The app namespace it stored under, and whether it left its data there.
+    app: str = ""
+    kept: bool = False
 
     @property
     def ok(self) -> bool:
@@ -186,6 +191,14 @@ class DemoResult:
         rows.append("")
         rows.append("all guarantees held" if self.ok else "VIOLATIONS:\n  " +
                     "\n  ".join(self.problems))
+        if self.app and not self.backend.startswith("memory:"):
+            inspect = f"caf-sharing inspect {MAP_NAME} --backend {self.backend} --app {self.app}"
+            if "***" in self.backend:
+                inspect += "  (with your password, or --backend from $CAF_SHARING_URL)"
+            rows.append(f"\napp namespace {self.app}: " + (
+                f"kept for {KEEP_SECONDS // 3600} h; try\n  {inspect}" if self.kept
+                else "its keys are deleted; run with --keep to inspect them with\n  "
+                     + inspect))
         return "\n".join(rows)
 
 
@@ -245,9 +258,11 @@ async def _read_until(node: Node, names: list[str], last_version: Callable[[], i
 
 async def run_demo(backend: str = "memory://", *, readers: int = 4, commits: int = 200,
                    processes: int = 0, app: str | None = None, timeout: float = 60.0,
-                   interval: float = 0.001,
+                   interval: float = 0.001, keep: bool = False,
                    progress: Callable[[int, int], None] | None = None) -> DemoResult:
-    """Run the scenario and check its histories; see the module docstring."""
+    """Run the scenario and check its histories; see the module docstring.
+    At the end the demo deletes what it stored, or with ``keep`` leaves it for
+    :data:`KEEP_SECONDS` (a TTL)."""
     if readers < 1 or commits < 1:
         raise ValueError("readers and commits must be >= 1")
     if processes and backend.startswith("memory:"):
@@ -287,8 +302,14 @@ async def run_demo(backend: str = "memory://", *, readers: int = 4, commits: int
             reports = await reader_task
             reports += await asyncio.to_thread(_collect_children, children, timeout)
         shards = {} if shard_of is None else {name: shard_of(name) for name in [ADMIN, *names]}
+    store = make_backend(backend, app=app)
+    await store.start()
+    try:
+        await store.purge(KEEP_SECONDS if keep else None)
+    finally:
+        await store.close()
     result = DemoResult(redact_url(backend), commits, seconds, commit_times, values, reports,
-                        shards=shards)
+                        shards=shards, app=app, kept=keep)
     result.check()
     return result
 

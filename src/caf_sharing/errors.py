@@ -31,6 +31,7 @@ __all__ = [
     "MethodError",
     "MissedUpdateError",
     "NoExecError",
+    "NodeIdInUseError",
     "PrepareRequiredError",
     "ReadOnlyError",
     "ShardUnavailableError",
@@ -46,7 +47,20 @@ class SharingError(Exception):
 
 
 class ReadOnlyError(SharingError):
-    """A write through a read-only (or already prepared) map reference."""
+    """A write through a read-only (or already prepared) map reference.
+
+    ``map_name`` is the full name of the map when the reference belongs to a
+    named map (a replica): the message then names it and its owner, the only
+    actor that can write it."""
+
+    def __init__(self, message: str, *, map_name: str | None = None) -> None:
+        if map_name is not None:
+            # A map is "owner-local-name": its owner is the first two parts.
+            owner = "-".join(map_name.split("-")[:2])
+            message = (f"{message}: map {map_name!r} is read-only here; only its owner, "
+                       f"actor {owner!r}, writes it")
+        super().__init__(message)
+        self.map_name = map_name
 
 
 class PrepareRequiredError(SharingError):
@@ -162,10 +176,10 @@ class DurabilityError(BackendError):
 
 
 class MapNotFoundError(BackendError, KeyError):
-    """A map that does not exist in the backend."""
+    """A map that does not exist in the backend (``hint`` says what to do about it)."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"map {name!r} does not exist")
+    def __init__(self, name: str, hint: str = "") -> None:
+        super().__init__(f"map {name!r} does not exist{'; ' + hint if hint else ''}")
         self.name = name
 
     def __str__(self) -> str:
@@ -181,12 +195,31 @@ class MapMissingError(BackendError):
 
 
 class LeaseHeldError(BackendError):
-    """Another node holds the lease of an actor."""
+    """Another node holds the lease of an actor; ``expires_in`` (seconds, when
+    known) is the time left before the lease expires unless its holder renews it."""
 
-    def __init__(self, actor: str, holder: str | None) -> None:
-        super().__init__(f"actor {actor!r} is leased by node {holder!r}")
+    def __init__(self, actor: str, holder: str | None, expires_in: float | None = None) -> None:
+        when = "" if expires_in is None else \
+            f"; the lease expires in {expires_in:.1f}s unless that node renews it"
+        super().__init__(f"actor {actor!r} is leased by node {holder!r}{when}")
         self.actor = actor
         self.holder = holder
+        self.expires_in = expires_in
+
+
+class NodeIdInUseError(BackendError):
+    """Another live node uses the same ``node_id`` on the same backend and app:
+    two nodes sharing an id would share every lease, and so break the single
+    writer guarantee."""
+
+    def __init__(self, node_id: str, where: str, expires_in: float | None = None) -> None:
+        when = "" if expires_in is None else \
+            f" (its claim expires in {expires_in:.1f}s if that node is gone)"
+        super().__init__(
+            f"node_id {node_id!r} is already used by a live node on {where}{when}: give each "
+            "node its own node_id (or leave node_id=None for a unique one)")
+        self.node_id = node_id
+        self.expires_in = expires_in
 
 
 class LeaseLostError(BackendError):

@@ -21,6 +21,20 @@ store went back (the next commit puts it back, see
 stored checkpoint, so a store that lost data is healed within a third of the
 lease, before any other node may take the actor.
 
+A caller that gives up on a message (``asyncio.timeout``, a cancelled task)
+withdraws it only while it waits in the mailbox: once it has started, it
+runs to its end and commits, and only its reply is lost. Inside a writing
+message, ``ref.version`` of a writable map is the version the message started
+from; the commit makes ``ref.version + 1``.
+
+Lifecycle: ``Node()`` without a URL reads ``$CAF_SHARING_URL`` (default
+``memory://``); ``await node.serve()`` runs until SIGTERM or SIGINT and then
+closes gracefully (queued messages finish, new ones are refused, leases are
+released, so another node can start the actors at once); ``await
+node.destroy(name)`` deletes what the backend holds of an actor nobody runs.
+A node claims its ``node_id`` in the backend while it is open, so that a
+second live node with the same id is refused at ``open``.
+
 ``on_change`` notifications (``add_read_only_map(..., on_change=...)``) are
 messages like any other, queued by :class:`_Notifications`; a node's
 :meth:`Node.replica` views (:mod:`caf_sharing.view`) read the same replicas
@@ -31,19 +45,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import os
+import signal
 import socket
 import uuid
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 import orjson
 
-from ._fastmap import MapRef
-from .backends import make_backend
+from ._fastmap import MapRef, SharedMap
+from .backends import default_url, make_backend
 from .backends.base import Backend, MapCreate
 from .errors import (
     ActorError,
@@ -51,6 +67,7 @@ from .errors import (
     BackendError,
     ConcurrentUpdateError,
     InvalidTypeError,
+    InvalidValueError,
     LeaseLostError,
     MailboxFullError,
     ShardUnavailableError,
@@ -67,6 +84,11 @@ from .view import ReplicaView
 __all__ = ["Actor", "ActorHandle", "Node"]
 
 A = TypeVar("A", bound="Actor")
+#: The actor class of a handle (covariant: a handle of a subclass is a handle
+#: of its base class).
+A_co = TypeVar("A_co", bound="Actor", covariant=True)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _LIFECYCLE = frozenset({"init", "resume"})
 
@@ -98,8 +120,9 @@ class Actor:
         """After a restart: ``state`` and the maps are back from the checkpoint."""
 
 
-class ActorHandle:
-    """What ``Node.start`` returns: a way to send messages to one actor."""
+class ActorHandle(Generic[A_co]):
+    """What ``Node.start`` returns: a way to send messages to one actor,
+    typed by the actor's class (``ActorHandle[Hello]``)."""
 
     __slots__ = ("_host",)
 
@@ -111,17 +134,38 @@ class ActorHandle:
         return self._host.name
 
     @property
-    def actor(self) -> Actor:
+    def actor(self) -> A_co:
         """The actor instance (for inspection; send it messages with ``call``)."""
-        return self._host.actor
+        return self._host.actor  # type: ignore[return-value]
 
     @property
     def running(self) -> bool:
         return not self._host.stopping
 
-    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run one message; return what the method returned or raise what it raised."""
-        return await self._host.submit(method, args, kwargs)
+    @overload
+    async def call(self, method: Callable[Concatenate[A_co, P], Awaitable[R]],
+                   *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    @overload
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any: ...
+
+    async def call(self, method: str | Callable[..., Awaitable[Any]], *args: Any,
+                   **kwargs: Any) -> Any:
+        """Run one message; return what the method returned or raise what it raised.
+
+        ``method`` is the method's name, or the method itself taken from the
+        actor's class (``await handle.call(Hello.increment, 3)``), which a
+        type checker checks against the handle's actor class, the arguments
+        included, and whose return type it infers.
+
+        A caller that stops waiting (``asyncio.timeout``, cancellation)
+        withdraws the message only while it is still queued: once the
+        message has started, it runs to its end and commits all the same.
+        Calling an actor's own handle from inside one of its messages raises
+        :class:`~caf_sharing.errors.ActorError` (it would deadlock: the actor
+        runs one message at a time).
+        """
+        return await self._host.submit(self._host.method_name(method), args, kwargs)
 
     def __repr__(self) -> str:
         return f"<ActorHandle {self.name}{'' if self.running else ' stopped'}>"
@@ -130,6 +174,11 @@ class ActorHandle:
 #: A message: its body, the caller's future, and whether it commits even
 #: when it changes nothing (a sync that makes the store catch up).
 _Message = tuple[Callable[[], Coroutine[Any, Any, Any]], "asyncio.Future[Any]", bool]
+
+#: The message running in this task and the tasks it started: a marker per
+#: message, so that an actor calling itself is refused instead of deadlocking.
+_running: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "caf_sharing_running", default=None)
 
 
 class _Host:
@@ -151,8 +200,21 @@ class _Host:
         self.sync_queued = False
         self.stopping = False
         self.worker: asyncio.Task[None] | None = None
+        #: The marker of the message running now (see ``_running``).
+        self.current: object | None = None
 
     # -- messages ------------------------------------------------------------
+
+    def method_name(self, method: object) -> str:
+        """The name of ``method``: a name, or a function of the actor's class."""
+        if isinstance(method, str):
+            return method
+        name = getattr(method, "__name__", None)
+        if not isinstance(name, str) or getattr(type(self.actor), name, None) is not method:
+            raise UnknownActorMethodError(
+                f"{method!r} is not a method of actor {self.name!r} "
+                f"({type(self.actor).__name__}): pass Cls.method of its class, or its name")
+        return name
 
     def _method(self, method: str) -> Callable[..., Coroutine[Any, Any, Any]]:
         if not isinstance(method, str) or method.startswith("_") or method in _LIFECYCLE:
@@ -170,6 +232,11 @@ class _Host:
         if self.stopping:
             raise ActorStoppedError(f"actor {self.name!r} is stopped")
         func = self._method(method)
+        if self.current is not None and _running.get() is self.current:
+            raise ActorError(
+                f"actor {self.name!r} called itself ({method!r}) from inside one of its "
+                "messages: that would deadlock, as it runs one message at a time (call "
+                "the method directly, e.g. await self.method(...))")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
             self.mailbox.put_nowait((lambda: func(*args, **kwargs), future, False))
@@ -212,8 +279,14 @@ class _Host:
         if self.needs_reload:
             await self.reload()
         await self.plug.begin()
+        marker = self.current = object()
+        token = _running.set(marker)
         try:
-            result = await body()
+            try:
+                result = await body()
+            finally:
+                _running.reset(token)
+                self.current = None
             state = self.actor.state
             if not isinstance(state, dict):
                 raise InvalidTypeError(
@@ -221,8 +294,14 @@ class _Host:
             try:
                 state_bytes = orjson.dumps(state)
             except TypeError as exc:
+                _check_state(self.name, state)
                 raise InvalidTypeError(
                     f"state of actor {self.name!r} is not JSON data: {exc}") from None
+            if state_bytes != self.state_bytes:
+                # orjson writes datetimes, UUIDs, enums... and NaN (as null):
+                # the state must hold what a map value may hold, nothing that
+                # would come back changed after a restart.
+                _check_state(self.name, state)
             prepared = await self.plug.prepare()
             if not force and prepared.is_empty and state_bytes == self.state_bytes:
                 await self.plug.committed()
@@ -231,7 +310,8 @@ class _Host:
             txid = txid_of(self.epoch, self.seq)
             checkpoint = {"txid": txid, "state": orjson.loads(state_bytes),
                           "maps": prepared.maps}
-            await self.commit(txid, checkpoint, prepared.refs, prepared.creates)
+            await self.commit(txid, checkpoint, prepared.refs, prepared.creates,
+                              prepared.deletes)
         except BaseException:
             self.actor.state = orjson.loads(self.state_bytes)
             await self.plug.abort()
@@ -242,12 +322,14 @@ class _Host:
         return result
 
     async def commit(self, txid: str, checkpoint: dict[str, Any],
-                     refs: Mapping[str, MapRef], creates: Sequence[MapCreate]) -> None:
+                     refs: Mapping[str, MapRef], creates: Sequence[MapCreate],
+                     deletes: Sequence[str] = ()) -> None:
         node = self.node
         try:
             await node.service.commit(
                 actor=self.name, node_id=node.node_id, txid=txid, prev_txid=self.txid,
-                checkpoint=checkpoint, lease_ttl=node.lease_ttl, refs=refs, creates=creates)
+                checkpoint=checkpoint, lease_ttl=node.lease_ttl, refs=refs, creates=creates,
+                deletes=deletes)
         except LeaseLostError:
             self.node._lost(self.name)
             raise
@@ -429,18 +511,37 @@ async def _nothing() -> None:
     """The body of a sync message."""
 
 
+def _check_state(actor: str, state: dict[str, Any]) -> None:
+    """Raise, naming the path (``state['when']``), unless ``state`` holds only
+    what a map value may hold."""
+    try:
+        SharedMap().ref().set("state", state)
+    except (InvalidTypeError, InvalidValueError) as exc:
+        # The core names the value "value for key 'state'": say "state" instead.
+        why = str(exc).replace("value for key 'state' at ", "state", 1) \
+            .replace("value for key 'state'", "state", 1)
+        raise type(exc)(f"state of actor {actor!r} is not JSON data: {why}") from None
+
+
 def _default_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 class Node:
-    """Hosts actors on one backend (``memory://`` by default).
+    """Hosts actors on one backend: ``url``, else ``$CAF_SHARING_URL``, else
+    ``memory://``.
 
     ::
 
         async with Node("memory://") as node:
             admin = await node.start(Hello, "alice-admin")
-            await admin.call("increment")
+            await admin.call(Hello.increment)     # or admin.call("increment")
+
+    ``node_id`` (default: unique per process and node) names the node in
+    leases: two live nodes with the same ``node_id`` on one backend and app
+    would share leases, so ``open`` refuses the second one
+    (:class:`~caf_sharing.errors.NodeIdInUseError`); a node that crashed
+    keeps its claim on the id for up to ``lease_ttl``.
 
     ``lease_ttl`` (seconds) bounds how long a crashed node keeps its actors
     from starting elsewhere; leases renew every third of it. Backend options
@@ -448,7 +549,7 @@ class Node:
     ``retry_delay``, ``password``...) pass through to :func:`make_backend`.
     """
 
-    def __init__(self, url: str = "memory://", *, node_id: str | None = None,
+    def __init__(self, url: str | None = None, *, node_id: str | None = None,
                  app: str = "default", lease_ttl: float = 10.0, mailbox_size: int = 1024,
                  max_updates: int = 100, backend: Backend | None = None,
                  logger: logging.Logger | None = None, method_limits: MethodLimits | None = None,
@@ -462,7 +563,11 @@ class Node:
         self.lease_ttl = float(lease_ttl)
         self.mailbox_size = mailbox_size
         self.log = logger or logging.getLogger("caf_sharing.node")
-        self.backend = backend or make_backend(url, app=app, **backend_options)
+        self.backend = backend or make_backend(url or default_url(), app=app,
+                                               **backend_options)
+        #: This node instance, beside its ``node_id``: a second live node
+        #: with the same id has another nonce and is refused.
+        self.nonce = uuid.uuid4().hex
         self.service = SharingService(self.backend, max_updates=max_updates, logger=self.log,
                                       method_limits=method_limits)
         self._hosts: dict[str, _Host] = {}
@@ -484,6 +589,11 @@ class Node:
         if self._open:
             return
         await self.backend.start()
+        try:
+            await self.backend.claim_node(self.node_id, self.nonce, self.lease_ttl)
+        except BaseException:
+            await self.backend.close()
+            raise
         self._open = True
         self._renewer = asyncio.get_running_loop().create_task(
             self._renew_leases(), name=f"caf-sharing leases {self.node_id}")
@@ -502,10 +612,63 @@ class Node:
                 await self._renewer
         await asyncio.gather(*self._finishing, return_exceptions=True)
         await self.service.close()
+        try:
+            await self.backend.release_node(self.node_id, self.nonce)
+        except SharingError as exc:
+            self.log.warning("could not release node_id %s: %s", self.node_id, exc)
         await self.backend.close()
         self._open = False
 
-    async def start(self, actor_class: type[A], name: str) -> ActorHandle:
+    async def serve(self) -> signal.Signals:
+        """Open the node if needed, run until SIGTERM or SIGINT, then close it
+        gracefully: queued messages finish, new ones are refused, the leases
+        are released (another node can start the actors at once, not a lease
+        TTL later) and the connections closed. The previous signal handlers
+        are back afterwards. Returns the signal received. Main thread only
+        (asyncio's signal handlers are)."""
+        await self.open()
+        loop = asyncio.get_running_loop()
+        received: asyncio.Future[signal.Signals] = loop.create_future()
+        wanted = (signal.SIGTERM, signal.SIGINT)
+        previous = {sig: signal.getsignal(sig) for sig in wanted}
+
+        def on_signal(sig: signal.Signals) -> None:
+            if not received.done():
+                received.set_result(sig)
+
+        installed: list[signal.Signals] = []
+        try:
+            for sig in wanted:
+                loop.add_signal_handler(sig, on_signal, sig)
+                installed.append(sig)
+            sig = await received
+            self.log.info("node %s got %s: closing", self.node_id, sig.name)
+            return sig
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+                handler = previous[sig]
+                if handler is not None:  # None: set from C, nothing to put back
+                    signal.signal(sig, handler)
+            await self.close()
+
+    async def destroy(self, name: str) -> bool:
+        """Delete everything the backend holds of actor ``name``: its
+        checkpoint, its maps (their replicas see them deleted) and its lease.
+        Refused with :class:`~caf_sharing.errors.ActorError` when the actor
+        runs on this node (``await node.stop(name)`` first: destroying
+        under a running actor would be undone by its next commit) and with
+        :class:`~caf_sharing.errors.LeaseHeldError` when another node holds
+        its lease. ``True`` if anything was stored."""
+        if not self._open:
+            raise ActorError("node is not open: use 'async with Node(...)' or await node.open()")
+        check_actor_name(name)
+        if name in self._hosts or name in self._starting:
+            raise ActorError(f"actor {name!r} runs on node {self.node_id!r}: stop it first "
+                             "(await node.stop(name)), then destroy it")
+        return await self.backend.destroy_actor(name)
+
+    async def start(self, actor_class: type[A], name: str) -> ActorHandle[A]:
         """Create ``name`` (running ``init``) or resume it from its checkpoint
         (running ``resume``); the node takes the actor's lease first."""
         if not self._open:
@@ -557,7 +720,7 @@ class Node:
             raise
         return view
 
-    def actor(self, name: str) -> ActorHandle:
+    def actor(self, name: str) -> ActorHandle[Actor]:
         """The handle of a running actor."""
         try:
             return ActorHandle(self._hosts[name])
@@ -591,6 +754,10 @@ class Node:
         interval = self.lease_ttl / 3
         while True:
             await asyncio.sleep(interval)
+            try:
+                await self.backend.claim_node(self.node_id, self.nonce, self.lease_ttl)
+            except SharingError as exc:
+                self.log.error("renewing the claim on node_id %s failed: %s", self.node_id, exc)
             names = list(self._hosts)
             if not names:
                 continue
@@ -607,6 +774,9 @@ class Node:
                 continue
             for name in lost:
                 self._lost(name)
+            # A commit that lands while the read is on its way makes the store
+            # look one commit behind: compare only actors that made none.
+            before = {name: host.txid for name, host in self._hosts.items()}
             try:
                 stored = await self.service.load_txids(names)
             except SharingError as exc:
@@ -616,6 +786,7 @@ class Node:
             for name, txid in zip(names, stored, strict=True):
                 host = self._hosts.get(name)
                 if host is not None and not host.needs_reload and \
+                        host.txid == before.get(name) and \
                         self.service.relation(name, txid, host.txid) == "behind":
                     self.log.warning("the store went back on actor %s (it holds commit %s, "
                                      "this node made %s since): syncing it", name, txid,

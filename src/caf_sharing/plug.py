@@ -9,6 +9,10 @@ for each message, the snapshots the actor reads and writes:
 * ``add_map`` / ``delete_map`` only record intent; ``prepare`` resolves it
   (read-only maps are opened before anything is committed, so a missing map
   fails the message cleanly) and computes the change set of every written map.
+  Deleting the alias of a writable map deletes the map, data included, in
+  the same commit (unless another alias still registers it writable).
+* A read-only map deleted by its owner reads as ``None`` with
+  ``best_effort``, else raises :class:`MapNotFoundError` where it is used.
 * ``committed`` makes the registrations take effect; ``abort`` drops them
   and any replica opened for them. Nothing reaches the backend from here: the
   node hands what ``prepare`` returns to the sharing service's commit.
@@ -37,7 +41,7 @@ from typing import Any, Protocol, TypeAlias
 from ._fastmap import MapRef, SharedMap
 from .aggregate import AggregateMap, AggregateSnapshot
 from .backends.base import MapCreate
-from .errors import InvalidNameError, InvalidTypeError, SharingError
+from .errors import InvalidNameError, InvalidTypeError, MapNotFoundError, SharingError
 from .names import SEPARATOR, check_map_name, check_part, map_owner
 from .service import SharingService
 
@@ -127,10 +131,13 @@ class PreparedSharing:
     creates: list[MapCreate] = field(default_factory=list)
     #: Whether the registrations differ from the committed ones.
     registrations_changed: bool = False
+    #: Maps of the actor this message deletes, data included.
+    deletes: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not self.refs and not self.creates and not self.registrations_changed
+        return not self.refs and not self.creates and not self.registrations_changed \
+            and not self.deletes
 
 
 @dataclass(slots=True)
@@ -208,9 +215,15 @@ class ActorSharing:
     def snapshot(self, alias: str) -> Snapshot | None:
         """The snapshot ``alias`` refers to in the current message."""
         try:
-            return self._refs[alias]
+            snap = self._refs[alias]
         except KeyError:
             pass
+        else:
+            info = self._info.get(alias)
+            if snap is None and info is not None and not info.best_effort \
+                    and not info.aggregate:
+                raise MapNotFoundError(info.name, _BEST_EFFORT_HINT)
+            return snap
         if self._pending.get(alias) is not None:
             raise UnknownAliasError(
                 f"map alias {alias!r} is added when this message commits; "
@@ -247,7 +260,11 @@ class ActorSharing:
             if obj is None:
                 obj = await self._open(info)
                 self._objects[alias] = obj
-            self._refs[alias] = await _snapshot(obj, info)
+            snap = await _snapshot(obj, info)
+            if isinstance(obj, SharedMap) and not info.writable and \
+                    self._service.is_deleted(info.name, obj):
+                snap = None
+            self._refs[alias] = snap
         self._sync_watches()
 
     async def prepare(self) -> PreparedSharing:
@@ -268,15 +285,20 @@ class ActorSharing:
         except BaseException:
             await self.abort()
             raise
+        kept = {info.name for info in after.values() if info.writable}
+        deletes = sorted({info.name for alias, info in self._info.items()
+                          if info.writable and alias not in after} - kept)
         refs: dict[str, MapRef] = {}
         for alias, info in self._info.items():
             ref = self._refs.get(alias)
-            if info.writable and isinstance(ref, MapRef) and ref.has_changed:
+            if info.writable and info.name not in deletes and isinstance(ref, MapRef) \
+                    and ref.has_changed:
                 ref.prepare()
                 refs[info.name] = ref
         return PreparedSharing(
             maps={alias: info.to_json() for alias, info in after.items()},
-            refs=refs, creates=creates, registrations_changed=after != self._info)
+            refs=refs, creates=creates, registrations_changed=after != self._info,
+            deletes=deletes)
 
     async def committed(self) -> None:
         """The message committed: registrations take effect."""
@@ -347,14 +369,20 @@ class ActorSharing:
 
     def notice_version(self, alias: str) -> int | None:
         """The version a notification of ``alias`` reports in this message:
-        the map's, or an aggregate's first map's (-1 when it is missing);
-        None when the alias has no map now (deleted, or not available yet)."""
-        snap = self._refs.get(alias)
+        the map's, or an aggregate's first map's (-1 when it is missing), -1
+        for a map its owner deleted; None when there is nothing to tell (the
+        alias is gone, or its map was never available)."""
+        snap, info = self._refs.get(alias), self._info.get(alias)
+        if info is None:
+            return None
         if isinstance(snap, AggregateSnapshot):
-            info = self._info[alias]
             first = snap.refs.get(info.name)
             return -1 if first is None else first.version
-        return None if snap is None else snap.version
+        if snap is None:
+            obj = self._objects.get(alias)
+            deleted = isinstance(obj, SharedMap) and self._service.is_deleted(info.name, obj)
+            return -1 if deleted else None
+        return snap.version
 
     def is_stale(self, alias: str) -> bool:
         """Whether a map of ``alias`` moved on since this message began."""
@@ -415,8 +443,11 @@ class ActorSharing:
         if info.aggregate:
             return await self._service.aggregate_of(info.name, link_key=info.link_key,
                                                     no_exec=info.no_exec)
-        return await self._service.replica_of(
-            info.name, best_effort=info.best_effort, no_exec=info.no_exec)
+        try:
+            return await self._service.replica_of(
+                info.name, best_effort=info.best_effort, no_exec=info.no_exec)
+        except MapNotFoundError:
+            raise MapNotFoundError(info.name, _BEST_EFFORT_HINT) from None
 
     async def _release(self, info: MapInfo, obj: MapObject) -> None:
         # Releasing only drops a subscription; a failure must not turn a
@@ -430,6 +461,10 @@ class ActorSharing:
                 await self._service.release_replica(info.name, obj)
         except SharingError as exc:
             self._log.warning("could not release map %s: %s", info.name, exc)
+
+
+_BEST_EFFORT_HINT = ("add it with add_read_only_map(..., best_effort=True) to read None "
+                     "until its owner creates it")
 
 
 async def _snapshot(obj: MapObject | None, info: MapInfo) -> Snapshot | None:

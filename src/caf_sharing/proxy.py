@@ -24,7 +24,11 @@ _VERSION_KEY = "__ca_version__"
 class MapsView:
     """The current message's snapshots by alias: ``maps.admin`` or ``maps["admin"]``.
 
-    A best-effort read-only map that is not available yet reads as ``None``.
+    A best-effort read-only map that is not available yet (or was deleted)
+    reads as ``None``; any other deleted one raises ``MapNotFoundError``.
+    A writable map's ref reads the message's own writes, but its ``version``
+    stays the version the message started from until the commit makes
+    ``version + 1``.
     """
 
     __slots__ = ("_plug",)

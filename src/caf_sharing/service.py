@@ -36,6 +36,7 @@ from typing import Any, Protocol, TypeVar
 from ._fastmap import MapRef, SharedMap
 from .aggregate import DEFAULT_LINK_KEY, AggregateMap
 from .backends.base import (
+    DELETED,
     Backend,
     ChangeSet,
     Checkpoint,
@@ -92,6 +93,8 @@ class ServiceStats:
     reasserts: int = 0
     #: Maps a writer took from the store and renumbered above what it held.
     adoptions: int = 0
+    #: Replicas whose map was deleted (a deletion marker, confirmed by a read).
+    deletions: int = 0
 
 
 #: Replicas kept after their last reader let go, so that re-opening one never
@@ -109,8 +112,8 @@ Watcher = Callable[[], None]
 class _Replica:
     """One subscribed replica, its lineage and the state of its catch-up protocol."""
 
-    __slots__ = ("buffer", "buffered", "count", "handle", "lineage", "map", "name", "owner",
-                 "watchers")
+    __slots__ = ("buffer", "buffered", "count", "deleted", "deletion_hint", "handle", "lineage",
+                 "map", "name", "owner", "watchers")
 
     def __init__(self, service: SharingService, name: str, shared: SharedMap) -> None:
         self.name = name
@@ -122,6 +125,10 @@ class _Replica:
         self.buffer: list[bytes] | None = []
         self.buffered = 0
         self.lineage = ReplicaLineage()
+        #: The map was deleted: the replica is empty until it is created again.
+        self.deleted = False
+        #: A deletion marker arrived; the next resync checks the store.
+        self.deletion_hint = False
         self.watchers: list[Watcher] = []
         self.handle: MessageHandler = lambda data: service._on_message(self, data)
 
@@ -261,6 +268,8 @@ class SharingService:
         key = (name, no_exec)
         replica = self._replicas.get(key)
         if replica is not None:
+            if replica.deleted and not best_effort:
+                raise MapNotFoundError(name)
             replica.count += 1
             return replica.map
         try:
@@ -288,7 +297,8 @@ class SharingService:
             replica = _Replica(self, name, SharedMap(no_exec=no_exec,
                                                      max_updates=self._max_updates,
                                                      logger=self._log,
-                                                     method_limits=self._method_limits))
+                                                     method_limits=self._method_limits,
+                                                     name=name))
         try:
             await self.backend.subscribe(name, replica.handle)
         except BaseException:
@@ -298,7 +308,7 @@ class SharingService:
             dump = await self.backend.read_map(name)
             if dump is not None:
                 self._install(replica, dump)
-            elif retired is None:
+            elif retired is None or retired.deleted:
                 raise MapNotFoundError(name)
             # else the store lost the map: stay readable at the version
             # already shown until its writer re-creates it.
@@ -317,6 +327,12 @@ class SharingService:
             return
         self._retire(key, replica)
         await self.backend.unsubscribe(name, replica.handle)
+
+    def is_deleted(self, name: str, shared: SharedMap) -> bool:
+        """Whether the replica ``shared`` of ``name`` stands for a map that
+        was deleted (and not created again since)."""
+        replica = self._replicas.get((name, shared.no_exec))
+        return replica is not None and replica.map is shared and replica.deleted
 
     def watch(self, name: str, shared: SharedMap, watcher: Watcher) -> Callable[[], None]:
         """Call ``watcher()`` after each change of the replica ``shared`` of
@@ -385,6 +401,12 @@ class SharingService:
     def _apply(self, replica: _Replica, data: bytes) -> None:
         try:
             changes = decode_changes(replica.name, data)
+            if isinstance(changes, dict) and changes.get(DELETED) is True:
+                # Only a hint: a forged marker must not empty a replica, so
+                # the resync it triggers reads the store to confirm it.
+                replica.deletion_hint = True
+                self._schedule_resync(replica)
+                return
             sets = changes if isinstance(changes, list) else [changes]
             fork = replica.lineage.conflict(replica.map.version, sets)
             if fork is not None:
@@ -404,6 +426,7 @@ class SharingService:
         else:
             self.stats.applied += 1
             if replica.map.version > before:
+                replica.deleted = False
                 replica.lineage.record(replica.map.version, sets[-1].get("txid"))
                 self._changed(replica)
 
@@ -416,6 +439,7 @@ class SharingService:
 
     def _install(self, replica: _Replica, dump: ChangeSet) -> None:
         """Take a full read of the store into ``replica`` without going back."""
+        replica.deleted = False
         version, txid = dump_version(dump), dump.get("txid")
         shared, lineage = replica.map, replica.lineage
         if version > shared.version:
@@ -442,6 +466,17 @@ class SharingService:
             return
         lineage.forked = False
         lineage.record(version, txid)
+        self._changed(replica)
+
+    def _deleted(self, replica: _Replica) -> None:
+        """The map of ``replica`` was deleted: empty it (snapshots that actors
+        hold stay as they were) and forget its history, so that a map created
+        again under the same name replicates from its first version."""
+        self.stats.deletions += 1
+        self._log.info("map %s was deleted", replica.name)
+        replica.map.reset()
+        replica.lineage = ReplicaLineage()
+        replica.deleted = True
         self._changed(replica)
 
     def _drain(self, replica: _Replica) -> None:
@@ -474,9 +509,11 @@ class SharingService:
             self._resync_again.discard(owner)
             names = sorted({r.name for r in self._owned_by(owner)})
             dumps: Mapping[str, ChangeSet | None] = {}
+            read = False
             try:
                 if names:
                     dumps = await self.backend.read_maps(names)
+                    read = True
             except SharingError as exc:
                 self._log.warning("resync of %s failed (%s); keeping their versions",
                                   ", ".join(names), exc)
@@ -484,7 +521,10 @@ class SharingService:
             replicas = self._owned_by(owner)
             for replica in replicas:
                 dump = dumps.get(replica.name)
+                hinted, replica.deletion_hint = replica.deletion_hint, False
                 if dump is None:
+                    if hinted and read:
+                        self._deleted(replica)
                     continue
                 try:
                     self._install(replica, dump)
@@ -558,8 +598,11 @@ class SharingService:
 
     async def commit(self, *, actor: str, node_id: str, txid: str, prev_txid: str | None,
                      checkpoint: Checkpoint, lease_ttl: float,
-                     refs: Mapping[str, MapRef], creates: Sequence[MapCreate] = ()) -> None:
+                     refs: Mapping[str, MapRef], creates: Sequence[MapCreate] = (),
+                     deletes: Sequence[str] = ()) -> None:
         """Make one actor message durable, then advance the local primaries.
+
+        ``deletes`` names the actor's maps the commit deletes, data included.
 
         ``refs`` maps each written map's full name to its prepared ref. If the
         backend lost some of those maps (it restarted empty), the commit is
@@ -578,7 +621,7 @@ class SharingService:
             writes.append(MapWrite(name, changes, rebase_from=primary.rebase_from))
         tx = Transaction(actor=actor, node_id=node_id, txid=txid, prev_txid=prev_txid,
                          checkpoint=checkpoint, lease_ttl=lease_ttl, writes=tuple(writes),
-                         creates=tuple(creates))
+                         creates=tuple(creates), deletes=tuple(deletes))
         try:
             await self.backend.commit(tx)
         except MapMissingError as exc:
@@ -598,6 +641,8 @@ class SharingService:
             primary = self._primaries[name]
             primary.map.commit(ref)
             primary.txid, primary.rebase_from = txid, None
+        for name in deletes:
+            self._primaries.pop(name, None)
 
     @staticmethod
     def _full(ref: MapRef, txid: str | None) -> ChangeSet:
@@ -614,7 +659,7 @@ class SharingService:
         restores = tuple(
             MapRestore(name, self._full(p.map.ref(read_only=True), p.txid))
             for name, p in self._primaries.items()
-            if map_owner(name) == actor and name not in refs)
+            if map_owner(name) == actor and name not in refs and name not in tx.deletes)
         self._log.warning(
             "the store went back on actor %s (it holds commit %s, this node made %s since): "
             "putting back its checkpoint and %d maps", actor, stored_txid, tx.prev_txid,

@@ -6,7 +6,8 @@ request handler, a background task) the map an actor would see with
 
 * ``view.ref()`` — the snapshot of the current version, an immutable
   read-only :class:`~caf_sharing.MapRef` (O(1): the view keeps it ready);
-* ``view.version`` — its version, -1 while the map does not exist;
+* ``view.version`` — its version, -1 while the map does not exist (or
+  after its owner deleted it);
 * ``await view.wait_for(version=None, timeout=None)`` — the snapshot once the
   map exists (or reaches ``version``);
 * ``async for ref in view.changes()`` — the current snapshot, then each newer
@@ -21,6 +22,10 @@ so coroutines that read several views without awaiting in between see them at
 one commit. A thread may call ``ref()`` and ``version`` at any time (it reads
 one attribute); ``wait_for`` and ``changes`` run on the node's event loop.
 
+A map deleted by its owner reads as missing again; created again, it is a
+new map, whose versions start over (``changes()`` then starts over too),
+seen from its first write on (creating a map publishes nothing), as by the
+node's actors.
 A map that does not exist yet is looked up again, every
 ``POLL_DELAYS[0]`` seconds at first, then less often, up to
 ``POLL_DELAYS[1]``: a writer that creates a map publishes nothing until it
@@ -52,7 +57,7 @@ class ReplicaView:
     Made by :meth:`caf_sharing.Node.replica`; not meant to be built directly.
     """
 
-    __slots__ = ("_closed", "_map", "_name", "_no_exec", "_on_close", "_poller",
+    __slots__ = ("_closed", "_lives", "_map", "_name", "_no_exec", "_on_close", "_poller",
                  "_ref", "_service", "_stop_watch", "_waiters")
 
     def __init__(self, service: SharingService, name: str, *, no_exec: bool = False,
@@ -68,6 +73,8 @@ class ReplicaView:
         self._poller: asyncio.Task[None] | None = None
         # One future per coroutine waiting for the next change (or close).
         self._waiters: list[asyncio.Future[None]] = []
+        # Deletions seen: a map created again is a new life, numbered anew.
+        self._lives = 0
         self._closed = False
 
     @property
@@ -118,12 +125,15 @@ class ReplicaView:
 
         Coalesced: nothing queues up, a consumer that takes its time gets the
         newest snapshot next and skips the ones in between, so each snapshot
-        yielded has a higher version than the one before. It ends when the
-        view closes.
+        yielded has a higher version than the one before (within one life
+        of the map: one deleted and created again starts over from its first
+        version). It ends when the view closes.
         """
-        last = -1
+        last, life = -1, self._lives
         while not self._closed:
             ref = self._ref
+            if life != self._lives:
+                last, life = -1, self._lives
             if ref is not None and ref.version > last:
                 last = ref.version
                 yield ref
@@ -196,7 +206,12 @@ class ReplicaView:
     def _changed(self) -> None:
         shared = self._map
         if shared is not None:
-            self._ref = shared.ref(True)
+            if self._service.is_deleted(self._name, shared):
+                if self._ref is not None:
+                    self._lives += 1
+                self._ref = None
+            else:
+                self._ref = shared.ref(True)
         self._wake()
 
     def _wake(self) -> None:

@@ -29,6 +29,7 @@ the part before that ``@``. Values are percent-decoded; a ``+`` stays a ``+``.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,8 @@ from .memory import MemoryBackend, MemoryStore
 from .wire import check_app
 
 __all__ = [
+    "DEFAULT_URL",
+    "URL_VARIABLE",
     "Backend",
     "BackendURL",
     "ChangeSet",
@@ -61,10 +64,24 @@ __all__ = [
     "ReconnectListener",
     "Transaction",
     "check_app",
+    "default_url",
     "make_backend",
     "parse_url",
     "redact_url",
 ]
+
+#: The environment variable that names the backend when no URL is given
+#: (``Node()``, the CLI's ``--backend``): it keeps passwords out of code and
+#: command lines.
+URL_VARIABLE = "CAF_SHARING_URL"
+#: The backend when no URL is given and ``CAF_SHARING_URL`` is unset or empty.
+DEFAULT_URL = "memory://"
+
+
+def default_url() -> str:
+    """``$CAF_SHARING_URL``, or :data:`DEFAULT_URL` when it is unset or empty."""
+    return os.environ.get(URL_VARIABLE) or DEFAULT_URL
+
 
 SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 DEFAULT_PORT = 6379
@@ -252,6 +269,8 @@ def parse_url(url: str) -> BackendURL:
     password = unquote(parts.password) if parts.password is not None else None
 
     if scheme == "memory":
+        if "://" not in url:
+            raise _fail(redacted, "write memory://NAME, with two slashes")
         name = parts.netloc + parts.path
         if username or password or port is not None or parts.query:
             raise _fail(redacted, "memory:// takes only a store name")

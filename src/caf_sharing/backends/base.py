@@ -14,9 +14,21 @@ made it. A published change set carries ``"txid"`` (its commit) and
 
 Semantics every backend must keep (the contract tests check them on each one):
 
-* ``commit`` is atomic: either the checkpoint, every map write, creation and
-  restore of the transaction are stored and each change set is published on
-  its map's channel, or nothing is stored or published.
+* ``commit`` is atomic: either the checkpoint, every map write, creation,
+  restore and deletion of the transaction are stored and each change set
+  (and each deletion's :data:`DELETED` marker) is published on its map's
+  channel, or nothing is stored or published.
+* A map a transaction deletes (``tx.deletes``) is gone from the store once
+  the commit is: ``read_map`` gives ``None``, and a later create starts it
+  afresh. Its channel gets ``{"deleted": true, "txid": <txid>}`` (see
+  :data:`DELETED`), which no change set looks like, so subscribers learn of
+  it (change sets themselves keep the Caf.js format).
+* ``destroy_actor`` removes everything stored for an actor nobody holds the
+  lease of: checkpoint, earlier txids, lease, lineage, and every map it
+  stored (publishing the deletion marker on each), atomically.
+* ``claim_node`` keeps one live node per ``node_id``: a claim is a nonce
+  with a TTL, renewed by the node that made it; another nonce for the same
+  id is refused with :class:`NodeIdInUseError` while the claim lives.
 * ``commit`` is fenced twice. It fails with :class:`LeaseLostError` when
   another node holds the lease of ``tx.actor``. And the commits of an actor
   form a chain of transaction ids: the stored checkpoint must carry
@@ -55,6 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "DELETED",
     "RECENT_TXIDS",
     "Backend",
     "ChangeSet",
@@ -64,6 +77,8 @@ __all__ = [
     "MapWrite",
     "MessageHandler",
     "ReconnectListener",
+    "StoredActor",
+    "StoredMap",
     "Transaction",
 ]
 
@@ -74,12 +89,42 @@ lineage fields ``txid`` and ``base_txid`` (change sets) or ``txid`` (dumps)."""
 #: Txids a store keeps per actor to recognise a retried commit.
 RECENT_TXIDS = 32
 
+#: The key of the marker a map's channel carries when the map is deleted:
+#: ``{"deleted": true, "txid": <the deleting commit's txid or null>}``.
+DELETED = "deleted"
+
 Checkpoint = dict[str, Any]
 """What an actor stores at each commit: ``{"txid", "state", "maps"}``."""
 
 MessageHandler = Callable[[bytes], None]
 ReconnectListener = Callable[[Sequence[str]], None]
 """Told the names of the subscribed maps that may have missed messages."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMap:
+    """A map as the store holds it (see :meth:`Backend.survey`)."""
+
+    app: str
+    name: str
+    version: int
+    #: User keys (the version pair not counted).
+    keys: int
+    #: What the store spends on it, as it reports it (Redis: MEMORY USAGE).
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredActor:
+    """An actor as the store holds it: its checkpoint and lease."""
+
+    app: str
+    name: str
+    #: The txid of its stored checkpoint (``None``: none stored).
+    txid: str | None
+    #: The node holding its lease, and the seconds the lease has left.
+    holder: str | None
+    ttl: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +173,8 @@ class Transaction:
     writes: Sequence[MapWrite] = field(default_factory=tuple)
     creates: Sequence[MapCreate] = field(default_factory=tuple)
     restores: Sequence[MapRestore] = field(default_factory=tuple)
+    #: Full names of maps of the actor this transaction deletes (data included).
+    deletes: Sequence[str] = field(default_factory=tuple)
     #: Put back what the store lost of this actor (see the module docs).
     reassert: bool = False
 
@@ -157,7 +204,8 @@ class Backend(Protocol):
         ...
 
     async def delete_map(self, name: str) -> bool:
-        """Delete ``name``; ``True`` if it existed."""
+        """Delete ``name`` outside any transaction, publishing the deletion
+        marker; ``True`` if it existed."""
         ...
 
     async def subscribe(self, name: str, handler: MessageHandler) -> None:
@@ -188,6 +236,23 @@ class Backend(Protocol):
 
     async def release_lease(self, actor: str, node_id: str) -> None: ...
 
+    async def destroy_actor(self, actor: str) -> bool:
+        """Delete everything stored for ``actor`` (checkpoint, earlier txids,
+        lease, lineage and its maps, publishing a deletion marker on each
+        map's channel), atomically; :class:`LeaseHeldError` (nothing deleted)
+        if any node holds its lease. ``True`` if anything was stored."""
+        ...
+
+    async def claim_node(self, node_id: str, nonce: str, ttl: float) -> None:
+        """Claim ``node_id`` for the node instance ``nonce`` for ``ttl``
+        seconds, or extend its claim; :class:`NodeIdInUseError` if another
+        instance's claim on ``node_id`` is alive."""
+        ...
+
+    async def release_node(self, node_id: str, nonce: str) -> None:
+        """Drop the claim ``nonce`` holds on ``node_id`` (no-op otherwise)."""
+        ...
+
     async def load_checkpoint(self, actor: str) -> Checkpoint | None: ...
 
     async def load_txids(self, actors: Sequence[str]) -> list[str | None]:
@@ -196,4 +261,19 @@ class Backend(Protocol):
 
     async def commit(self, tx: Transaction) -> bool:
         """Apply ``tx`` atomically; ``False`` if ``tx.txid`` was already committed."""
+        ...
+
+    async def purge(self, expire_after: float | None = None) -> int:
+        """Delete everything this backend's app holds, or with
+        ``expire_after``, let it expire that many seconds from now (an
+        in-process store keeps it: it ends with its process). Returns how
+        many keys (Redis) or items (maps, checkpoints, leases) it touched.
+        For demos and tests: actors still running lose their data."""
+        ...
+
+    async def survey(self, every_app: bool = False) -> tuple[list[StoredMap], list[StoredActor]]:
+        """The maps and actors the store holds for this backend's app (for
+        every app with ``every_app``), sorted by app and name. Read in small
+        steps (Redis: SCAN, never KEYS), so it never stalls the store; not a
+        snapshot: what commits meanwhile may or may not show."""
         ...

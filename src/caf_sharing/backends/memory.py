@@ -41,14 +41,17 @@ from ..errors import (
     LeaseHeldError,
     LeaseLostError,
     MapMissingError,
+    NodeIdInUseError,
 )
-from ..names import check_actor_name, check_map_name
+from ..names import check_actor_name, check_map_name, map_owner
 from .base import (
     RECENT_TXIDS,
     ChangeSet,
     Checkpoint,
     MessageHandler,
     ReconnectListener,
+    StoredActor,
+    StoredMap,
     Transaction,
 )
 from .wire import (
@@ -59,6 +62,7 @@ from .wire import (
     check_open,
     decode_checkpoint,
     decode_value,
+    deleted_marker,
     encode_dump,
     encode_transaction,
     make_dump,
@@ -114,6 +118,8 @@ class _Space:
     maps: dict[str, _Map] = field(default_factory=dict)
     checkpoints: dict[str, _Checkpoint] = field(default_factory=dict)
     leases: dict[str, _Lease] = field(default_factory=dict)
+    #: node id -> the claim of the live node instance using it (node_id is the nonce).
+    nodes: dict[str, _Lease] = field(default_factory=dict)
     channels: dict[str, list[_Subscription]] = field(default_factory=dict)
 
     def lease_holder(self, actor: str, now: float) -> str | None:
@@ -141,6 +147,10 @@ class MemoryStore:
 
     def __repr__(self) -> str:
         return f"MemoryStore({self.name!r})"
+
+    def spaces(self) -> dict[str, _Space]:
+        """Every app namespace with its contents (hold :attr:`lock`)."""
+        return self._spaces
 
     def space(self, app: str) -> _Space:
         space = self._spaces.get(app)
@@ -241,7 +251,10 @@ class MemoryBackend:
         check_map_name(name)
         self._check_open()
         with self.store.lock:
-            return self._space.maps.pop(name, None) is not None
+            existed = self._space.maps.pop(name, None) is not None
+            if existed:
+                self._publish(name, deleted_marker(None))
+            return existed
 
     # -- subscriptions ----------------------------------------------------
 
@@ -311,7 +324,7 @@ class MemoryBackend:
             now = time.monotonic()
             holder = self._space.lease_holder(actor, now)
             if holder is not None and holder != node_id:
-                raise LeaseHeldError(actor, holder)
+                raise LeaseHeldError(actor, holder, self._space.leases[actor].expires - now)
             self._space.leases[actor] = _Lease(node_id, now + ms / 1000)
 
     async def renew_leases(self, actors: Sequence[str], node_id: str, ttl: float) -> list[str]:
@@ -336,6 +349,39 @@ class MemoryBackend:
         with self.store.lock:
             if self._space.lease_holder(actor, time.monotonic()) == node_id:
                 del self._space.leases[actor]
+
+    async def destroy_actor(self, actor: str) -> bool:
+        check_actor_name(actor)
+        self._check_open()
+        with self.store.lock:
+            space = self._space
+            now = time.monotonic()
+            holder = space.lease_holder(actor, now)
+            if holder is not None:
+                raise LeaseHeldError(actor, holder, space.leases[actor].expires - now)
+            maps = [name for name in space.maps if map_owner(name) == actor]
+            for name in maps:
+                del space.maps[name]
+                self._publish(name, deleted_marker(None))
+            return space.checkpoints.pop(actor, None) is not None or bool(maps)
+
+    async def claim_node(self, node_id: str, nonce: str, ttl: float) -> None:
+        ms = ttl_to_ms(ttl)
+        self._check_open()
+        with self.store.lock:
+            now = time.monotonic()
+            claim = self._space.nodes.get(node_id)
+            if claim is not None and claim.node_id != nonce and claim.expires > now:
+                raise NodeIdInUseError(node_id, f"{self.url} (app {self.app!r})",
+                                       claim.expires - now)
+            self._space.nodes[node_id] = _Lease(nonce, now + ms / 1000)
+
+    async def release_node(self, node_id: str, nonce: str) -> None:
+        self._check_open()
+        with self.store.lock:
+            claim = self._space.nodes.get(node_id)
+            if claim is not None and claim.node_id == nonce:
+                del self._space.nodes[node_id]
 
     # -- checkpoints and commits -------------------------------------------
 
@@ -416,6 +462,7 @@ class MemoryBackend:
                     f"{write.base}", name=write.name, expected=write.base, current=current)
         if missing:
             raise MapMissingError(missing)
+        deleted = [name for name in tx.deletes if name in space.maps]
         # Every check passed: from here on nothing can fail.
         if take_lease:
             space.leases[tx.actor] = _Lease(tx.node_id, now + tx.lease_ttl_ms / 1000)
@@ -435,6 +482,8 @@ class MemoryBackend:
             target.fields.update(write.add)
             target.version = write.new_version
             target.txid = tx.txid
+        for name in deleted:
+            del space.maps[name]
         if stored_cp is None:
             space.checkpoints[tx.actor] = _Checkpoint(tx.txid, tx.checkpoint)
         else:
@@ -442,4 +491,38 @@ class MemoryBackend:
             stored_cp.txid, stored_cp.blob = tx.txid, tx.checkpoint
         for write in tx.writes:
             self._publish(write.name, write.payload)
+        for name in deleted:
+            self._publish(name, tx.deleted_payload)
         return True
+
+    async def purge(self, expire_after: float | None = None) -> int:
+        self._check_open()
+        with self.store.lock:
+            space = self._space
+            count = len(space.maps) + len(space.checkpoints) + len(space.leases)
+            if expire_after is None:
+                space.maps.clear()
+                space.checkpoints.clear()
+                space.leases.clear()
+        return count
+
+    async def survey(self, every_app: bool = False) -> tuple[list[StoredMap], list[StoredActor]]:
+        self._check_open()
+        maps: list[StoredMap] = []
+        actors: list[StoredActor] = []
+        with self.store.lock:
+            now = time.monotonic()
+            for app, space in sorted(self.store.spaces().items()):
+                if not every_app and app != self.app:
+                    continue
+                for name, held in sorted(space.maps.items()):
+                    size = sum(len(k) + len(v) for k, v in held.fields.items())
+                    maps.append(StoredMap(app, name, held.version, len(held.fields), size))
+                for actor in sorted(set(space.checkpoints) | set(space.leases)):
+                    checkpoint = space.checkpoints.get(actor)
+                    holder = space.lease_holder(actor, now)
+                    lease = space.leases.get(actor)
+                    actors.append(StoredActor(
+                        app, actor, checkpoint.txid if checkpoint else None, holder,
+                        None if holder is None or lease is None else lease.expires - now))
+        return maps, actors

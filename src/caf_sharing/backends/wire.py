@@ -35,7 +35,7 @@ from ..errors import (
     InvalidNameError,
 )
 from ..names import check_actor_name, check_map_name, map_owner
-from .base import ChangeSet, MapCreate, MapRestore, MapWrite, Transaction
+from .base import DELETED, ChangeSet, MapCreate, MapRestore, MapWrite, Transaction
 
 __all__ = [
     "MAX_VERSION",
@@ -52,6 +52,7 @@ __all__ = [
     "decode_fields",
     "decode_value",
     "decode_version",
+    "deleted_marker",
     "encode_dump",
     "encode_transaction",
     "make_dump",
@@ -125,11 +126,23 @@ class EncodedTransaction:
     writes: list[EncodedWrite]
     restores: list[EncodedRestore]
     reassert: bool
+    #: Maps deleted, data included (validated names of the actor's maps).
+    deletes: list[str]
+    #: What the channel of each deleted map carries.
+    deleted_payload: bytes
+
+
+#: orjson's result holds a buffer of at least this many bytes, however short
+#: the JSON (seen with orjson 3.13: 4089 bytes allocated for b'{"n":1}').
+_ORJSON_BUFFER = 4096
 
 
 def _encode(map_name: str, key: str, value: Any) -> bytes:
     try:
-        return orjson.dumps(value)
+        out = orjson.dumps(value)
+        # A map's encoded values are all held until its commit: a copy of the
+        # exact size frees the buffer (1M keys took 4 GB before, 0.1 GB now).
+        return bytes(memoryview(out)) if len(out) < _ORJSON_BUFFER // 2 else out
     except TypeError as exc:  # orjson.JSONEncodeError derives from TypeError
         raise InvalidChangeSetError(
             f"map {map_name!r}: value of key {key!r} is not JSON data: {exc}") from None
@@ -325,14 +338,22 @@ def encode_transaction(tx: Transaction) -> EncodedTransaction:
     creates = [_encode_create(actor, c) for c in tx.creates]
     writes = [_encode_write(actor, txid, w) for w in tx.writes]
     restores = [_encode_restore(actor, r) for r in tx.restores]
+    deletes = [_owned_map(actor, name, "deletes") for name in tx.deletes]
     if len(creates) > 1:
         _no_duplicates("creates", (c.name for c in creates))
-    if len(writes) + len(restores) > 1:
-        _no_duplicates("writes or restores", [w.name for w in writes] +
-                       [r.name for r in restores])
+    if len(writes) + len(restores) + len(deletes) > 1:
+        _no_duplicates("writes, restores or deletes", [w.name for w in writes] +
+                       [r.name for r in restores] + deletes)
+    if deletes and creates:
+        _no_duplicates("creates and deletes", [c.name for c in creates] + deletes)
     return EncodedTransaction(actor, node_id, txid, tx.prev_txid, checkpoint,
                               ttl_to_ms(tx.lease_ttl), creates, writes, restores,
-                              bool(tx.reassert))
+                              bool(tx.reassert), deletes, deleted_marker(txid))
+
+
+def deleted_marker(txid: str | None) -> bytes:
+    """What a deleted map's channel carries (see :data:`~.base.DELETED`)."""
+    return orjson.dumps({DELETED: True, "txid": txid})
 
 
 def check_one_owner(names: Sequence[str]) -> str | None:

@@ -17,7 +17,8 @@ it, a failover may lose it). A write of a short-lived key goes just before
 the WAIT: WAIT only covers what its own connection wrote, and a commit that
 landed in an earlier attempt (a lost reply) writes nothing the second time,
 yet must be covered too. Only commits wait: the runtime writes through
-commits alone; ``create_map``, ``delete_map`` and leases do not.
+commits alone; ``create_map``, ``delete_map``, ``destroy_actor`` and leases
+do not.
 
 At start the backend warns (once) when a server's ``maxmemory-policy`` is
 not ``noeviction``: an eviction silently drops checkpoints, leases or maps.
@@ -31,7 +32,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,33 +46,59 @@ from ...errors import (
     ConfigError,
     DurabilityError,
     LeaseHeldError,
+    NodeIdInUseError,
     ShardUnavailableError,
     SharingError,
 )
 from ...names import check_actor_name, check_map_name, map_owner
 from .. import BackendURL, parse_url
-from ..base import ChangeSet, Checkpoint, MessageHandler, ReconnectListener, Transaction
+from ..base import (
+    ChangeSet,
+    Checkpoint,
+    MessageHandler,
+    ReconnectListener,
+    StoredActor,
+    StoredMap,
+    Transaction,
+)
 from ..wire import (
     EncodedTransaction,
+    Pairs,
     check_app,
     check_one_owner,
     check_open,
     decode_checkpoint,
+    deleted_marker,
     encode_dump,
     encode_transaction,
     make_dump,
     ttl_to_ms,
 )
-from .codec import Command, Keys, commit_outcome, decode_all, decode_pairs, flatten
+from .codec import (
+    Command,
+    Keys,
+    StageLostError,
+    commit_outcome,
+    decode_all,
+    decode_pairs,
+    flatten,
+)
 from .group_commit import GroupCommit, PendingCommit
 from .options import Settings
 from .pubsub import PubSub
 from .routing import Router, Server, allowance
-from .scripts import ACQUIRE, CREATE, READ, RELEASE, RENEW, SCRIPTS
+from .scripts import ACQUIRE, CLAIM, CREATE, DESTROY, READ, RELEASE, RENEW, SCRIPTS
 
 __all__ = ["RedisBackend", "RedisStats"]
 
 _log = logging.getLogger("caf_sharing.backends.redis")
+
+#: A map written whole with more fields or bytes than this is staged first,
+#: in chunks of this size: one chunk is one HSET, a few ms of server time.
+STAGE_FIELDS = 5000
+STAGE_BYTES = 1 << 20
+#: How long a staged hash no commit claimed lives.
+STAGE_TTL_MS = 600_000
 
 
 @dataclass(slots=True)
@@ -104,7 +132,9 @@ class RedisBackend:
 
     * ``coalescing_interval`` (s, 0.01): longest wait of a queued commit;
     * ``max_pending_updates`` (20): most commits in one round trip;
-    * ``max_retries`` (10), ``retry_delay`` (s, 0.1): per round trip;
+    * ``max_retries`` (10): retries per round trip; ``retry_delay`` (s, 0.1):
+      the first pause, doubling up to ``max_retry_delay`` (s, 1, or
+      ``retry_delay`` if longer), each with a random half taken off (jitter);
     * ``call_timeout`` (s, 3; ``None``: no bound): longest time one round
       trip may take, its retries and their pauses included (plus the same
       allowances as ``socket_timeout``); past it the call fails with
@@ -320,7 +350,11 @@ class RedisBackend:
         for reply in routed.replies:
             if isinstance(reply, rexc.ResponseError):
                 raise BackendError(f"Redis at {self.url}: {what} failed: {reply}")
-        return bool(routed.replies[0])
+        existed = bool(routed.replies[0])
+        if existed:
+            await self._router.call_one(
+                (self._publish, self._keys.channel(name), deleted_marker(None)), owner, what)
+        return existed
 
     # -- leases and checkpoints -------------------------------------------------
 
@@ -340,7 +374,9 @@ class RedisBackend:
                          reply / 1000, actor)
             await asyncio.sleep(reply / 1000)
         if reply is not None:
-            raise LeaseHeldError(actor, reply.decode(errors="replace"))
+            holder, pttl = reply
+            raise LeaseHeldError(actor, holder.decode(errors="replace"),
+                                 pttl / 1000 if pttl >= 0 else None)
 
     async def _per_actor(self, commands: Sequence[Command], actors: Sequence[str],
                          what: str) -> list[Any]:
@@ -387,6 +423,44 @@ class RedisBackend:
             ("EVALSHA", RELEASE.sha, 1, self._keys.actor(actor, "lease"), node_id), actor,
             f"release_lease {actor}")
 
+    async def destroy_actor(self, actor: str) -> bool:
+        check_actor_name(actor)
+        self._check_open()
+        what = f"destroy_actor {actor}"
+        prefix = self._keys.actor(actor, "")
+        for _ in range(5):
+            checkpoint = await self.load_checkpoint(actor)
+            txid = "" if checkpoint is None else str(checkpoint.get("txid") or "")
+            registered = _registered_maps(actor, checkpoint)
+            reply = await self._router.call_one(
+                ("EVALSHA", DESTROY.sha, 4, prefix + "cp", prefix + "lease",
+                 prefix + "lineage", prefix + "recent", txid, prefix + "map:",
+                 prefix + "chan:", self._publish, deleted_marker(None), *registered),
+                actor, what)
+            if reply[0] == b"lease":
+                raise LeaseHeldError(actor, reply[1].decode(errors="replace"),
+                                     reply[2] / 1000 if reply[2] >= 0 else None)
+            if reply[0] == b"ok":
+                return bool(reply[1])
+        raise BackendError(f"Redis at {self.url}: {what}: its checkpoint keeps changing")
+
+    async def claim_node(self, node_id: str, nonce: str, ttl: float) -> None:
+        ms = ttl_to_ms(ttl)
+        self._check_open()
+        key = self._keys.node(node_id)
+        # The key is its own routing owner: its hash tag picks its slot.
+        reply = await self._router.call_one(("EVALSHA", CLAIM.sha, 1, key, nonce, ms), key,
+                                            f"claim_node {node_id}")
+        if reply is not None:
+            raise NodeIdInUseError(node_id, f"{self.url} (app {self.app!r})",
+                                   reply[0] / 1000 if reply[0] >= 0 else None)
+
+    async def release_node(self, node_id: str, nonce: str) -> None:
+        self._check_open()
+        key = self._keys.node(node_id)
+        await self._router.call_one(("EVALSHA", RELEASE.sha, 1, key, nonce), key,
+                                    f"release_node {node_id}")
+
     async def load_checkpoint(self, actor: str) -> Checkpoint | None:
         check_actor_name(actor)
         self._check_open()
@@ -414,7 +488,17 @@ class RedisBackend:
     async def commit(self, tx: Transaction) -> bool:
         enc = encode_transaction(tx)
         self._check_open()
-        pending = PendingCommit(enc, self._keys.commit(enc, self._publish),
+        try:
+            return await self._commit(enc)
+        except StageLostError:
+            # The server lost a staged hash (a failover, say): once more.
+            _log.warning("Redis at %s: commit %s lost its staged maps; staging them again",
+                         self.url, enc.txid)
+            return await self._commit(enc)
+
+    async def _commit(self, enc: EncodedTransaction) -> bool:
+        staged = await self._stage(enc)
+        pending = PendingCommit(enc, self._keys.commit(enc, self._publish, staged),
                                 asyncio.get_running_loop().create_future())
         server = self._router.server_for(enc.actor)
         committer = self._committers.get(server)
@@ -423,6 +507,33 @@ class RedisBackend:
                 self._round_trip, self.settings.coalescing_interval,
                 self.settings.max_pending_updates)
         return await committer.commit(pending)
+
+    async def _stage(self, enc: EncodedTransaction) -> dict[str, str]:
+        """Write the content of each big map the commit writes whole (a create,
+        a full dump, a restore) to a hash of its own first, in chunks of one
+        round trip each, so that no call stalls the server (a 1M-key map in
+        one script blocked Redis for seconds). The commit renames it into
+        place, atomically with the rest; until then readers see nothing of
+        it. A hash no commit claims expires."""
+        wholes = [*((f"c{i}", c.name, c.fields) for i, c in enumerate(enc.creates)),
+                  *((f"w{i}", w.name, w.full) for i, w in enumerate(enc.writes)
+                    if w.full is not None),
+                  *((f"r{i}", r.name, r.fields) for i, r in enumerate(enc.restores))]
+        staged: dict[str, str] = {}
+        for item, name, pairs in wholes:
+            if len(pairs) <= STAGE_FIELDS and _size(pairs) <= STAGE_BYTES:
+                continue
+            key = staged[item] = self._keys.stage(enc, item)
+            what = f"commit {enc.txid}: staging map {name}"
+            for n, chunk in enumerate(_chunks(pairs)):
+                commands: list[Command] = [("HSET", key, *flatten(chunk))]
+                if n == 0:
+                    # What an earlier attempt of this txid staged goes first.
+                    commands = [("UNLINK", key), *commands, ("PEXPIRE", key, STAGE_TTL_MS)]
+                for reply in (await self._router.call(commands, enc.actor, what)).replies:
+                    if isinstance(reply, rexc.ResponseError):
+                        raise BackendError(f"Redis at {self.url}: {what} failed: {reply}")
+        return staged
 
     async def _round_trip(self, batch: list[PendingCommit]) -> None:
         self.stats.round_trips += 1
@@ -487,6 +598,81 @@ class RedisBackend:
             "ambiguous: the primary holds the commit, but a failover may lose it",
             required=wanted, confirmed=confirmed)
 
+    # -- survey and purge ------------------------------------------------------
+
+    async def _scan_keys(self, pattern: str, what: str) -> AsyncIterator[list[bytes]]:
+        """The keys matching ``pattern`` on every primary, a SCAN page at a time."""
+        for server in await self._router.servers_now():
+            cursor: bytes | int = 0
+            while True:
+                cursor, keys = (await self._router.call(
+                    [("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)], "", what,
+                    to=server)).replies[0]
+                yield keys
+                if cursor in (0, b"0"):
+                    break
+
+    async def purge(self, expire_after: float | None = None) -> int:
+        self._check_open()
+        count = 0
+        async for page in self._scan_keys(f"caf:{self.app}:*", "purge"):
+            tags = [_TAG.search(raw) for raw in page]
+            commands: list[Command] = [
+                ("UNLINK", raw) if expire_after is None
+                else ("PEXPIRE", raw, max(1, round(expire_after * 1000))) for raw in page]
+            if commands:
+                # One key a command: on a cluster the keys of a page span slots.
+                await self._router.call(commands, [t.group(1).decode() if t else ""
+                                                   for t in tags], "purge")
+                count += len(commands)
+        return count
+
+    async def survey(self, every_app: bool = False) -> tuple[list[StoredMap], list[StoredActor]]:
+        self._check_open()
+        pattern = "caf:*" if every_app else f"caf:{self.app}:*"
+        maps: set[tuple[str, str, str]] = set()  # (app, owner, name)
+        actors: set[tuple[str, str]] = set()
+        async for page in self._scan_keys(pattern, "survey"):
+            for raw in page:
+                found = _KEY.fullmatch(raw)
+                if found is None:
+                    continue
+                app, owner, what = (part.decode(errors="replace") for part in found.groups())
+                if what.startswith("map:"):
+                    maps.add((app, owner, what[4:]))
+                else:
+                    actors.add((app, owner))
+        map_list, actor_list = sorted(maps), sorted(actors)
+        commands: list[Command] = []
+        for app, owner, name in map_list:
+            key = f"caf:{app}:{{{owner}}}:map:{name}"
+            commands += [("HGET", key, "__ca_version__"), ("HLEN", key),
+                         ("MEMORY", "USAGE", key)]
+        for app, actor in actor_list:
+            prefix = f"caf:{app}:{{{actor}}}:"
+            commands += [("HGET", prefix + "cp", "txid"), ("GET", prefix + "lease"),
+                         ("PTTL", prefix + "lease")]
+        owners = [owner for _, owner, _ in map_list for _ in range(3)] + \
+            [actor for _, actor in actor_list for _ in range(3)]
+        replies = (await self._router.call(commands, owners, "survey")).replies if commands \
+            else []
+        stored_maps = []
+        for i, (app, _, name) in enumerate(map_list):
+            version, size, usage = replies[3 * i:3 * i + 3]
+            if version is None or isinstance(version, rexc.ResponseError):
+                continue  # deleted meanwhile
+            stored_maps.append(StoredMap(app, name, int(version), max(int(size) - 1, 0),
+                                         usage if isinstance(usage, int) else 0))
+        stored_actors = []
+        base = 3 * len(map_list)
+        for i, (app, actor) in enumerate(actor_list):
+            txid, holder, pttl = replies[base + 3 * i:base + 3 * i + 3]
+            stored_actors.append(StoredActor(
+                app, actor, _txid(txid), _txid(holder),
+                pttl / 1000 if holder is not None and isinstance(pttl, int) and pttl > 0
+                else None))
+        return stored_maps, stored_actors
+
     # -- pub/sub ------------------------------------------------------------
 
     def add_reconnect_listener(self, listener: ReconnectListener) -> None:
@@ -503,6 +689,44 @@ class RedisBackend:
         check_map_name(name)
         self._check_open()
         await self._pubsub.unsubscribe(self._keys.channel(name).encode(), handler)
+
+
+_TAG = re.compile(rb"\{([^}]*)\}")
+_KEY = re.compile(rb"caf:([A-Za-z0-9_.\-]+):\{([^}]*)\}:(cp|lease|map:.+)")
+
+
+def _size(pairs: Pairs) -> int:
+    return sum(len(key) + len(value) for key, value in pairs)
+
+
+def _chunks(pairs: Pairs) -> Iterator[Pairs]:
+    """``pairs`` in runs of at most STAGE_FIELDS fields and about STAGE_BYTES."""
+    start = 0
+    while start < len(pairs):
+        end, size = start, 0
+        while end < len(pairs) and end - start < STAGE_FIELDS and size < STAGE_BYTES:
+            size += len(pairs[end][0]) + len(pairs[end][1])
+            end += 1
+        yield pairs[start:end]
+        start = end
+
+
+def _registered_maps(actor: str, checkpoint: Checkpoint | None) -> list[str]:
+    """The maps of ``actor`` its checkpoint registers (a map made outside any
+    commit is in no lineage hash, but may be registered)."""
+    maps = None if checkpoint is None else checkpoint.get("maps")
+    if not isinstance(maps, dict):
+        return []
+    names = {entry.get("name") for entry in maps.values() if isinstance(entry, dict)}
+    return sorted(name for name in names
+                  if isinstance(name, str) and _owned_by(name, actor))
+
+
+def _owned_by(name: str, actor: str) -> bool:
+    try:
+        return map_owner(name) == actor
+    except ValueError:
+        return False
 
 
 def _txid(reply: Any) -> str | None:

@@ -13,11 +13,12 @@ included, share a slot and one script call can touch them all)::
     caf:<app>:{<owner>}:lineage       hash: map name -> txid that made its version
     caf:<app>:{<owner>}:map:<name>    hash: "__ca_version__" -> int, key -> JSON value
     caf:<app>:{<owner>}:chan:<name>   (sharded) pub/sub channel of the map's change sets
+    caf:<app>:node:{<node_id>}        string: the nonce of the live node using node_id, with a TTL
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import hiredis
@@ -32,7 +33,7 @@ from ...errors import (
 )
 from ...names import map_owner
 from ..base import RECENT_TXIDS, ChangeSet
-from ..wire import EncodedTransaction, chain_broken, decode_fields, decode_version
+from ..wire import EncodedTransaction, Pairs, chain_broken, decode_fields, decode_version
 from .scripts import COMMIT
 
 __all__ = ["Command", "Keys", "commit_outcome", "decode_all", "decode_pairs", "flatten", "pack",
@@ -63,25 +64,45 @@ class Keys:
     def channel(self, name: str) -> str:
         return f"caf:{self.app}:{{{map_owner(name)}}}:chan:{name}"
 
-    def commit(self, tx: EncodedTransaction, publish: str) -> Command:
+    def node(self, node_id: str) -> str:
+        return f"caf:{self.app}:node:{{{node_id}}}"
+
+    def stage(self, tx: EncodedTransaction, item: str) -> str:
+        """Where the client stages the content of one big map of ``tx``."""
+        return self.actor(tx.actor, f"stage:{tx.txid}:{item}")
+
+    def commit(self, tx: EncodedTransaction, publish: str,
+               staged: Mapping[str, str] | None = None) -> Command:
         """The EVALSHA of ``tx`` (see ``lua/commit.lua`` for the arguments);
-        its change sets go out with ``publish`` (SPUBLISH or PUBLISH)."""
+        its change sets go out with ``publish`` (SPUBLISH or PUBLISH).
+        ``staged`` maps items (``c<i>``, ``w<i>``, ``r<i>``: the full content
+        of create, write or restore i) to the hash holding it already."""
         # Every map of a transaction is owned by its actor (checked when encoded).
         prefix = f"caf:{self.app}:{{{tx.actor}}}:"
         keys = [prefix + "cp", prefix + "lease", prefix + "lineage", prefix + "recent"]
         keys.extend(f"{prefix}map:{c.name}" for c in tx.creates)
         keys.extend(f"{prefix}map:{w.name}" for w in tx.writes)
         keys.extend(f"{prefix}map:{r.name}" for r in tx.restores)
+        keys.extend(f"{prefix}map:{name}" for name in tx.deletes)
+        staged = staged or {}
+
+        def items(item: str, pairs: Pairs) -> list[Any]:
+            stage = staged.get(item)
+            if stage is None:
+                return [2 * len(pairs), *flatten(pairs)]
+            keys.append(stage)
+            return [-2, len(keys)]  # its index in KEYS, from 1
         argv: list[Any] = [
             tx.node_id, tx.txid, tx.prev_txid or "", 0 if tx.prev_txid is None else 1,
             tx.lease_ttl_ms, tx.checkpoint, len(tx.creates), len(tx.writes),
-            len(tx.restores), 1 if tx.reassert else 0, RECENT_TXIDS, publish]
+            len(tx.restores), 1 if tx.reassert else 0, RECENT_TXIDS, publish,
+            len(tx.deletes), tx.deleted_payload]
         create_index: dict[str, int] = {}
         for i, create in enumerate(tx.creates, 1):
             create_index[create.name] = i
-            argv.extend((create.name, create.version, 2 * len(create.fields)))
-            argv.extend(flatten(create.fields))
-        for write in tx.writes:
+            argv.extend((create.name, create.version))
+            argv.extend(items(f"c{i - 1}", create.fields))
+        for i, write in enumerate(tx.writes):
             argv.extend((write.name, write.base, write.new_version,
                          create_index.get(write.name, 0),
                          -1 if write.rebase_from is None else write.rebase_from,
@@ -92,15 +113,19 @@ class Keys:
             if write.full is None:
                 argv.append(-1)
             else:
-                argv.append(2 * len(write.full))
-                argv.extend(flatten(write.full))
+                argv.extend(items(f"w{i}", write.full))
             argv.append(f"{prefix}chan:{write.name}")
             argv.append(write.payload)
-        for restore in tx.restores:
-            argv.extend((restore.name, restore.version, restore.txid or "",
-                         2 * len(restore.fields)))
-            argv.extend(flatten(restore.fields))
+        for i, restore in enumerate(tx.restores):
+            argv.extend((restore.name, restore.version, restore.txid or ""))
+            argv.extend(items(f"r{i}", restore.fields))
+        for name in tx.deletes:
+            argv.extend((name, f"{prefix}chan:{name}"))
         return ("EVALSHA", COMMIT.sha, len(keys), *keys, *argv)
+
+
+class StageLostError(BackendError):
+    """The staged content of a big map was gone when its commit ran."""
 
 
 def flatten(pairs: Sequence[tuple[str, bytes]]) -> list[str | bytes]:
@@ -148,6 +173,9 @@ def commit_outcome(url: str, tx: EncodedTransaction, reply: Any) -> bool:
             f"{write.base}", name=write.name, expected=write.base, current=current)
     if status == b"missing":
         raise MapMissingError([tx.writes[int(i) - 1].name for i in reply[1:]])
+    if status == b"staged":
+        raise StageLostError(f"Redis at {url}: commit {tx.txid} of {tx.actor}: a staged map "
+                             "vanished before the commit (the server lost data?)")
     raise BackendError(f"Redis at {url}: unexpected commit reply {reply!r}")
 
 

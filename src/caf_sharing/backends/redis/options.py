@@ -4,6 +4,7 @@ checked once, and how to open a connection to one of its servers."""
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,16 @@ def _count(name: str, value: object, *, zero: bool = False) -> int:
     return value
 
 
+def _longest(first: object, longest: object) -> float:
+    if longest is None:  # 1 s, or retry_delay if that is longer
+        return max(1.0, _number("retry_delay", first, zero=True))
+    value = _number("max_retry_delay", longest, zero=True)
+    if isinstance(first, int | float) and value < first:
+        raise ConfigError(f"option max_retry_delay ({longest!r}) must be >= retry_delay "
+                          f"({first!r})")
+    return value
+
+
 def _tls_options(options: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     reqs = options.get("ssl_cert_reqs")
@@ -94,6 +105,7 @@ class Settings:
     max_pending_updates: int
     max_retries: int
     retry_delay: float
+    max_retry_delay: float
     call_timeout: float | None
     socket_timeout: float | None
     wait_replicas: int
@@ -109,6 +121,7 @@ class Settings:
     def make(cls, target: BackendURL, *,
              coalescing_interval: float = 0.01, max_pending_updates: int = 20,
              max_retries: int = 10, retry_delay: float = 0.1,
+             max_retry_delay: float | None = None,
              call_timeout: float | None = 3.0, socket_timeout: float | None = 1.0,
              connect_timeout: float = 1.0,
              wait_replicas: int | None = None, wait_timeout_ms: int | None = None,
@@ -169,6 +182,7 @@ class Settings:
             max_pending_updates=_count("max_pending_updates", max_pending_updates),
             max_retries=_count("max_retries", max_retries, zero=True),
             retry_delay=_number("retry_delay", retry_delay, zero=True),
+            max_retry_delay=_longest(retry_delay, max_retry_delay),
             call_timeout=None if call_timeout is None
             else _number("call_timeout", call_timeout),
             socket_timeout=None if socket_timeout is None
@@ -184,6 +198,15 @@ class Settings:
             restart_grace=restart_grace,
             conn_class=conn_class,
             conn_kwargs=kwargs)
+
+    def backoff(self, attempt: int, longest: float | None = None) -> float:
+        """The pause before retry ``attempt`` (1, 2, ...): ``retry_delay``,
+        doubling up to ``max_retry_delay`` (or ``longest``), of which a random
+        half is taken off, so that the clients a failure hit together do not
+        all come back at the same moment."""
+        cap = self.max_retry_delay if longest is None else longest
+        pause = min(cap, self.retry_delay * 2.0 ** min(attempt - 1, 30))
+        return pause * (0.5 + random.random() / 2)
 
     def connector(self, address: Address) -> Callable[[], AbstractConnection]:
         """What opens a new connection to the server at ``address``."""

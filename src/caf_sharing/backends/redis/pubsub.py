@@ -11,11 +11,12 @@ older single server gets ``PUBLISH``/``SUBSCRIBE``, the same way.
 Each connection is read by a task of its own that calls the handlers.
 ``subscribe`` returns once the server confirmed the subscription, so a read
 made after it misses nothing (per shard, as the read goes to the same
-shard). When a connection is lost its task reconnects (``retry_delay`` apart;
-past ``max_retries`` attempts it logs an error, fails waiting subscribers and
-keeps trying, more slowly, so that a long outage does not silently end
-replication), subscribes its channels again and then tells the listeners
-which maps may have missed messages, so that only those are resynced.
+shard). When a connection is lost its task reconnects (with the backoff of
+commands, see :mod:`.routing`; past ``max_retries`` attempts it logs an
+error, fails waiting subscribers and keeps trying, more slowly, so that a
+long outage does not silently end replication), subscribes its channels
+again and then tells the listeners which maps may have missed messages, so
+that only those are resynced.
 
 On a cluster a channel moves when its slot does. The old owner says so with
 an unsolicited ``sunsubscribe`` (slot migrated) or by failing (failover): the
@@ -169,10 +170,10 @@ class _Link:
 
     def _delay(self, failures: int) -> float:
         settings = self.hub.settings
-        if failures <= settings.max_retries:
-            return settings.retry_delay
-        slow = max(settings.retry_delay, 0.1) * 2.0 ** min(failures - settings.max_retries, 10)
-        return min(slow, _MAX_SLOW_DELAY)
+        # Past max_retries: keep trying, up to _MAX_SLOW_DELAY apart.
+        longest = None if failures <= settings.max_retries \
+            else max(settings.max_retry_delay, _MAX_SLOW_DELAY)
+        return settings.backoff(failures, longest)
 
     async def _run(self) -> None:
         settings = self.hub.settings
@@ -287,7 +288,7 @@ class _Link:
                   self.server.name, channel.map_name)
         channel.active = False
         channel.missed = True
-        self.hub.moved_out(channel)
+        self.hub.moved_out()
 
     def _on_error(self, error: rexc.ResponseError) -> None:
         """A command on the connection failed: a cluster says where the
@@ -304,7 +305,7 @@ class _Link:
                 self.hub.router.moved(error)
             for channel in channels:
                 channel.missed = True
-                self.hub.moved_out(channel)
+            self.hub.moved_out()
             return
         _log.error("Redis at %s refused a pub/sub command: %s", self.server.name, error)
         refused = BackendError(f"Redis at {self.hub.url} refused to subscribe: {error}")
@@ -415,8 +416,9 @@ class PubSub:
         if self._channels and not self._closed:
             self._schedule_move()
 
-    def moved_out(self, channel: _Channel) -> None:
-        """``channel``'s server no longer serves it: find its owner again."""
+    def moved_out(self) -> None:
+        """A server no longer serves some of our channels (marked ``missed``
+        and inactive): find their owners again."""
         self._schedule_move(refresh=True)
 
     def _schedule_move(self, refresh: bool = False) -> None:
@@ -425,7 +427,7 @@ class PubSub:
 
     async def _move(self, refresh: bool) -> None:
         if refresh:
-            await asyncio.sleep(self.settings.retry_delay)
+            await asyncio.sleep(self.settings.backoff(1))
             moved = await self.relocate()
         else:
             moved = await self.rehome()

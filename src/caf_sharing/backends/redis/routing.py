@@ -13,7 +13,7 @@ server's share in parallel and follows the cluster's answers:
   again there, after ``ASKING``.
 * ``TRYAGAIN`` (a multi-key command meets a slot mid-migration),
   ``CLUSTERDOWN`` and ``MASTERDOWN`` (a failover in progress): send again
-  after ``retry_delay``.
+  after a pause.
 * ``NOSCRIPT`` (that server restarted or flushed its scripts): load the
   scripts on the server that answered it, send again.
 
@@ -23,8 +23,9 @@ have run, and then: reads and lease scripts set or return absolute values,
 and a commit is idempotent by txid, so one that landed before its reply was
 lost answers "dup" the second time (``lua/commit.lua``).
 
-Connection errors and timeouts are retried ``max_retries`` times,
-``retry_delay`` apart, within ``call_timeout`` (on a cluster the slot map is
+Connection errors and timeouts are retried ``max_retries`` times, after
+pauses that double from ``retry_delay`` up to ``max_retry_delay``, each
+jittered (:meth:`Settings.backoff`), within ``call_timeout`` (on a cluster the slot map is
 refreshed first: the server may have died and a replica taken over). Each
 attempt may take ``socket_timeout`` seconds, plus time in proportion to what
 it carries (:func:`allowance`).
@@ -41,26 +42,31 @@ from typing import Any
 
 import hiredis
 from redis import exceptions as rexc
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, SSLConnection
 
 from ...errors import BackendError, BackendUnavailableError
 from .codec import Command, pack, slot_of
 from .options import Address, Settings
 from .scripts import SCRIPTS
 
-__all__ = ["FATAL", "RETRYABLE", "Router", "Server", "allowance"]
+__all__ = ["FATAL", "RETRYABLE", "Router", "Server", "TLSNotAnsweredError", "allowance"]
 
 _log = logging.getLogger("caf_sharing.backends.redis")
 
 #: Errors after which a round trip is tried again (the connection is reset).
 RETRYABLE = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+class TLSNotAnsweredError(rexc.ConnectionError):
+    """The server took a TLS connection and answered nothing: a plaintext port
+    (which waits for a line end a TLS hello never sends). Not retried."""
+
+
 #: Connection errors that retrying cannot fix.
-FATAL = (rexc.AuthenticationError, rexc.AuthorizationError)
+FATAL = (rexc.AuthenticationError, rexc.AuthorizationError, TLSNotAnsweredError)
 #: Replies after which a command is sent again, after a pause, unchanged.
 _WAIT_AND_RETRY = (rexc.TryAgainError, rexc.ClusterDownError)
 #: The most redirections one command follows in one call (a cluster whose
 #: nodes disagree for good), and how many it follows at once before pausing
-#: ``retry_delay`` between two (nodes disagree for a moment in a failover).
+#: between two (nodes disagree for a moment in a failover).
 _MAX_REDIRECTS = 64
 _EAGER_REDIRECTS = 2
 #: The slowest a healthy server takes in a request (reading and running it
@@ -123,10 +129,18 @@ class _Pool:
                         except rexc.ResponseError as exc:
                             replies.append(exc)
             except BaseException as exc:
+                connected = conn.is_connected
                 # Unread replies may be left on it: start the next use afresh.
                 await conn.disconnect(nowait=True)
                 if isinstance(exc, TimeoutError):
-                    raise rexc.TimeoutError(f"no reply within {timeout:.3g}s") from None
+                    if connected:
+                        raise rexc.TimeoutError(f"no reply within {timeout:.3g}s") from None
+                    if isinstance(conn, SSLConnection):
+                        # A plaintext server waits for a line end that never comes.
+                        raise TLSNotAnsweredError(
+                            f"the server did not answer TLS within {timeout:.3g}s (a "
+                            "plaintext port? then use redis://)") from None
+                    raise rexc.TimeoutError(f"could not connect within {timeout:.3g}s") from None
                 raise
             finally:
                 self._idle.append(conn)
@@ -176,9 +190,10 @@ class Router:
         self._slots: list[Server | None] = [None] * SLOTS
         self._seeds = [self.server(address) for address in settings.seeds]
         self._refreshing: asyncio.Task[None] | None = None
+        # A node that answers nothing must not hold the others' answers up.
+        self._refresh_timeout = settings.socket_timeout or settings.call_timeout or 1.0
         self.closed = False
-        #: Bumped whenever the slot map changes; pub/sub re-homes its channels.
-        self.epoch = 0
+        #: Called whenever the slot map changes (pub/sub moves its channels).
         self.listeners: list[Callable[[], None]] = []
 
     # -- servers and slots ---------------------------------------------------
@@ -203,6 +218,12 @@ class Router:
             return [self._seeds[0]]
         return list({id(s): s for s in self._slots if s is not None}.values())
 
+    async def servers_now(self) -> list[Server]:
+        """Every primary, the slot map read again first on a cluster."""
+        if self.cluster:
+            await self.refresh()
+        return self.primaries()
+
     async def refresh(self) -> None:
         """Read the slot map again; concurrent callers share one read."""
         if self._refreshing is None or self._refreshing.done():
@@ -216,8 +237,7 @@ class Router:
         errors: list[str] = []
         for server in {id(s): s for s in known}.values():
             try:
-                reply = await self._exchange(server, [_CLUSTER_SLOTS],
-                                             self._settings.socket_timeout)
+                reply = await self._exchange(server, [_CLUSTER_SLOTS], self._refresh_timeout)
             except (*RETRYABLE, *FATAL) as exc:
                 errors.append(f"{server.name}: {exc}")
                 continue
@@ -241,18 +261,18 @@ class Router:
                 slots[slot] = server
         if slots != self._slots:
             self._slots = slots
-            self.epoch += 1
-            for listener in list(self.listeners):
-                listener()
+            self._changed()
 
     def moved(self, error: rexc.MovedError) -> None:
         """Note a slot's new owner, as a MOVED reply gave it."""
         server = self.server(error.node_addr)
         if self._slots[error.slot_id] is not server:
             self._slots[error.slot_id] = server
-            self.epoch += 1
-            for listener in list(self.listeners):
-                listener()
+            self._changed()
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            listener()
 
     # -- round trips ------------------------------------------------------------
 
@@ -278,7 +298,11 @@ class Router:
             return exc
         except rexc.ResponseError as exc:
             # Raised, not replied: opening the connection failed (SELECT, AUTH).
-            return BackendError(f"Redis at {server.name} refused the connection: {exc}")
+            hint = ""
+            if "DB index is out of range" in str(exc):
+                hint = (" (the URL's /DB is beyond the server's number of databases, its "
+                        "'databases' setting, 16 by default)")
+            return BackendError(f"Redis at {server.name} refused the connection: {exc}{hint}")
 
     async def call(self, commands: Sequence[Command], owners: Sequence[str] | str, what: str,
                    *, tail: Callable[[str], Sequence[Command]] | None = None,
@@ -310,7 +334,7 @@ class Router:
         todo: Sequence[int] = range(count)
         asking: dict[int, Server] = {}
         redirects = [0] * count
-        failures = 0
+        failures = pauses = 0
         while True:
             groups: dict[Server, list[int]] = {}
             for i in todo:
@@ -341,10 +365,14 @@ class Router:
             failed_on: Server | None = None
             for (server, indices, _), result in zip(sends, results, strict=True):
                 if isinstance(result, BaseException):
+                    if isinstance(result, TLSNotAnsweredError):
+                        raise BackendUnavailableError(
+                            f"Redis at {server.name} ({what}): {result}") from None
                     if isinstance(result, FATAL):
                         raise BackendUnavailableError(
                             f"Redis at {server.name} refused the connection ({what}): "
-                            f"{result}") from None
+                            f"{result} (check the user name and password: in the URL, the "
+                            "username/password options, or the server's ACL)") from None
                     if isinstance(result, BackendError):
                         raise result
                     failure, failed_on = result, server
@@ -378,10 +406,11 @@ class Router:
             if not again:
                 return routed
             todo = again
+            pauses += 1
+            delay = settings.backoff(pauses)
             if failure is not None:
                 failures += 1
-                late = deadline is not None and \
-                    time.monotonic() + settings.retry_delay >= deadline
+                late = deadline is not None and time.monotonic() + delay >= deadline
                 if failures > settings.max_retries or late:
                     where = f" (node {failed_on.name})" if self.cluster and failed_on else ""
                     error = BackendUnavailableError(
@@ -405,7 +434,9 @@ class Router:
                 except BackendUnavailableError as exc:
                     _log.debug("%s", exc)
             if failure is not None or pause:
-                await asyncio.sleep(settings.retry_delay)
+                await asyncio.sleep(delay)
+            else:
+                pauses -= 1  # went again at once
 
     def _redirected(self, server: Server, index: int, reply: rexc.ResponseError,
                     asking: dict[int, Server]) -> bool:
@@ -433,9 +464,7 @@ class Router:
     async def on_each_primary(self, commands: Sequence[Command], what: str) -> list[list[Any]]:
         """Send ``commands`` to every primary (on a cluster, after reading the
         slot map); their replies, per server."""
-        if self.cluster:
-            await self.refresh()
-        servers = self.primaries()
+        servers = await self.servers_now()
         if not servers:
             raise BackendError(f"Redis Cluster at {self.url} has no slots assigned")
         routed = await asyncio.gather(*(self.call(commands, "", what, to=server)

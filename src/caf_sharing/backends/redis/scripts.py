@@ -7,7 +7,8 @@ import hashlib
 from dataclasses import dataclass
 from importlib import resources
 
-__all__ = ["ACQUIRE", "COMMIT", "CREATE", "READ", "RELEASE", "RENEW", "SCRIPTS", "Script"]
+__all__ = ["ACQUIRE", "CLAIM", "COMMIT", "CREATE", "DESTROY", "READ", "RELEASE", "RENEW",
+           "SCRIPTS", "Script"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,4 +29,6 @@ READ = _load("read_maps")
 ACQUIRE = _load("lease_acquire")
 RENEW = _load("lease_renew")
 RELEASE = _load("lease_release")
-SCRIPTS = (COMMIT, CREATE, READ, ACQUIRE, RENEW, RELEASE)
+DESTROY = _load("destroy_actor")
+CLAIM = _load("node_claim")
+SCRIPTS = (COMMIT, CREATE, READ, ACQUIRE, RENEW, RELEASE, DESTROY, CLAIM)

@@ -8,6 +8,10 @@
 -- KEYS[5 .. 4+C]         maps the transaction creates when absent
 -- KEYS[5+C .. 4+C+W]     maps the transaction writes
 -- KEYS[5+C+W .. 4+C+W+R] maps the transaction restores
+-- KEYS[5+C+W+R .. 4+C+W+R+D] maps the transaction deletes
+-- KEYS[5+C+W+R+D ..]     staged contents of big maps (filled by the client in
+--                        chunks, so that no call blocks the server for long):
+--                        renamed into place, or unlinked when the commit is refused
 --
 -- ARGV[1] node id          ARGV[2] txid
 -- ARGV[3] previous txid    ARGV[4] "1" if ARGV[3] is meaningful, else "0"
@@ -15,13 +19,18 @@
 -- ARGV[6] checkpoint blob  ARGV[7] C  ARGV[8] W  ARGV[9] R
 -- ARGV[10] "1" for a re-assert  ARGV[11] how many earlier txids to keep
 -- ARGV[12] the publish command: SPUBLISH (sharded channels) or PUBLISH
+-- ARGV[13] D  ARGV[14] the deletion marker published on a deleted map's channel
 -- then, per create:  map name, version, n, n items (field, value, ...)
+--                    (n = -2: one argument follows instead of the items, the
+--                    index in KEYS of the staged hash holding them, here and
+--                    for full dumps and restores)
 -- then, per write:   map name, base version, new version, index of the create
 --                    of the same map (0: none), version renumbered to base
 --                    (-1: none), base txid ("": unknown), n, n removed fields,
 --                    n, n items to set, n (-1: no full dump), n items of the
 --                    full dump, channel, payload to publish
 -- then, per restore: map name, version, txid ("": unknown), n, n items
+-- then, per delete:  map name, channel
 --
 -- Values arrive already JSON-encoded by the client: the script never decodes
 -- them, and versions are compared as numbers.
@@ -29,7 +38,8 @@
 -- Returns {"ok"}, {"dup"} (txid already committed, nothing done),
 -- {"lease", holder}, {"chain", stored txid or ""}, {"version", write index,
 -- stored version}, {"lineage", write index, stored version, stored txid},
--- {"missing", write index, ...}.
+-- {"missing", write index, ...}, {"staged"} (a staged hash vanished: stage
+-- again and retry).
 
 local VERSION = "__ca_version__"
 local CHUNK = 4000 -- stay far below Lua's unpack() limit; even, so pairs never split
@@ -53,10 +63,21 @@ end
 local checkpoint, lease, lineage, recent = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local node, txid = ARGV[1], ARGV[2]
 local fixed = 4 -- KEYS before the maps
+local ncreates, nwrites, nrestores = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local ndeletes = tonumber(ARGV[13])
+local first_stage = fixed + ncreates + nwrites + nrestores + ndeletes + 1
+
+-- A refused commit leaves no staged hash behind.
+local function refuse(reply)
+  for k = first_stage, #KEYS do
+    redis.call("UNLINK", KEYS[k])
+  end
+  return reply
+end
 
 local stored_txid = redis.call("HGET", checkpoint, "txid")
 if stored_txid == txid then
-  return {"dup"}
+  return refuse({"dup"})
 end
 local holder = redis.call("GET", lease)
 -- The commits of an actor form a chain of txids: each must follow the one
@@ -68,28 +89,52 @@ if (holder and holder ~= node) or (stored_txid or false) ~= prev then
   -- A retried commit whose first attempt landed (its reply was lost) is a
   -- success, even after later commits or another node's.
   if stored_txid and redis.call("LPOS", recent, txid) then
-    return {"dup"}
+    return refuse({"dup"})
   end
   if holder and holder ~= node then
-    return {"lease", holder}
+    return refuse({"lease", holder})
   end
-  return {"chain", stored_txid or ""}
+  return refuse({"chain", stored_txid or ""})
 end
 -- A vanished lease (expired, or the server lost its data) is taken back: the
 -- chain check above proves nobody else committed since our last commit.
 local take_lease = not holder
 local reassert = ARGV[10] == "1"
 
-local ncreates, nwrites, nrestores = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local publish = ARGV[12] == "SPUBLISH" and "SPUBLISH" or "PUBLISH"
-local pos = 13
+local pos = 15
 local creates = {}
+local staged_ok = true
+-- The items at ARGV[pos] (a count, then the items or a staged hash's index):
+-- their first index, count, staged hash (or false), and the position after them.
+local function items(at)
+  local count = tonumber(ARGV[at])
+  if count == -2 then
+    local stage = KEYS[tonumber(ARGV[at + 1])]
+    staged_ok = staged_ok and redis.call("EXISTS", stage) == 1
+    return at + 1, 0, stage, at + 2
+  end
+  return at + 1, math.max(count, 0), false, at + 1 + math.max(count, 0)
+end
+-- Write a whole map: from the staged hash (renamed into place: O(1)), or
+-- from the arguments; the old content goes (UNLINK: freed in the background).
+local function fill(key, first, count, stage, version)
+  redis.call("UNLINK", key)
+  if stage then
+    redis.call("RENAME", stage, key)
+    redis.call("PERSIST", key)
+    redis.call("HSET", key, VERSION, version)
+  else
+    call_chunked("HSET", key, first, count, VERSION, version)
+  end
+end
+
 for i = 1, ncreates do
   local key = KEYS[fixed + i]
-  local count = tonumber(ARGV[pos + 2])
-  creates[i] = {key = key, name = ARGV[pos], version = ARGV[pos + 1], first = pos + 3,
-                count = count, absent = redis.call("EXISTS", key) == 0}
-  pos = pos + 3 + count
+  local c = {key = key, name = ARGV[pos], version = ARGV[pos + 1],
+             absent = redis.call("EXISTS", key) == 0}
+  c.first, c.count, c.stage, pos = items(pos + 2)
+  creates[i] = c
 end
 
 local writes = {}
@@ -106,10 +151,8 @@ for i = 1, nwrites do
   w.add_count = tonumber(ARGV[pos])
   w.add_first = pos + 1
   pos = w.add_first + w.add_count
-  local full_count = tonumber(ARGV[pos])
-  w.full_first = pos + 1
-  w.full_count = math.max(full_count, 0)
-  pos = w.full_first + w.full_count
+  local full = tonumber(ARGV[pos]) ~= -1
+  w.full_first, w.full_count, w.stage, pos = items(pos)
   w.channel, w.payload = ARGV[pos], ARGV[pos + 1]
   pos = pos + 2
   writes[i] = w
@@ -121,34 +164,44 @@ for i = 1, nwrites do
   elseif create > 0 and creates[create].absent then
     current, current_txid = creates[create].version, txid
   end
-  if reassert and full_count >= 0 then
+  if reassert and full then
     w.recreate = true
   elseif current and tonumber(current) == tonumber(w.base) then
     if base_txid ~= "" and current_txid and current_txid ~= base_txid then
-      return {"lineage", tostring(i), current, current_txid}
+      return refuse({"lineage", tostring(i), current, current_txid})
     end
     w.recreate = false
   elseif stored and rebase_from >= 0 and tonumber(stored) == rebase_from
       and (current_txid or "") == base_txid then
     w.recreate = false -- renumbered: the change set applies to the stored content
-  elseif not stored and full_count >= 0 then
+  elseif not stored and full then
     w.recreate = true
   elseif not current then
     missing[#missing + 1] = tostring(i)
   else
-    return {"version", tostring(i), current}
+    return refuse({"version", tostring(i), current})
   end
 end
 if #missing > 1 then
-  return missing
+  return refuse(missing)
 end
 
 local restores = {}
 for i = 1, nrestores do
-  local count = tonumber(ARGV[pos + 3])
-  restores[i] = {key = KEYS[fixed + ncreates + nwrites + i], name = ARGV[pos],
-                 version = ARGV[pos + 1], txid = ARGV[pos + 2], first = pos + 4, count = count}
-  pos = pos + 4 + count
+  local r = {key = KEYS[fixed + ncreates + nwrites + i], name = ARGV[pos],
+             version = ARGV[pos + 1], txid = ARGV[pos + 2]}
+  r.first, r.count, r.stage, pos = items(pos + 3)
+  restores[i] = r
+end
+if not staged_ok then
+  return refuse({"staged"})
+end
+
+local deletes = {}
+for i = 1, ndeletes do
+  deletes[i] = {key = KEYS[fixed + ncreates + nwrites + nrestores + i], name = ARGV[pos],
+                channel = ARGV[pos + 1]}
+  pos = pos + 2
 end
 
 -- Every check passed: write everything, then publish.
@@ -157,13 +210,14 @@ if take_lease then
 end
 for _, c in ipairs(creates) do
   if c.absent then
-    call_chunked("HSET", c.key, c.first, c.count, VERSION, c.version)
+    fill(c.key, c.first, c.count, c.stage, c.version)
     redis.call("HSET", lineage, c.name, txid)
+  elseif c.stage then
+    redis.call("UNLINK", c.stage)
   end
 end
 for _, r in ipairs(restores) do
-  redis.call("DEL", r.key)
-  call_chunked("HSET", r.key, r.first, r.count, VERSION, r.version)
+  fill(r.key, r.first, r.count, r.stage, r.version)
   if r.txid ~= "" then
     redis.call("HSET", lineage, r.name, r.txid)
   else
@@ -172,13 +226,19 @@ for _, r in ipairs(restores) do
 end
 for _, w in ipairs(writes) do
   if w.recreate then
-    redis.call("DEL", w.key)
-    call_chunked("HSET", w.key, w.full_first, w.full_count, VERSION, w.version)
+    fill(w.key, w.full_first, w.full_count, w.stage, w.version)
   else
+    if w.stage then
+      redis.call("UNLINK", w.stage)
+    end
     call_chunked("HDEL", w.key, w.rm_first, w.rm_count)
     call_chunked("HSET", w.key, w.add_first, w.add_count, VERSION, w.version)
   end
   redis.call("HSET", lineage, w.name, txid)
+end
+for _, d in ipairs(deletes) do
+  d.existed = redis.call("UNLINK", d.key) == 1
+  redis.call("HDEL", lineage, d.name)
 end
 if stored_txid then
   -- Keep the last ARGV[11] txids before this one.
@@ -188,5 +248,10 @@ end
 redis.call("HSET", checkpoint, "txid", txid, "blob", ARGV[6])
 for _, w in ipairs(writes) do
   redis.call(publish, w.channel, w.payload)
+end
+for _, d in ipairs(deletes) do
+  if d.existed then
+    redis.call(publish, d.channel, ARGV[14])
+  end
 end
 return {"ok"}
