@@ -448,7 +448,10 @@ class _Notifications:
         self._later: dict[str, asyncio.TimerHandle] = {}
 
     def check(self, method: str) -> None:
-        self._host._method(method)
+        try:
+            self._host._method(method)
+        except UnknownActorMethodError as exc:
+            raise UnknownActorMethodError(f"on_change refused: {exc}") from None
 
     def notify(self, alias: str) -> None:
         host = self._host
@@ -714,7 +717,7 @@ class Node:
                            on_close=self._views.discard)
         self._views.add(view)
         try:
-            await view.open()
+            await view._start()
         except BaseException:
             await view.close()
             raise

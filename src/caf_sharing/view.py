@@ -22,14 +22,12 @@ so coroutines that read several views without awaiting in between see them at
 one commit. A thread may call ``ref()`` and ``version`` at any time (it reads
 one attribute); ``wait_for`` and ``changes`` run on the node's event loop.
 
-A map deleted by its owner reads as missing again; created again, it is a
-new map, whose versions start over (``changes()`` then starts over too),
-seen from its first write on (creating a map publishes nothing), as by the
-node's actors.
 A map that does not exist yet is looked up again, every
 ``POLL_DELAYS[0]`` seconds at first, then less often, up to
 ``POLL_DELAYS[1]``: a writer that creates a map publishes nothing until it
-first changes it.
+first changes it. A map deleted by its owner reads as missing again; created
+again, it is a new map whose versions start over (so does ``changes()``),
+seen from its first write on, as the node's actors see it.
 """
 
 from __future__ import annotations
@@ -175,8 +173,9 @@ class ReplicaView:
 
     # -- internals ---------------------------------------------------------
 
-    async def open(self) -> None:
-        """Take the node's replica, or start looking for the map."""
+    async def _start(self) -> None:
+        """Take the node's replica, or start looking for the map (called by
+        :meth:`caf_sharing.Node.replica`)."""
         if not await self._attach():
             self._poller = asyncio.get_running_loop().create_task(
                 self._poll(), name=f"caf-sharing view {self._name}")
