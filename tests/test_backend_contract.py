@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,6 +74,15 @@ def tx(txid: str, *, writes: Sequence[MapWrite] = (), creates: Sequence[MapCreat
                        checkpoint={"txid": txid, "state": state, "maps": [MAP]},
                        lease_ttl=ttl, writes=tuple(writes), creates=tuple(creates),
                        restores=tuple(restores), reassert=reassert, deletes=tuple(deletes))
+
+
+def published(raw: bytes) -> dict[str, Any]:
+    """A published change set without the commit time it carries (checked:
+    microseconds since the epoch, within the last minute)."""
+    message: dict[str, Any] = orjson.loads(raw)
+    stamp = message.pop("ts")
+    assert isinstance(stamp, int) and 0 <= time.time() - stamp / 1e6 < 60
+    return message
 
 
 OFF_CHAIN = "does not follow this node's commits of actor 'alice-admin'"
@@ -284,8 +294,8 @@ async def test_commit_off_the_chain_is_refused_and_changes_nothing(backend: Back
         MapWrite(MAP2, changes(0, {"b": 2}))]))
     await inbox.wait_for(2)
     await asyncio.sleep(0.02)  # time for a stray refused change set to show up
-    assert [orjson.loads(m) for m in inbox.messages] == [changes(0, {"a": 1}),
-                                                         changes(0, {"b": 2})]
+    assert [published(m) for m in inbox.messages] == [changes(0, {"a": 1}),
+                                                      changes(0, {"b": 2})]
 
 
 async def test_retried_txid_returns_false_and_applies_nothing_twice(backend: Backend) -> None:
@@ -409,7 +419,7 @@ async def test_missing_map_then_retry_with_full_recreates_it(backend: Backend) -
         MapWrite(MAP, write.changes, full)]))
     assert as_dict(await backend.read_map(MAP)) == {"a": 1, "n": 3, "b": 2, V: 4}
     await inbox.wait_for(1)
-    assert orjson.loads(inbox.messages[0]) == write.changes
+    assert published(inbox.messages[0]) == write.changes
     # A full dump on a map that exists is not used: versions still rule.
     assert await backend.commit(tx("t4", prev="t3", writes=[
         MapWrite(MAP, changes(4, {"c": 3}), dump(5, {"only": 1}))]))
@@ -680,7 +690,7 @@ async def test_change_sets_reach_another_node_in_order(backend_factory: Any,
         assert await writer.commit(tx(f"t{v}", prev=f"t{v - 1}" if v else None,
                                       writes=[MapWrite(MAP, c)]))
     await inbox.wait_for(30)
-    assert [orjson.loads(m) for m in inbox.messages] == sent
+    assert [published(m) for m in inbox.messages] == sent
 
 
 async def test_concurrent_commits_from_many_actors(backend: Backend) -> None:

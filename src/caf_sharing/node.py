@@ -46,11 +46,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import inspect
 import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from functools import partial
@@ -75,6 +77,7 @@ from .errors import (
     UnknownActorMethodError,
 )
 from .methods import MethodLimits
+from .metrics import LatencySummary, NodeStats
 from .names import check_actor_name, check_map_name
 from .plug import ActorSharing
 from .proxy import SharingProxy
@@ -313,6 +316,7 @@ class _Host:
             await self.commit(txid, checkpoint, prepared.refs, prepared.creates,
                               prepared.deletes)
         except BaseException:
+            self.node._aborts += 1
             self.actor.state = orjson.loads(self.state_bytes)
             await self.plug.abort()
             raise
@@ -325,18 +329,23 @@ class _Host:
                      refs: Mapping[str, MapRef], creates: Sequence[MapCreate],
                      deletes: Sequence[str] = ()) -> None:
         node = self.node
+        started = time.perf_counter()
         try:
             await node.service.commit(
                 actor=self.name, node_id=node.node_id, txid=txid, prev_txid=self.txid,
                 checkpoint=checkpoint, lease_ttl=node.lease_ttl, refs=refs, creates=creates,
                 deletes=deletes)
         except LeaseLostError:
-            self.node._lost(self.name)
+            node._commit_failures += 1
+            node._lost(self.name)
             raise
         except (BackendError, ConcurrentUpdateError):
+            node._commit_failures += 1
             # The backend may hold this commit (or a newer state) after all.
             self.needs_reload = True
             raise
+        node._commit_latency.observe(time.perf_counter() - started)
+        node._commits += 1
 
     async def reload(self) -> None:
         """After a commit whose outcome is unknown: take state, registrations
@@ -579,6 +588,10 @@ class Node:
         self._finishing: set[asyncio.Task[None]] = set()
         self._views: set[ReplicaView] = set()
         self._open = False
+        # What stats() reports besides the service's and the backend's counters.
+        self._commits = self._aborts = self._commit_failures = 0
+        self._lease_renewals = self._leases_lost = 0
+        self._commit_latency = LatencySummary()
 
     async def __aenter__(self) -> Node:
         await self.open()
@@ -600,6 +613,8 @@ class Node:
         self._open = True
         self._renewer = asyncio.get_running_loop().create_task(
             self._renew_leases(), name=f"caf-sharing leases {self.node_id}")
+        self.log.debug("node %s open on %s (app %s)", self.node_id, self.backend.url, self.app,
+                       extra=self._fields())
 
     async def close(self) -> None:
         """Stop every actor (finishing queued messages), release leases, disconnect."""
@@ -621,6 +636,7 @@ class Node:
             self.log.warning("could not release node_id %s: %s", self.node_id, exc)
         await self.backend.close()
         self._open = False
+        self.log.debug("node %s closed", self.node_id, extra=self._fields())
 
     async def serve(self) -> signal.Signals:
         """Open the node if needed, run until SIGTERM or SIGINT, then close it
@@ -699,6 +715,8 @@ class Node:
             self._hosts[name] = host
         finally:
             self._starting.discard(name)
+        self.log.debug("actor %s started on node %s at commit %s", name, self.node_id,
+                       host.txid, extra=self._fields(name))
         return ActorHandle(host)
 
     async def replica(self, full_name: str, *, no_exec: bool = False) -> ReplicaView:
@@ -743,13 +761,43 @@ class Node:
         try:
             await self.service.release_lease(name, self.node_id)
         except SharingError as exc:
-            self.log.warning("could not release the lease of %s: %s", name, exc)
+            self.log.warning("could not release the lease of %s: %s", name, exc,
+                             extra=self._fields(name))
+        self.log.debug("actor %s stopped on node %s", name, self.node_id,
+                       extra=self._fields(name))
+
+    def _fields(self, actor: str | None = None) -> dict[str, str]:
+        """The structured fields of this node's log records (``extra``)."""
+        fields = {"caf_node_id": self.node_id, "caf_app": self.app}
+        if actor is not None:
+            fields["caf_actor"] = actor
+        return fields
+
+    def stats(self) -> NodeStats:
+        """A snapshot of this node's counters and latencies (see
+        :class:`~caf_sharing.metrics.NodeStats`); cheap enough to scrape."""
+        service = self.service.stats
+        counters = getattr(self.backend, "stats", None)
+        backend = {f.name: getattr(counters, f.name) for f in dataclasses.fields(counters)} \
+            if dataclasses.is_dataclass(counters) and not isinstance(counters, type) else {}
+        return NodeStats(
+            node_id=self.node_id, commits=self._commits, aborts=self._aborts,
+            commit_failures=self._commit_failures,
+            commit_latency=self._commit_latency.snapshot(),
+            propagation_lag={name: lag.snapshot()
+                             for name, lag in self.service.propagation_lag.items()},
+            mailbox_depth={name: host.mailbox.qsize() for name, host in self._hosts.items()},
+            retries=backend.get("retries", 0), resyncs=service.resyncs,
+            forks_healed=service.forks, reasserts=service.reasserts,
+            lease_renewals=self._lease_renewals, leases_lost=self._leases_lost,
+            backend=backend)
 
     def _lost(self, name: str) -> None:
         host = self._hosts.pop(name, None)
         if host is None:
             return
-        self.log.error("node %s lost the lease of actor %s: stopping it", self.node_id, name)
+        self.log.error("node %s lost the lease of actor %s: stopping it", self.node_id, name,
+                       extra=self._fields(name))
         host.kill()
         self._finishing.add(asyncio.get_running_loop().create_task(host.finish()))
 
@@ -769,12 +817,16 @@ class Node:
             except ShardUnavailableError as exc:
                 # One shard down: the actors of the others renewed, and those
                 # of them that lost their lease must stop all the same.
-                self.log.warning("lease renewal failed (%s); retrying in %.1fs", exc, interval)
+                self.log.warning("lease renewal failed (%s); retrying in %.1fs", exc, interval,
+                                 extra=self._fields())
                 lost = exc.partial
                 names = [name for name in names if name not in exc.failed]
             except SharingError as exc:
-                self.log.warning("lease renewal failed (%s); retrying in %.1fs", exc, interval)
+                self.log.warning("lease renewal failed (%s); retrying in %.1fs", exc, interval,
+                                 extra=self._fields())
                 continue
+            self._lease_renewals += 1
+            self._leases_lost += len(lost)
             for name in lost:
                 self._lost(name)
             # A commit that lands while the read is on its way makes the store
@@ -793,5 +845,5 @@ class Node:
                         self.service.relation(name, txid, host.txid) == "behind":
                     self.log.warning("the store went back on actor %s (it holds commit %s, "
                                      "this node made %s since): syncing it", name, txid,
-                                     host.txid)
+                                     host.txid, extra=self._fields(name))
                     host.request_sync()

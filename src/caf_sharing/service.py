@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -46,7 +47,7 @@ from .backends.base import (
     MessageHandler,
     Transaction,
 )
-from .backends.wire import decode_changes
+from .backends.wire import TIMESTAMP, decode_changes
 from .errors import (
     ChainError,
     InvalidChangeSetError,
@@ -66,6 +67,7 @@ from .lineage import (
     txid_of,
 )
 from .methods import MethodLimits, check_limits
+from .metrics import LatencySummary
 from .names import map_owner
 
 __all__ = ["ServiceStats", "SharingService", "Watcher", "txid_of"]
@@ -167,6 +169,9 @@ class SharingService:
         # The budget of methods run on this node's maps (None: the defaults).
         self._method_limits = check_limits(method_limits)
         self.stats = ServiceStats()
+        #: Per replicated map: from the writer's commit to its change set
+        #: applied here (writer's clock against this one's).
+        self.propagation_lag: dict[str, LatencySummary] = {}
         self._max_updates = max_updates
         self._log = logger or log
         self._primaries: dict[str, _Primary] = {}
@@ -394,7 +399,8 @@ class SharingService:
             # The resync under way will be stale anyway: read again after it.
             self.stats.overflows += 1
             self._log.warning("replica %s buffered over %d bytes during a resync: dropping "
-                              "them and resyncing again", replica.name, MAX_BUFFERED_BYTES)
+                              "them and resyncing again", replica.name, MAX_BUFFERED_BYTES,
+                              extra={"caf_map": replica.name})
             replica.buffer, replica.buffered = [], 0
             self._schedule_resync(replica)
 
@@ -421,19 +427,25 @@ class SharingService:
         except (InvalidChangeSetError, TypeError, ValueError) as exc:
             self.stats.malformed += 1
             self._log.warning("malformed message on map %s ignored (%s): resync",
-                              replica.name, exc)
+                              replica.name, exc, extra={"caf_map": replica.name})
             self._schedule_resync(replica)
         else:
             self.stats.applied += 1
             if replica.map.version > before:
                 replica.deleted = False
                 replica.lineage.record(replica.map.version, sets[-1].get("txid"))
+                stamp = sets[-1].get(TIMESTAMP)
+                if isinstance(stamp, int) and not isinstance(stamp, bool):
+                    lag = self.propagation_lag.get(replica.name)
+                    if lag is None:
+                        lag = self.propagation_lag[replica.name] = LatencySummary()
+                    lag.observe(time.time() - stamp / 1e6)
                 self._changed(replica)
 
     def _forked(self, replica: _Replica, why: str) -> None:
         self.stats.forks += 1
         self._log.warning("replica of %s holds history the store does not have (%s): "
-                          "reloading", replica.name, why)
+                          "reloading", replica.name, why, extra={"caf_map": replica.name})
         replica.lineage.forked = True
         self._schedule_resync(replica)
 
@@ -457,7 +469,7 @@ class SharingService:
                 self._log.warning(
                     "store holds map %s at version %d (commit %s), behind the replica's "
                     "%d: keeping it until the writer moves past it", replica.name, version,
-                    txid, shared.version)
+                    txid, shared.version, extra={"caf_map": replica.name})
             return
         else:
             if lineage.txid is None:
@@ -473,7 +485,7 @@ class SharingService:
         hold stay as they were) and forget its history, so that a map created
         again under the same name replicates from its first version."""
         self.stats.deletions += 1
-        self._log.info("map %s was deleted", replica.name)
+        self._log.info("map %s was deleted", replica.name, extra={"caf_map": replica.name})
         replica.map.reset()
         replica.lineage = ReplicaLineage()
         replica.deleted = True
@@ -627,7 +639,7 @@ class SharingService:
         except MapMissingError as exc:
             missing = set(exc.names)
             self._log.warning("backend lost maps %s; re-creating them from %s",
-                              sorted(missing), actor)
+                              sorted(missing), actor, extra={"caf_actor": actor})
             full = tuple(MapWrite(w.name, w.changes,
                                   self._full(refs[w.name], txid) if w.name in missing else None,
                                   w.rebase_from)
@@ -663,7 +675,7 @@ class SharingService:
         self._log.warning(
             "the store went back on actor %s (it holds commit %s, this node made %s since): "
             "putting back its checkpoint and %d maps", actor, stored_txid, tx.prev_txid,
-            len(writes) + len(restores))
+            len(writes) + len(restores), extra={"caf_actor": actor})
         await self.backend.commit(replace(tx, prev_txid=stored_txid, writes=writes,
                                           restores=restores, reassert=True))
         self.stats.reasserts += 1

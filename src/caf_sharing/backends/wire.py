@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,10 @@ _VERSION_BYTES = VERSION_FIELD.encode()
 
 Pairs = list[tuple[str, bytes]]
 
+#: The field of a published change set holding its commit's time, in
+#: microseconds since the epoch (the writer's clock).
+TIMESTAMP = "ts"
+
 _APP = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 
 
@@ -106,7 +111,8 @@ class EncodedWrite:
     add: Pairs
     #: Encoded user fields of the ``full`` dump (``None`` without one).
     full: Pairs | None
-    #: What subscribers receive: the change set exactly as given, orjson-encoded.
+    #: What subscribers receive: the change set as given, orjson-encoded, with
+    #: the commit's time added (:data:`TIMESTAMP`).
     payload: bytes
     #: Lineage: the txid that made the base version (``None``: unknown).
     base_txid: str | None = None
@@ -247,7 +253,9 @@ def _encode_write(actor: str, txid: str, write: object) -> EncodedWrite:
                 f"map {name!r}: full dump is at version {full_version}, "
                 f"the change set makes version {new_version}")
     try:
-        payload = orjson.dumps(write.changes)
+        # The commit's time rides along ("ts", µs since the epoch) so that
+        # readers can tell their propagation lag; Caf.js ignores the field.
+        payload = orjson.dumps({**write.changes, TIMESTAMP: time.time_ns() // 1000})
     except TypeError as exc:
         raise InvalidChangeSetError(f"map {name!r}: change set is not JSON data: {exc}") from None
     return EncodedWrite(name, base, new_version, remove, add, full, payload, base_txid,

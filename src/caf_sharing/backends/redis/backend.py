@@ -119,6 +119,9 @@ class RedisStats:
     whole_reads: int = 0
     #: Commits WAIT did not confirm on wait_replicas replicas (DurabilityError).
     unconfirmed: int = 0
+    #: Round trips sent again: lost connections, time-outs, MOVED/ASK/TRYAGAIN,
+    #: NOSCRIPT.
+    retries: int = 0
 
 
 class RedisBackend:
@@ -184,12 +187,18 @@ class RedisBackend:
         self._pubsub = PubSub(self._router, settings)
         self._committers: dict[Server, GroupCommit] = {}
         self._publish = "SPUBLISH" if settings.cluster else "PUBLISH"
-        self.stats = RedisStats()
+        self._stats = RedisStats()
         self._started = False
         self._closed = False
 
     def __repr__(self) -> str:
         return f"RedisBackend({self.url!r}, app={self.app!r})"
+
+    @property
+    def stats(self) -> RedisStats:
+        """Counters of this backend, for monitoring."""
+        self._stats.retries = self._router.retries
+        return self._stats
 
     @property
     def cluster(self) -> bool:
@@ -314,13 +323,13 @@ class RedisBackend:
             # owner happened in between, so the chunks make one consistent view.
             after = await call(command(-1), owner, what)
             if [s[:2] for s in before] == [s[:2] for s in after[1:]]:
-                self.stats.chunked_reads += 1
+                self._stats.chunked_reads += 1
                 return {name: None if fields is None
                         else decode_pairs(name, fields.items(), state[1])
                         for (name, fields), state in zip(chunks.items(), before, strict=True)}
-            self.stats.chunked_read_retries += 1
+            self._stats.chunked_read_retries += 1
         # Written too often to scan: one atomic read, stalling Redis briefly.
-        self.stats.whole_reads += 1
+        self._stats.whole_reads += 1
         _log.info("maps %s kept changing while read in chunks; reading them at once", names)
         reply = await call(command(2**62), owner, what,
                            allowance(0, sum(s[2] for s in before)))
@@ -536,9 +545,9 @@ class RedisBackend:
         return staged
 
     async def _round_trip(self, batch: list[PendingCommit]) -> None:
-        self.stats.round_trips += 1
-        self.stats.commits += len(batch)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        self._stats.round_trips += 1
+        self._stats.commits += len(batch)
+        self._stats.largest_batch = max(self._stats.largest_batch, len(batch))
         tail = self._wait_tail
         try:
             routed = await self._router.call(
@@ -592,7 +601,7 @@ class RedisBackend:
         else:
             why = f"WAIT failed: {confirmed}"
             confirmed = 0
-        self.stats.unconfirmed += 1
+        self._stats.unconfirmed += 1
         raise DurabilityError(
             f"Redis at {self.url}: commit {tx.txid} of {tx.actor}: {why}; the outcome is "
             "ambiguous: the primary holds the commit, but a failover may lose it",

@@ -193,6 +193,8 @@ class Router:
         # A node that answers nothing must not hold the others' answers up.
         self._refresh_timeout = settings.socket_timeout or settings.call_timeout or 1.0
         self.closed = False
+        #: Round trips sent again (after a lost connection, a redirection...).
+        self.retries = 0
         #: Called whenever the slot map changes (pub/sub moves its channels).
         self.listeners: list[Callable[[], None]] = []
 
@@ -406,6 +408,7 @@ class Router:
             if not again:
                 return routed
             todo = again
+            self.retries += 1
             pauses += 1
             delay = settings.backoff(pauses)
             if failure is not None:
