@@ -111,7 +111,7 @@ async def test_our_change_sets_with_lineage_apply_in_cafjs(cafjs: Path) -> None:
             prev = txid
         await asyncio.sleep(0)
         changes = [orjson.loads(raw) for raw in sent]
-        assert all("txid" in c and "base_txid" in c for c in changes)
+        assert all("txid" in c and "base_txid" in c and "ts" in c for c in changes)
         dump = await backend.read_map(name)
         assert dump is not None and dump["txid"] == prev
     finally:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from caf_sharing import Actor, Node
+from caf_sharing.backends import make_backend
 from caf_sharing.cli import main
 from caf_sharing.demo import ADMIN, OWNER, reader_names
 from rediscluster import RedisCluster
@@ -64,7 +65,7 @@ def test_demo_spreads_its_actors_over_every_master(crowded: RedisCluster, capsys
     app = f"clidemo{uuid.uuid4().hex[:8]}"
     # The readers run in child processes, which get the cluster URL on stdin.
     assert main(["demo", "--backend", crowded.url, "--app", app, "--readers", "4",
-                 "--commits", "30", "--processes", "2"]) == 0
+                 "--commits", "30", "--processes", "2", "--keep"]) == 0
     out = capsys.readouterr().out
     assert "all guarantees held" in out
     assert out.count("yes        yes") == 4
@@ -78,6 +79,14 @@ def test_demo_spreads_its_actors_over_every_master(crowded: RedisCluster, capsys
     assert main(["inspect", f"{ADMIN}-counter", "--backend", crowded.url, "--app", app]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown == {"name": f"{ADMIN}-counter", "version": 31, "contents": {"counter": 30}}
+
+    async def drop() -> None:  # --keep left it for an hour
+        store = make_backend(crowded.url, app=app)
+        await store.start()
+        await store.purge()
+        await store.close()
+
+    asyncio.run(drop())
 
 
 async def test_watch_and_inspect_a_map_on_another_shard(redis_cluster: RedisCluster,
@@ -119,4 +128,5 @@ async def test_watch_and_inspect_a_map_on_another_shard(redis_cluster: RedisClus
     assert await asyncio.to_thread(
         main, ["inspect", f"{owner}-nothing", "--backend", url, "--app", "clicluster"]) == 2
     assert capsys.readouterr().err.strip() == \
-        f"caf-sharing inspect: error: map '{owner}-nothing' does not exist"
+        f"caf-sharing inspect: error: map '{owner}-nothing' does not exist; no app holds a " \
+        "map of that name"

@@ -439,7 +439,7 @@ async def test_two_processes_replicate_through_one_server(backends: Backends) ->
             for v, c in enumerate(sent):
                 assert await backend.commit(tx(f"t{v}", prev=f"t{v - 1}" if v else None,
                                                writes=[MapWrite(MAP, c)]))
-            lines = [orjson.loads(await child.stdout.readline()) for _ in range(count)]
+            lines = [published(await child.stdout.readline()) for _ in range(count)]
             assert lines == sent
             await from_child.wait_for(count, timeout=20)
             _, stderr = await child.communicate()

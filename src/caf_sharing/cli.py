@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--interval", type=float, default=1.0,
                       help="milliseconds between commits (default 1)")
     demo.add_argument("--app", default=None, help="application namespace (default: random)")
+    demo.add_argument("--metrics", action="store_true",
+                      help="print the Prometheus exposition of the demo's nodes at the end "
+                           "(needs caf-sharing[prometheus])")
     demo.add_argument("--keep", action="store_true",
                       help="leave the demo's data in the store for an hour (default: delete "
                            "it at the end)")
@@ -151,8 +154,11 @@ async def _demo(args: argparse.Namespace) -> int:
     result = await run_demo(args.backend, readers=args.readers, commits=args.commits,
                             processes=args.processes, app=args.app, timeout=args.timeout,
                             interval=args.interval / 1000.0, keep=args.keep,
+                            metrics=args.metrics,
                             progress=_progress)
     print(result.table())
+    if result.metrics:
+        print("\n" + result.metrics, end="")
     return 0 if result.ok else 1
 
 
@@ -183,10 +189,14 @@ async def _watch(args: argparse.Namespace) -> int:
         if dump is None:
             print(f"caf-sharing watch: map {args.name!r} does not exist yet in app "
                   f"{args.app!r}; waiting for it", file=sys.stderr, flush=True)
-        while dump is None:
-            # Change sets published meanwhile stay queued for below.
-            await asyncio.sleep(WATCH_POLL)
-            dump = await backend.read_map(args.name)
+            try:
+                async with asyncio.timeout(args.timeout):
+                    while dump is None:
+                        # Change sets published meanwhile stay queued for below.
+                        await asyncio.sleep(WATCH_POLL)
+                        dump = await backend.read_map(args.name)
+            except TimeoutError:
+                raise MapNotFoundError(args.name, f"waited {args.timeout:g}s for it") from None
         add = dump["add"]
         version = next((add[i + 1] for i in range(0, len(add), 2)
                         if add[i] == "__ca_version__"), 0)

@@ -120,6 +120,8 @@ class DemoResult:
     #: The app namespace it stored under, and whether it left its data there.
     app: str = ""
     kept: bool = False
+    #: The Prometheus exposition of its nodes after the run (``metrics=True``).
+    metrics: str = ""
 
     @property
     def ok(self) -> bool:
@@ -258,11 +260,13 @@ async def _read_until(node: Node, names: list[str], last_version: Callable[[], i
 
 async def run_demo(backend: str = "memory://", *, readers: int = 4, commits: int = 200,
                    processes: int = 0, app: str | None = None, timeout: float = 60.0,
-                   interval: float = 0.001, keep: bool = False,
+                   interval: float = 0.001, keep: bool = False, metrics: bool = False,
                    progress: Callable[[int, int], None] | None = None) -> DemoResult:
     """Run the scenario and check its histories; see the module docstring.
     At the end the demo deletes what it stored, or with ``keep`` leaves it for
-    :data:`KEEP_SECONDS` (a TTL)."""
+    :data:`KEEP_SECONDS` (a TTL). With ``metrics`` (needs the extra
+    ``caf-sharing[prometheus]``) the result carries the Prometheus
+    exposition of its two nodes, scraped once the run is over."""
     if readers < 1 or commits < 1:
         raise ValueError("readers and commits must be >= 1")
     if processes and backend.startswith("memory:"):
@@ -275,11 +279,16 @@ async def run_demo(backend: str = "memory://", *, readers: int = 4, commits: int
     done: dict[str, int] = {}
     deadline = time.monotonic() + timeout
 
+    registry = _registry() if metrics else None
     async with Node(backend, app=app, node_id="demo-writer") as writer:
         shard_of = _shard_lookup(writer.backend)
         names = reader_names(readers, shard_of)
         admin = await writer.start(Admin, ADMIN)
         async with Node(backend, app=app, node_id="demo-readers") as reading:
+            if registry is not None:
+                from .prometheus import register
+
+                register(writer, reading, registry=registry)
             children: list[subprocess.Popen[str]] = []
             if processes:
                 children = _spawn_readers(backend, app, names, processes, commits + 1, timeout)
@@ -310,8 +319,21 @@ async def run_demo(backend: str = "memory://", *, readers: int = 4, commits: int
         await store.close()
     result = DemoResult(redact_url(backend), commits, seconds, commit_times, values, reports,
                         shards=shards, app=app, kept=keep)
+    if registry is not None:
+        from prometheus_client import generate_latest
+
+        result.metrics = generate_latest(registry).decode()
     result.check()
     return result
+
+
+def _registry() -> Any:
+    try:
+        from prometheus_client import CollectorRegistry
+    except ImportError:
+        raise ValueError("metrics need prometheus-client: pip install "
+                         "'caf-sharing[prometheus]'") from None
+    return CollectorRegistry()
 
 
 def _spawn_readers(backend: str, app: str, names: list[str], processes: int,

@@ -1,5 +1,7 @@
-"""What a node measures about itself: latency summaries and the snapshot
-:meth:`Node.stats() <caf_sharing.node.Node.stats>` returns.
+"""What a node measures about itself: latency summaries, the snapshot
+:meth:`Node.stats() <caf_sharing.node.Node.stats>` returns, and the
+:class:`Observer` hook that hands the same events to other code
+(OpenTelemetry, a log shipper...) as they happen.
 
 A :class:`LatencySummary` keeps a count, a sum, a maximum, cumulative
 histogram buckets (the bounds Prometheus exporters use, :data:`BUCKETS`) and
@@ -10,11 +12,14 @@ nanoseconds per observation and a fixed amount of memory.
 from __future__ import annotations
 
 import bisect
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BUCKETS", "RECENT", "LatencySummary", "NodeStats"]
+__all__ = ["BUCKETS", "RECENT", "LatencySummary", "NodeStats", "Observer", "notify"]
+
+_log = logging.getLogger("caf_sharing.metrics")
 
 #: Histogram bucket bounds, in seconds (an implicit +Inf bucket follows).
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -97,3 +102,35 @@ class NodeStats:
     leases_lost: int
     #: Counters of the backend itself (Redis: round trips, batches, chunked reads).
     backend: dict[str, int]
+
+
+class Observer:
+    """Receives a node's events as they happen: ``Node(url, observer=...)``.
+
+    Subclass it and override what you need; every method does nothing here.
+    They run on the node's event loop, inside its bookkeeping: keep them
+    short and let them not raise (an exception is logged and dropped)."""
+
+    def on_commit(self, actor: str, txid: str, seconds: float) -> None:
+        """``actor`` committed ``txid``; the backend call took ``seconds``."""
+
+    def on_abort(self, actor: str, error: BaseException) -> None:
+        """A message of ``actor`` was rolled back by ``error``."""
+
+    def on_apply(self, map_name: str, version: int, lag: float | None) -> None:
+        """A replica of ``map_name`` reached ``version`` from a change set,
+        ``lag`` seconds after its commit (``None``: the writer sent no time)."""
+
+    def on_resync(self, map_name: str) -> None:
+        """A replica of ``map_name`` was read again from the store."""
+
+    def on_lease_lost(self, actor: str) -> None:
+        """Another node holds ``actor``'s lease: it stops here."""
+
+
+def notify(observer: Observer, event: str, *args: Any) -> None:
+    """Call ``observer.<event>(*args)``; what it raises is logged, not passed on."""
+    try:
+        getattr(observer, event)(*args)
+    except Exception:
+        _log.exception("observer %r failed on %s", observer, event)

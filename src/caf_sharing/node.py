@@ -77,7 +77,7 @@ from .errors import (
     UnknownActorMethodError,
 )
 from .methods import MethodLimits
-from .metrics import LatencySummary, NodeStats
+from .metrics import LatencySummary, NodeStats, Observer, notify
 from .names import check_actor_name, check_map_name
 from .plug import ActorSharing
 from .proxy import SharingProxy
@@ -315,8 +315,9 @@ class _Host:
                           "maps": prepared.maps}
             await self.commit(txid, checkpoint, prepared.refs, prepared.creates,
                               prepared.deletes)
-        except BaseException:
+        except BaseException as exc:
             self.node._aborts += 1
+            notify(self.node.observer, "on_abort", self.name, exc)
             self.actor.state = orjson.loads(self.state_bytes)
             await self.plug.abort()
             raise
@@ -344,8 +345,10 @@ class _Host:
             # The backend may hold this commit (or a newer state) after all.
             self.needs_reload = True
             raise
-        node._commit_latency.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        node._commit_latency.observe(seconds)
         node._commits += 1
+        notify(node.observer, "on_commit", self.name, txid, seconds)
 
     async def reload(self) -> None:
         """After a commit whose outcome is unknown: take state, registrations
@@ -565,7 +568,7 @@ class Node:
                  app: str = "default", lease_ttl: float = 10.0, mailbox_size: int = 1024,
                  max_updates: int = 100, backend: Backend | None = None,
                  logger: logging.Logger | None = None, method_limits: MethodLimits | None = None,
-                 **backend_options: Any) -> None:
+                 observer: Observer | None = None, **backend_options: Any) -> None:
         if lease_ttl <= 0:
             raise ValueError(f"lease_ttl must be > 0, got {lease_ttl!r}")
         if mailbox_size < 1:
@@ -575,13 +578,15 @@ class Node:
         self.lease_ttl = float(lease_ttl)
         self.mailbox_size = mailbox_size
         self.log = logger or logging.getLogger("caf_sharing.node")
+        #: Told of commits, aborts, applied change sets, resyncs and lost leases.
+        self.observer = observer or Observer()
         self.backend = backend or make_backend(url or default_url(), app=app,
                                                **backend_options)
         #: This node instance, beside its ``node_id``: a second live node
         #: with the same id has another nonce and is refused.
         self.nonce = uuid.uuid4().hex
         self.service = SharingService(self.backend, max_updates=max_updates, logger=self.log,
-                                      method_limits=method_limits)
+                                      method_limits=method_limits, observer=self.observer)
         self._hosts: dict[str, _Host] = {}
         self._starting: set[str] = set()
         self._renewer: asyncio.Task[None] | None = None
@@ -716,7 +721,7 @@ class Node:
         finally:
             self._starting.discard(name)
         self.log.debug("actor %s started on node %s at commit %s", name, self.node_id,
-                       host.txid, extra=self._fields(name))
+                       host.txid, extra={**self._fields(name), "txid": host.txid})
         return ActorHandle(host)
 
     async def replica(self, full_name: str, *, no_exec: bool = False) -> ReplicaView:
@@ -768,9 +773,9 @@ class Node:
 
     def _fields(self, actor: str | None = None) -> dict[str, str]:
         """The structured fields of this node's log records (``extra``)."""
-        fields = {"caf_node_id": self.node_id, "caf_app": self.app}
+        fields = {"node_id": self.node_id, "app": self.app}
         if actor is not None:
-            fields["caf_actor"] = actor
+            fields["actor"] = actor
         return fields
 
     def stats(self) -> NodeStats:
@@ -798,6 +803,7 @@ class Node:
             return
         self.log.error("node %s lost the lease of actor %s: stopping it", self.node_id, name,
                        extra=self._fields(name))
+        notify(self.observer, "on_lease_lost", name)
         host.kill()
         self._finishing.add(asyncio.get_running_loop().create_task(host.finish()))
 
@@ -845,5 +851,5 @@ class Node:
                         self.service.relation(name, txid, host.txid) == "behind":
                     self.log.warning("the store went back on actor %s (it holds commit %s, "
                                      "this node made %s since): syncing it", name, txid,
-                                     host.txid, extra=self._fields(name))
+                                     host.txid, extra={**self._fields(name), "txid": txid})
                     host.request_sync()

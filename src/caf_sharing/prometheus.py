@@ -5,7 +5,7 @@ Needs the extra ``caf-sharing[prometheus]`` (``prometheus-client``)::
     from prometheus_client import start_http_server
     from caf_sharing.prometheus import register
 
-    register(node)              # the default registry, labelled by node_id
+    register(node)              # the default registry; register(a, b) for two nodes
     start_http_server(9100)
 
 Counters carry the ``_total`` suffix; commit latency and propagation lag
@@ -15,7 +15,7 @@ mailbox depth is a gauge per actor.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
@@ -26,6 +26,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from .metrics import NodeStats
 
 if TYPE_CHECKING:
     from .node import Node
@@ -46,43 +48,54 @@ _COUNTERS = (
 
 
 class NodeCollector(Collector):
-    """Collects ``caf_sharing_*`` metrics from one node at each scrape."""
+    """Collects ``caf_sharing_*`` metrics from nodes at each scrape, each
+    metric family once with a sample per node (labelled ``node_id``)."""
 
-    def __init__(self, node: Node) -> None:
-        self._node = node
+    def __init__(self, nodes: Sequence[Node]) -> None:
+        self._nodes = list(nodes)
+
+    def describe(self) -> Iterator[Metric]:
+        # The names, so that a registry refuses a second collector of them.
+        return self._families([])
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._node.stats()
-        labels = ["node_id"]
+        return self._families([node.stats() for node in self._nodes])
+
+    def _families(self, all_stats: list[NodeStats]) -> Iterator[Metric]:
         for name, help_text in _COUNTERS:
-            counter = CounterMetricFamily(f"caf_sharing_{name}", help_text, labels=labels)
-            counter.add_metric([stats.node_id], getattr(stats, name))
+            counter = CounterMetricFamily(f"caf_sharing_{name}", help_text, labels=["node_id"])
+            for stats in all_stats:
+                counter.add_metric([stats.node_id], getattr(stats, name))
             yield counter
         commit = HistogramMetricFamily(
             "caf_sharing_commit_latency_seconds",
             "Backend commit call, from the message's end to its acknowledgement",
-            labels=labels)
-        summary = stats.commit_latency
-        commit.add_metric([stats.node_id], summary["buckets"], summary["sum"])
+            labels=["node_id"])
+        for stats in all_stats:
+            summary = stats.commit_latency
+            commit.add_metric([stats.node_id], summary["buckets"], summary["sum"])
         yield commit
         lag = HistogramMetricFamily(
             "caf_sharing_propagation_lag_seconds",
             "From the writer's commit to its change set applied here, per map",
             labels=["node_id", "map"])
-        for map_name, summary in sorted(stats.propagation_lag.items()):
-            lag.add_metric([stats.node_id, map_name], summary["buckets"], summary["sum"])
+        for stats in all_stats:
+            for map_name, summary in sorted(stats.propagation_lag.items()):
+                lag.add_metric([stats.node_id, map_name], summary["buckets"], summary["sum"])
         yield lag
         depth = GaugeMetricFamily("caf_sharing_mailbox_depth",
                                   "Messages waiting in an actor's mailbox",
                                   labels=["node_id", "actor"])
-        for actor, waiting in sorted(stats.mailbox_depth.items()):
-            depth.add_metric([stats.node_id, actor], waiting)
+        for stats in all_stats:
+            for actor, waiting in sorted(stats.mailbox_depth.items()):
+                depth.add_metric([stats.node_id, actor], waiting)
         yield depth
 
 
-def register(node: Node, registry: CollectorRegistry = REGISTRY) -> NodeCollector:
-    """Export ``node``'s metrics through ``registry``; returns the collector
-    (``registry.unregister(collector)`` stops it)."""
-    collector = NodeCollector(node)
+def register(*nodes: Node, registry: CollectorRegistry = REGISTRY) -> NodeCollector:
+    """Export the metrics of ``nodes`` (all of them at once: a registry takes
+    one collector of these names) through ``registry``; returns the
+    collector (``registry.unregister(collector)`` stops it)."""
+    collector = NodeCollector(nodes)
     registry.register(collector)
     return collector

@@ -67,7 +67,7 @@ from .lineage import (
     txid_of,
 )
 from .methods import MethodLimits, check_limits
-from .metrics import LatencySummary
+from .metrics import LatencySummary, Observer, notify
 from .names import map_owner
 
 __all__ = ["ServiceStats", "SharingService", "Watcher", "txid_of"]
@@ -164,8 +164,10 @@ class SharingService:
 
     def __init__(self, backend: Backend, *, max_updates: int = 100,
                  logger: logging.Logger | None = None,
-                 method_limits: MethodLimits | None = None) -> None:
+                 method_limits: MethodLimits | None = None,
+                 observer: Observer | None = None) -> None:
         self.backend = backend
+        self._observer = observer or Observer()
         # The budget of methods run on this node's maps (None: the defaults).
         self._method_limits = check_limits(method_limits)
         self.stats = ServiceStats()
@@ -400,7 +402,7 @@ class SharingService:
             self.stats.overflows += 1
             self._log.warning("replica %s buffered over %d bytes during a resync: dropping "
                               "them and resyncing again", replica.name, MAX_BUFFERED_BYTES,
-                              extra={"caf_map": replica.name})
+                              extra={"map": replica.name})
             replica.buffer, replica.buffered = [], 0
             self._schedule_resync(replica)
 
@@ -427,7 +429,7 @@ class SharingService:
         except (InvalidChangeSetError, TypeError, ValueError) as exc:
             self.stats.malformed += 1
             self._log.warning("malformed message on map %s ignored (%s): resync",
-                              replica.name, exc, extra={"caf_map": replica.name})
+                              replica.name, exc, extra={"map": replica.name})
             self._schedule_resync(replica)
         else:
             self.stats.applied += 1
@@ -435,17 +437,21 @@ class SharingService:
                 replica.deleted = False
                 replica.lineage.record(replica.map.version, sets[-1].get("txid"))
                 stamp = sets[-1].get(TIMESTAMP)
+                seconds = None
                 if isinstance(stamp, int) and not isinstance(stamp, bool):
                     lag = self.propagation_lag.get(replica.name)
                     if lag is None:
                         lag = self.propagation_lag[replica.name] = LatencySummary()
-                    lag.observe(time.time() - stamp / 1e6)
+                    seconds = max(time.time() - stamp / 1e6, 0.0)
+                    lag.observe(seconds)
+                notify(self._observer, "on_apply", replica.name, replica.map.version, seconds)
                 self._changed(replica)
 
     def _forked(self, replica: _Replica, why: str) -> None:
         self.stats.forks += 1
         self._log.warning("replica of %s holds history the store does not have (%s): "
-                          "reloading", replica.name, why, extra={"caf_map": replica.name})
+                          "reloading", replica.name, why,
+                          extra={"map": replica.name, "version": replica.map.version})
         replica.lineage.forked = True
         self._schedule_resync(replica)
 
@@ -469,7 +475,8 @@ class SharingService:
                 self._log.warning(
                     "store holds map %s at version %d (commit %s), behind the replica's "
                     "%d: keeping it until the writer moves past it", replica.name, version,
-                    txid, shared.version, extra={"caf_map": replica.name})
+                    txid, shared.version,
+                    extra={"map": replica.name, "version": version, "txid": txid})
             return
         else:
             if lineage.txid is None:
@@ -485,7 +492,7 @@ class SharingService:
         hold stay as they were) and forget its history, so that a map created
         again under the same name replicates from its first version."""
         self.stats.deletions += 1
-        self._log.info("map %s was deleted", replica.name, extra={"caf_map": replica.name})
+        self._log.info("map %s was deleted", replica.name, extra={"map": replica.name})
         replica.map.reset()
         replica.lineage = ReplicaLineage()
         replica.deleted = True
@@ -531,6 +538,8 @@ class SharingService:
                                   ", ".join(names), exc)
             self.stats.resyncs += 1
             replicas = self._owned_by(owner)
+            for replica in replicas:
+                notify(self._observer, "on_resync", replica.name)
             for replica in replicas:
                 dump = dumps.get(replica.name)
                 hinted, replica.deletion_hint = replica.deletion_hint, False
@@ -639,7 +648,7 @@ class SharingService:
         except MapMissingError as exc:
             missing = set(exc.names)
             self._log.warning("backend lost maps %s; re-creating them from %s",
-                              sorted(missing), actor, extra={"caf_actor": actor})
+                              sorted(missing), actor, extra={"actor": actor})
             full = tuple(MapWrite(w.name, w.changes,
                                   self._full(refs[w.name], txid) if w.name in missing else None,
                                   w.rebase_from)
@@ -675,7 +684,7 @@ class SharingService:
         self._log.warning(
             "the store went back on actor %s (it holds commit %s, this node made %s since): "
             "putting back its checkpoint and %d maps", actor, stored_txid, tx.prev_txid,
-            len(writes) + len(restores), extra={"caf_actor": actor})
+            len(writes) + len(restores), extra={"actor": actor})
         await self.backend.commit(replace(tx, prev_txid=stored_txid, writes=writes,
                                           restores=restores, reassert=True))
         self.stats.reasserts += 1

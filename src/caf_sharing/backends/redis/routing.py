@@ -56,12 +56,14 @@ _log = logging.getLogger("caf_sharing.backends.redis")
 #: Errors after which a round trip is tried again (the connection is reset).
 RETRYABLE = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 class TLSNotAnsweredError(rexc.ConnectionError):
-    """The server took a TLS connection and answered nothing: a plaintext port
-    (which waits for a line end a TLS hello never sends). Not retried."""
+    """A TLS connection got no answer in time: from a server never reached
+    before, most likely a plaintext port (which waits for a line end a TLS
+    hello never sends), and not retried; later, a slow or lost server,
+    retried like any lost connection."""
 
 
 #: Connection errors that retrying cannot fix.
-FATAL = (rexc.AuthenticationError, rexc.AuthorizationError, TLSNotAnsweredError)
+FATAL = (rexc.AuthenticationError, rexc.AuthorizationError)
 #: Replies after which a command is sent again, after a pause, unchanged.
 _WAIT_AND_RETRY = (rexc.TryAgainError, rexc.ClusterDownError)
 #: The most redirections one command follows in one call (a cluster whose
@@ -132,7 +134,8 @@ class _Pool:
                 connected = conn.is_connected
                 # Unread replies may be left on it: start the next use afresh.
                 await conn.disconnect(nowait=True)
-                if isinstance(exc, TimeoutError):
+                # Ours, or redis-py's own connect time-out, whichever came first.
+                if isinstance(exc, TimeoutError | rexc.TimeoutError):
                     if connected:
                         raise rexc.TimeoutError(f"no reply within {timeout:.3g}s") from None
                     if isinstance(conn, SSLConnection):
@@ -162,6 +165,8 @@ class Server:
     pool: _Pool
     #: The scripts must be loaded before its next EVALSHA (it answered NOSCRIPT).
     reload: bool = False
+    #: It answered once: it speaks our protocol (TLS or not, as configured).
+    reached: bool = False
 
     @property
     def name(self) -> str:
@@ -290,7 +295,9 @@ class Router:
                 server.reload = True
                 raise BackendError(f"Redis at {server.name} cannot load our scripts: "
                                    f"{refused[0]}")
-        return await server.pool.exchange(b"".join(parts), len(parts), timeout)
+        replies = await server.pool.exchange(b"".join(parts), len(parts), timeout)
+        server.reached = True
+        return replies
 
     async def _attempt(self, server: Server, parts: Sequence[bytes],
                        timeout: float | None) -> list[Any] | BaseException:
@@ -367,7 +374,7 @@ class Router:
             failed_on: Server | None = None
             for (server, indices, _), result in zip(sends, results, strict=True):
                 if isinstance(result, BaseException):
-                    if isinstance(result, TLSNotAnsweredError):
+                    if isinstance(result, TLSNotAnsweredError) and not server.reached:
                         raise BackendUnavailableError(
                             f"Redis at {server.name} ({what}): {result}") from None
                     if isinstance(result, FATAL):
