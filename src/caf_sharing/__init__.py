@@ -14,6 +14,7 @@ from ._version import __version__ as __version__
 from .aggregate import AggregateMap, AggregateSnapshot
 from .node import Actor, ActorHandle, Node
 from .proxy import SharingProxy
+from .view import ReplicaView
 
 __all__ = [
     "FIRST_VERSION",
@@ -26,6 +27,7 @@ __all__ = [
     "FrozenList",
     "MapRef",
     "Node",
+    "ReplicaView",
     "SharedMap",
     "SharingProxy",
     "errors",

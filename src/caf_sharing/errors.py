@@ -38,6 +38,7 @@ __all__ = [
     "SharingError",
     "UnknownActorMethodError",
     "UnknownMethodError",
+    "ViewClosedError",
 ]
 
 
@@ -246,6 +247,10 @@ class MailboxFullError(ActorError):
 
 class ActorStoppedError(ActorError):
     """The actor was stopped (or lost its lease) before the message ran."""
+
+
+class ViewClosedError(SharingError):
+    """A replica view (``Node.replica``) was used after it, or its node, closed."""
 
 
 class ConfigError(SharingError, ValueError):

@@ -34,6 +34,11 @@ released, so another node can start the actors at once); ``await
 node.destroy(name)`` deletes what the backend holds of an actor nobody runs.
 A node claims its ``node_id`` in the backend while it is open, so that a
 second live node with the same id is refused at ``open``.
+
+``on_change`` notifications (``add_read_only_map(..., on_change=...)``) are
+messages like any other, queued by :class:`_Notifications`; a node's
+:meth:`Node.replica` views (:mod:`caf_sharing.view`) read the same replicas
+as its actors, with no message.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from functools import partial
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 import orjson
@@ -72,10 +78,11 @@ from .errors import (
 )
 from .methods import MethodLimits
 from .metrics import LatencySummary, NodeStats, Observer, notify
-from .names import check_actor_name
+from .names import check_actor_name, check_map_name
 from .plug import ActorSharing
 from .proxy import SharingProxy
 from .service import SharingService, txid_of
+from .view import ReplicaView
 
 __all__ = ["Actor", "ActorHandle", "Node"]
 
@@ -185,6 +192,7 @@ class _Host:
         self.name = name
         self.actor = actor
         self.plug = ActorSharing(node.service, name, logger=actor.log)
+        self.plug.notifier = _Notifications(self)
         self.mailbox: asyncio.Queue[_Message | None] = asyncio.Queue(node.mailbox_size)
         self.txid: str | None = None
         #: This stay of the actor on the node: its commits are epoch-1, epoch-2...
@@ -431,6 +439,89 @@ class _Host:
         self.mailbox.put_nowait(None)
 
 
+class _Notifications:
+    """Delivers an actor's ``on_change`` notifications through its mailbox.
+
+    Coalesced per alias: while one is queued and its message has not begun,
+    further changes of that alias queue nothing (the message begins with the
+    newest snapshots anyway). Its message reports the version it sees, and
+    queues another at once if the map moved on while it began; one for a map
+    that is missing calls nothing (the plug asks again later). A full
+    mailbox never fails or blocks the replica that notifies: the notification
+    waits for room in a task of its own (one per alias at most), and so goes
+    in as soon as the actor takes its next message.
+    """
+
+    def __init__(self, host: _Host) -> None:
+        self._host = host
+        # Alias -> the future of its queued notification that has not begun.
+        self._queued: dict[str, asyncio.Future[Any]] = {}
+        self._waiting: dict[str, asyncio.Task[None]] = {}
+        self._later: dict[str, asyncio.TimerHandle] = {}
+
+    def check(self, method: str) -> None:
+        try:
+            self._host._method(method)
+        except UnknownActorMethodError as exc:
+            raise UnknownActorMethodError(f"on_change refused: {exc}") from None
+
+    def notify(self, alias: str) -> None:
+        host = self._host
+        if host.stopping or alias in self._queued:
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        future.add_done_callback(partial(self._done, alias))
+        item: _Message = (partial(self._deliver, alias), future, False)
+        self._queued[alias] = future
+        try:
+            host.mailbox.put_nowait(item)
+        except asyncio.QueueFull:
+            task = loop.create_task(host.mailbox.put(item),
+                                    name=f"caf-sharing notify {host.name} {alias}")
+            self._waiting[alias] = task
+            task.add_done_callback(lambda _: self._waiting.pop(alias, None))
+
+    def notify_later(self, alias: str, delay: float) -> None:
+        if alias in self._later or self._host.stopping:
+            return
+        self._later[alias] = asyncio.get_running_loop().call_later(
+            delay, self._due, alias)
+
+    def _due(self, alias: str) -> None:
+        del self._later[alias]
+        self.notify(alias)
+
+    async def _deliver(self, alias: str) -> None:
+        plug = self._host.plug
+        self._queued.pop(alias, None)
+        method, version = plug.on_change_of(alias), plug.notice_version(alias)
+        if method is None or version is None:  # deleted, or missing for now
+            return
+        if plug.is_stale(alias):  # moved on after this message began
+            self.notify(alias)
+        await self._host._method(method)(alias, version)
+
+    def _done(self, alias: str, future: asyncio.Future[Any]) -> None:
+        if self._queued.get(alias) is future:  # failed before it began
+            del self._queued[alias]
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None and not isinstance(exc, ActorStoppedError):
+            self._host.actor.log.error(
+                "on_change notification of map alias %r to actor %s failed: %s: %s", alias,
+                self._host.name, type(exc).__name__, exc)
+
+    def close(self) -> None:
+        for task in list(self._waiting.values()):
+            task.cancel()
+        for timer in self._later.values():
+            timer.cancel()
+        self._later.clear()
+        self._queued.clear()
+
+
 async def _nothing() -> None:
     """The body of a sync message."""
 
@@ -500,6 +591,7 @@ class Node:
         self._starting: set[str] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._finishing: set[asyncio.Task[None]] = set()
+        self._views: set[ReplicaView] = set()
         self._open = False
         # What stats() reports besides the service's and the backend's counters.
         self._commits = self._aborts = self._commit_failures = 0
@@ -533,6 +625,7 @@ class Node:
         """Stop every actor (finishing queued messages), release leases, disconnect."""
         if not self._open:
             return
+        await asyncio.gather(*(view.close() for view in list(self._views)))
         # Together: against an unreachable backend each release takes up to
         # its call timeout, and close() must fit in one lease.
         await asyncio.gather(*(self.stop(name) for name in list(self._hosts)))
@@ -630,6 +723,28 @@ class Node:
         self.log.debug("actor %s started on node %s at commit %s", name, self.node_id,
                        host.txid, extra={**self._fields(name), "txid": host.txid})
         return ActorHandle(host)
+
+    async def replica(self, full_name: str, *, no_exec: bool = False) -> ReplicaView:
+        """A read-only view of map ``full_name`` for code outside actors.
+
+        It shares the node's replica of the map with the node's actors and
+        reads it with no message (see :class:`~caf_sharing.view.ReplicaView`).
+        A map that does not exist yet is looked up again until it does.
+        Close the view (``await view.close()`` or ``async with``) to let go of
+        the replica; closing the node closes its views.
+        """
+        if not self._open:
+            raise ActorError("node is not open: use 'async with Node(...)' or await node.open()")
+        check_map_name(full_name)
+        view = ReplicaView(self.service, full_name, no_exec=no_exec,
+                           on_close=self._views.discard)
+        self._views.add(view)
+        try:
+            await view._start()
+        except BaseException:
+            await view.close()
+            raise
+        return view
 
     def actor(self, name: str) -> ActorHandle[Actor]:
         """The handle of a running actor."""

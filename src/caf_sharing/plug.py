@@ -19,14 +19,24 @@ for each message, the snapshots the actor reads and writes:
 
 The registrations are part of the actor's checkpoint (``maps``), so ``restore``
 plus the next ``begin`` reopens every map after a restart.
+
+**Notifications.** A read-only registration with ``on_change`` watches the
+replicas it holds (every map of an aggregate) and tells the plug's
+:class:`Notifier` — the node's mailbox — which alias changed. A watch starts
+when the registration takes effect or its map is (re)opened, after a restart
+too, and notifies at once: changes made while nobody watched are not lost.
+A best-effort map that does not exist yet is looked up again by a
+notification message every ``RETRY_DELAYS[0]`` seconds at first, then less
+often, up to ``RETRY_DELAYS[1]``, until it appears.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeAlias
+from functools import partial
+from typing import Any, Protocol, TypeAlias
 
 from ._fastmap import MapRef, SharedMap
 from .aggregate import AggregateMap, AggregateSnapshot
@@ -35,10 +45,35 @@ from .errors import InvalidNameError, InvalidTypeError, MapNotFoundError, Sharin
 from .names import SEPARATOR, check_map_name, check_part, map_owner
 from .service import SharingService
 
-__all__ = ["ActorSharing", "MapInfo", "PreparedSharing", "UnknownAliasError"]
+__all__ = ["RETRY_DELAYS", "ActorSharing", "MapInfo", "Notifier", "PreparedSharing",
+           "UnknownAliasError"]
+
+#: First and longest delay (seconds) before an ``on_change`` registration
+#: whose map is missing looks for it again.
+RETRY_DELAYS = (0.02, 1.0)
 
 MapObject: TypeAlias = SharedMap | AggregateMap
 Snapshot: TypeAlias = MapRef | AggregateSnapshot
+
+
+class Notifier(Protocol):
+    """Where an actor's ``on_change`` notifications go (its node's mailbox)."""
+
+    def check(self, method: str) -> None:
+        """Raise :class:`~caf_sharing.errors.UnknownActorMethodError` unless
+        the actor accepts messages ``method``."""
+
+    def notify(self, alias: str) -> None:
+        """The map(s) of ``alias`` changed: deliver its ``on_change`` soon.
+        Called from inside the sharing service: must not block or raise."""
+
+    def notify_later(self, alias: str, delay: float) -> None:
+        """Notify ``alias`` in ``delay`` seconds (unless one is already due):
+        its map is not available yet, and the notification's message looks
+        for it again."""
+
+    def close(self) -> None:
+        """The actor leaves: drop what is still to deliver."""
 
 
 class UnknownAliasError(SharingError, KeyError, AttributeError):
@@ -58,9 +93,15 @@ class MapInfo:
     best_effort: bool = False
     no_exec: bool = False
     link_key: str | None = None
+    #: Method the actor receives as ``method(alias, version)`` on a change.
+    on_change: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # Registrations without it stay as checkpoints always wrote them.
+        if self.on_change is None:
+            del data["on_change"]
+        return data
 
     @classmethod
     def from_json(cls, alias: str, data: object) -> MapInfo:
@@ -72,6 +113,9 @@ class MapInfo:
             raise SharingError(
                 f"checkpoint entry for map alias {alias!r} is malformed: {exc}") from None
         check_map_name(info.name)
+        if info.on_change is not None and not isinstance(info.on_change, str):
+            raise SharingError(f"checkpoint entry for map alias {alias!r} is malformed: "
+                               f"on_change {info.on_change!r}")
         return info
 
 
@@ -115,6 +159,14 @@ class ActorSharing:
         self._refs: dict[str, Snapshot | None] = {}
         self._pending: dict[str, _PendingAdd | None] = {}  # None marks a delete
         self._staged: dict[str, MapObject | None] = {}
+        #: Receives the ``on_change`` notifications (set by the node).
+        self.notifier: Notifier | None = None
+        # (alias, map name) -> the watched replica and what stops the watch.
+        self._watches: dict[tuple[str, str], tuple[SharedMap, Callable[[], None]]] = {}
+        # Alias -> the map object whose replicas are watched for it.
+        self._watched: dict[str, MapObject] = {}
+        # Alias -> delay of its next lookup, while its map is missing.
+        self._missing: dict[str, float] = {}
 
     # -- what the proxy calls during a message -------------------------------
 
@@ -135,6 +187,11 @@ class ActorSharing:
         check_part(alias, "map alias")
         if alias.startswith("_"):
             raise InvalidNameError(f"map alias {alias!r} must not start with '_'")
+        if info.on_change is not None:
+            if self.notifier is None:
+                raise SharingError(f"on_change of map alias {alias!r} needs an actor hosted "
+                                   "by a node")
+            self.notifier.check(info.on_change)
         current = self._pending[alias] if alias in self._pending else self._committed_add(alias)
         if current is not None and current.info == info:
             self._log.debug("alias %r already refers to %s: ignored", alias, info.name)
@@ -208,6 +265,7 @@ class ActorSharing:
                     self._service.is_deleted(info.name, obj):
                 snap = None
             self._refs[alias] = snap
+        self._sync_watches()
 
     async def prepare(self) -> PreparedSharing:
         """Resolve registrations and prepare the change sets of written maps."""
@@ -256,6 +314,7 @@ class ActorSharing:
                     self._objects[alias] = staged
         self._pending.clear()
         self._staged.clear()
+        self._sync_watches()
 
     async def abort(self) -> None:
         """The message failed: forget its registrations and what they opened."""
@@ -289,6 +348,8 @@ class ActorSharing:
         """Release every map this actor holds: it leaves the node."""
         await self._release_all(keep_primaries=False)
         self._refs.clear()
+        if self.notifier is not None:
+            self.notifier.close()
 
     async def _release_all(self, *, keep_primaries: bool) -> None:
         await self.abort()
@@ -297,6 +358,82 @@ class ActorSharing:
             info = self._info.get(alias)
             if obj is not None and info is not None and not (keep_primaries and info.writable):
                 await self._release(info, obj)
+        self._sync_watches()
+
+    # -- notifications -----------------------------------------------------------
+
+    def on_change_of(self, alias: str) -> str | None:
+        """The ``on_change`` method of ``alias`` (None: none, or no such alias)."""
+        info = self._info.get(alias)
+        return None if info is None else info.on_change
+
+    def notice_version(self, alias: str) -> int | None:
+        """The version a notification of ``alias`` reports in this message:
+        the map's, or an aggregate's first map's (-1 when it is missing), -1
+        for a map its owner deleted; None when there is nothing to tell (the
+        alias is gone, or its map was never available)."""
+        snap, info = self._refs.get(alias), self._info.get(alias)
+        if info is None:
+            return None
+        if isinstance(snap, AggregateSnapshot):
+            first = snap.refs.get(info.name)
+            return -1 if first is None else first.version
+        if snap is None:
+            obj = self._objects.get(alias)
+            deleted = isinstance(obj, SharedMap) and self._service.is_deleted(info.name, obj)
+            return -1 if deleted else None
+        return snap.version
+
+    def is_stale(self, alias: str) -> bool:
+        """Whether a map of ``alias`` moved on since this message began."""
+        snap, obj = self._refs.get(alias), self._objects.get(alias)
+        if isinstance(snap, AggregateSnapshot) and isinstance(obj, AggregateMap):
+            return any(name in obj.maps and obj.maps[name].version != ref.version
+                       for name, ref in snap.refs.items())
+        return isinstance(snap, MapRef) and isinstance(obj, SharedMap) \
+            and obj.version != snap.version
+
+    def _sync_watches(self) -> None:
+        """Watch exactly the replicas of the ``on_change`` registrations in
+        effect; a new watch, or a registration whose map (aggregate) was
+        opened again, notifies at once."""
+        wanted: dict[tuple[str, str], SharedMap] = {}
+        watched: dict[str, MapObject] = {}
+        fresh: set[str] = set()
+        missing: dict[str, float] = {}
+        for alias, info in self._info.items():
+            obj = self._objects.get(alias)
+            if info.on_change is None or info.writable:
+                continue
+            if obj is None:
+                missing[alias] = self._missing.get(alias, RETRY_DELAYS[0])
+                continue
+            watched[alias] = obj
+            if self._watched.get(alias) is not obj:
+                fresh.add(alias)
+            maps = obj.maps if isinstance(obj, AggregateMap) else {info.name: obj}
+            for name, shared in maps.items():
+                wanted[alias, name] = shared
+        self._watched = watched
+        for key, (shared, stop) in list(self._watches.items()):
+            if wanted.get(key) is not shared:
+                stop()
+                del self._watches[key]
+        notifier = self.notifier
+        for key, shared in wanted.items():
+            if key in self._watches or notifier is None:
+                continue
+            alias, name = key
+            self._watches[key] = (shared, self._service.watch(
+                name, shared, partial(notifier.notify, alias)))
+            fresh.add(alias)
+        self._missing = {alias: min(delay * 2, RETRY_DELAYS[1])
+                         for alias, delay in missing.items()}
+        if notifier is not None:
+            for alias in sorted(fresh):
+                notifier.notify(alias)
+            for alias, delay in missing.items():
+                notifier.notify_later(alias, delay)
 
     # -- helpers ---------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ._fastmap import FrozenDict, FrozenList, MapRef, SharedMap
-from .errors import InvalidChangeSetError, MissedUpdateError, SharingError
+from .errors import InvalidChangeSetError, InvalidTypeError, MissedUpdateError, SharingError
 from .names import check_map_name, check_part
 from .plug import ActorSharing, MapInfo
 
@@ -87,10 +87,20 @@ class SharingProxy:
     def add_read_only_map(self, alias: str, full_name: str, *, aggregate: bool = False,
                           best_effort: bool = False, no_exec: bool = False,
                           link_key: str | None = None,
-                          initial_value: Mapping[str, Any] | None = None) -> None:
+                          initial_value: Mapping[str, Any] | None = None,
+                          on_change: str | None = None) -> None:
         """Register a replica of any map (or an aggregate rooted at it); effective
         at commit. Without ``best_effort`` a map that does not exist fails the
-        message."""
+        message.
+
+        ``on_change`` names a message of this actor, sent as
+        ``method(alias, version)`` once the registration takes effect (and
+        after every restart), then whenever a new version of the map (any map
+        of an aggregate) lands; ``version`` is the one the message sees (an
+        aggregate's: its first map's, -1 if missing). Coalesced: one queued
+        notification per alias at most. An unknown method is refused here
+        (:class:`~caf_sharing.errors.UnknownActorMethodError`).
+        """
         if initial_value is not None:
             raise SharingError(f"read-only map alias {alias!r} cannot have an initial value")
         check_map_name(full_name)
@@ -98,8 +108,12 @@ class SharingProxy:
             raise SharingError(f"link_key is only for aggregates (alias {alias!r})")
         if link_key is not None:
             check_part(link_key, "link key")
+        if on_change is not None and not isinstance(on_change, str):
+            raise InvalidTypeError(f"on_change of map alias {alias!r} must be a method name, "
+                                   f"got {type(on_change).__name__}")
         info = MapInfo(full_name, writable=False, aggregate=aggregate,
-                       best_effort=best_effort, no_exec=no_exec, link_key=link_key)
+                       best_effort=best_effort, no_exec=no_exec, link_key=link_key,
+                       on_change=on_change)
         self._plug.add_map(alias, info, None)
 
     def delete_map(self, alias: str) -> None:

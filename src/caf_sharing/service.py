@@ -9,7 +9,9 @@ One service per node sits between the actors' sharing plugs and the backend:
   reads them and reference counted: the backend subscription is dropped when
   the last reader lets go. A replica subscribes first, then reads the map,
   then applies what arrived in between, so no update falls in a window.
-  Gaps and malformed messages trigger a resync from a full read.
+  Gaps and malformed messages trigger a resync from a full read. Watchers
+  (:meth:`SharingService.watch`) hear of every change of a replica's content;
+  views and ``on_change`` notifications are built on them.
 * **aggregates** — AggregateMaps whose linked maps are found best-effort
   through replicas.
 
@@ -28,7 +30,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -68,7 +70,7 @@ from .methods import MethodLimits, check_limits
 from .metrics import LatencySummary, Observer, notify
 from .names import map_owner
 
-__all__ = ["ServiceStats", "SharingService", "txid_of"]
+__all__ = ["ServiceStats", "SharingService", "Watcher", "txid_of"]
 
 log = logging.getLogger("caf_sharing.service")
 
@@ -104,12 +106,16 @@ RETIRED_REPLICAS = 64
 #: and resyncs again (a flood must not grow memory without bound).
 MAX_BUFFERED_BYTES = 16 * 2**20
 
+#: Called with no argument after a replica's content changed (see
+#: :meth:`SharingService.watch`).
+Watcher = Callable[[], None]
+
 
 class _Replica:
     """One subscribed replica, its lineage and the state of its catch-up protocol."""
 
     __slots__ = ("buffer", "buffered", "count", "deleted", "deletion_hint", "handle", "lineage",
-                 "map", "name", "owner")
+                 "map", "name", "owner", "watchers")
 
     def __init__(self, service: SharingService, name: str, shared: SharedMap) -> None:
         self.name = name
@@ -125,6 +131,7 @@ class _Replica:
         self.deleted = False
         #: A deletion marker arrived; the next resync checks the store.
         self.deletion_hint = False
+        self.watchers: list[Watcher] = []
         self.handle: MessageHandler = lambda data: service._on_message(self, data)
 
 
@@ -334,6 +341,34 @@ class SharingService:
         replica = self._replicas.get((name, shared.no_exec))
         return replica is not None and replica.map is shared and replica.deleted
 
+    def watch(self, name: str, shared: SharedMap, watcher: Watcher) -> Callable[[], None]:
+        """Call ``watcher()`` after each change of the replica ``shared`` of
+        ``name`` (one the caller holds a reference to); return the function
+        that stops it (it may be called after the replica was released).
+
+        Watchers run inside the service, as the change lands, and must only
+        schedule work: a resync installs every replica of one writer before
+        the event loop runs anything else, so that what they schedule sees
+        the writer's maps at one commit.
+        """
+        replica = self._replicas.get((name, shared.no_exec))
+        if replica is None or replica.map is not shared:
+            raise SharingError(f"no replica of map {name!r} is held on this node to watch")
+        replica.watchers.append(watcher)
+
+        def stop() -> None:
+            if watcher in replica.watchers:
+                replica.watchers.remove(watcher)
+
+        return stop
+
+    def _changed(self, replica: _Replica) -> None:
+        for watcher in tuple(replica.watchers):
+            try:
+                watcher()
+            except Exception:
+                self._log.exception("watcher %r of map %s failed", watcher, replica.name)
+
     def _retire(self, key: tuple[str, bool], replica: _Replica | None) -> None:
         """Keep ``replica``, which no reader holds, for the next open of ``key``
         (a failed open keeps the one it took)."""
@@ -410,6 +445,7 @@ class SharingService:
                     seconds = max(time.time() - stamp / 1e6, 0.0)
                     lag.observe(seconds)
                 notify(self._observer, "on_apply", replica.name, replica.map.version, seconds)
+                self._changed(replica)
 
     def _forked(self, replica: _Replica, why: str) -> None:
         self.stats.forks += 1
@@ -449,6 +485,7 @@ class SharingService:
             return
         lineage.forked = False
         lineage.record(version, txid)
+        self._changed(replica)
 
     def _deleted(self, replica: _Replica) -> None:
         """The map of ``replica`` was deleted: empty it (snapshots that actors
@@ -459,6 +496,7 @@ class SharingService:
         replica.map.reset()
         replica.lineage = ReplicaLineage()
         replica.deleted = True
+        self._changed(replica)
 
     def _drain(self, replica: _Replica) -> None:
         pending, replica.buffer, replica.buffered = replica.buffer or [], None, 0
