@@ -232,3 +232,18 @@ async def test_caller_cancelling_does_not_half_commit(url) -> None:
         gate.set()
         assert await slow == "done"
         assert await owner.call("get", "mine", "k") == 1
+
+
+def test_a_registration_round_trips_through_its_checkpoint_entry_whole() -> None:
+    import dataclasses
+
+    from caf_sharing.plug import MapInfo
+
+    info = MapInfo("ann-admin-m", writable=False, aggregate=True, best_effort=True,
+                   no_exec=True, link_key="links", on_change="changed")
+    # Every field is written (a field added later must be too) and read back.
+    assert info.to_json() == dataclasses.asdict(info)
+    assert MapInfo.from_json("m", info.to_json()) == info
+    plain = MapInfo("ann-admin-m", writable=True)
+    assert "on_change" not in plain.to_json()
+    assert MapInfo.from_json("m", plain.to_json()) == plain

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeAlias
 
@@ -97,10 +97,15 @@ class MapInfo:
     on_change: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Spelled out: dataclasses.asdict (a recursive deep copy) took about
+        # a quarter of a commit's time in the actor message path.
+        data: dict[str, Any] = {
+            "name": self.name, "writable": self.writable, "aggregate": self.aggregate,
+            "best_effort": self.best_effort, "no_exec": self.no_exec,
+            "link_key": self.link_key}
         # Registrations without it stay as checkpoints always wrote them.
-        if self.on_change is None:
-            del data["on_change"]
+        if self.on_change is not None:
+            data["on_change"] = self.on_change
         return data
 
     @classmethod
