@@ -194,10 +194,10 @@ CHILD = textwrap.dedent("""
 async def test_sigterm_releases_the_lease_and_another_node_starts_the_actor_at_once(
         server: RedisServer, sig: signal.Signals) -> None:
     app = f"t{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    # The child imports caf_sharing as this process does: installed (CI
+    # installs the package, its source tree has no compiled core) or editable.
     child = subprocess.Popen([sys.executable, "-c", CHILD, server.url, app],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
         line = await asyncio.to_thread(child.stdout.readline)
