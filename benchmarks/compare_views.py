@@ -33,10 +33,8 @@ import gc
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -45,6 +43,7 @@ from redis.asyncio.connection import Connection
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from caf_sharing import Actor, Node, ReplicaView
+from compare_core import empty_loop, loop_time
 from redisserver import RedisServer
 
 KEYS = 10_000
@@ -56,13 +55,6 @@ def probe_keys(keys: list[str], count: int) -> list[str]:
     for k in probes:
         hash(k)
     return probes
-
-
-def loop_time(fn: Callable[[Any], Any], probes: list[str]) -> float:
-    start = time.perf_counter()
-    for k in probes:
-        fn(k)
-    return time.perf_counter() - start
 
 
 def chained_time(view: ReplicaView, probes: list[str]) -> float:
@@ -78,13 +70,6 @@ def ref_time(view: ReplicaView, probes: list[str]) -> float:
     start = time.perf_counter()
     for _k in probes:
         ref()
-    return time.perf_counter() - start
-
-
-def empty_loop(probes: list[str]) -> float:
-    start = time.perf_counter()
-    for _k in probes:
-        pass
     return time.perf_counter() - start
 
 

@@ -79,6 +79,12 @@ def versions(seen: list[tuple[str, int, int, int]]) -> list[int]:
     return [version for _, version, _, _ in seen]
 
 
+async def collect_versions(view: ReplicaView, got: list[int]) -> None:
+    """Append the version of each snapshot ``view.changes()`` yields."""
+    async for ref in view.changes():
+        got.append(ref.version)
+
+
 async def test_view_shares_the_replica_of_the_nodes_actors(backend_url: str, app: str) -> None:
     async with Node(backend_url, app=app) as wnode, Node(backend_url, app=app) as rnode:
         writer = await wnode.start(Writer, "alice-writer")
@@ -200,12 +206,7 @@ async def test_monotonic_under_resync(backend_url: str, app: str) -> None:
         await rnode.start(Watcher, "alice-reader")
         view = await rnode.replica(MAP)
         got: list[int] = []
-
-        async def consume() -> None:
-            async for ref in view.changes():
-                got.append(ref.version)
-
-        consumer = asyncio.ensure_future(consume())
+        consumer = asyncio.ensure_future(collect_versions(view, got))
         last = 0
         resyncs = []
         for i in range(200):
@@ -231,12 +232,7 @@ async def test_monotonic_when_pubsub_connections_are_killed(server: RedisServer)
         await rnode.start(Watcher, "alice-reader")
         view = await rnode.replica(MAP)
         got: list[int] = []
-
-        async def consume() -> None:
-            async for ref in view.changes():
-                got.append(ref.version)
-
-        consumer = asyncio.ensure_future(consume())
+        consumer = asyncio.ensure_future(collect_versions(view, got))
         last = 0
         killed = 0
         for i in range(300):
