@@ -26,8 +26,8 @@ round, and removes everything at the end:
       alternating sample by sample: p50 <= 1.5x (p99 reported).
 * S1  one Redis 7 server, sharded pub/sub or classic: raw PUBLISH->SUBSCRIBE
       against SPUBLISH->SSUBSCRIBE latency, raw pipelined publish rate, and
-      our commit -> handler latency with each verb (writer ``_publish``,
-      reader ``_pubsub.use_sharded``); the raw latency once more with bare
+      our commit -> handler latency with each verb (``_pubsub.use_sharded``
+      on writer and reader); the raw latency once more with bare
       sockets, and the server's time per call, to tell the server from the
       client library. No target: it says which is faster.
 
@@ -448,8 +448,8 @@ async def single_pubsub(server: RedisServer, rounds: int, samples: int, writes: 
     for backend in backends:
         await backend.start()
     ws, rs, wc, rc = backends
-    assert getattr(ws, "_publish", None) == "SPUBLISH", "Redis 7 should get SPUBLISH"
-    wc._publish = "PUBLISH"  # type: ignore[attr-defined]
+    assert ws._pubsub.publish == "SPUBLISH", "Redis 7 should get SPUBLISH"  # type: ignore[attr-defined]
+    wc._pubsub.use_sharded(False)  # type: ignore[attr-defined]
     rc._pubsub.use_sharded(False)  # type: ignore[attr-defined]
     sharded = Writer(ws, rs, ["ss-a"])
     classic = Writer(wc, rc, ["sc-a"])

@@ -186,7 +186,6 @@ class RedisBackend:
         self._router = Router(settings)
         self._pubsub = PubSub(self._router, settings)
         self._committers: dict[Server, GroupCommit] = {}
-        self._publish = "SPUBLISH" if settings.cluster else "PUBLISH"
         self._stats = RedisStats()
         self._started = False
         self._closed = False
@@ -245,7 +244,6 @@ class RedisBackend:
         # Sharded pub/sub where every server has it (Redis 7): see pubsub.py.
         sharded = self.cluster or min(versions) >= 7
         self._pubsub.use_sharded(sharded)
-        self._publish = "SPUBLISH" if sharded else "PUBLISH"
         self._started = True
 
     def _check_eviction(self, reply: Any) -> None:
@@ -362,7 +360,7 @@ class RedisBackend:
         existed = bool(routed.replies[0])
         if existed:
             await self._router.call_one(
-                (self._publish, self._keys.channel(name), deleted_marker(None)), owner, what)
+                (self._pubsub.publish, self._keys.channel(name), deleted_marker(None)), owner, what)
         return existed
 
     # -- leases and checkpoints -------------------------------------------------
@@ -444,7 +442,7 @@ class RedisBackend:
             reply = await self._router.call_one(
                 ("EVALSHA", DESTROY.sha, 4, prefix + "cp", prefix + "lease",
                  prefix + "lineage", prefix + "recent", txid, prefix + "map:",
-                 prefix + "chan:", self._publish, deleted_marker(None), *registered),
+                 prefix + "chan:", self._pubsub.publish, deleted_marker(None), *registered),
                 actor, what)
             if reply[0] == b"lease":
                 raise LeaseHeldError(actor, reply[1].decode(errors="replace"),
@@ -507,7 +505,7 @@ class RedisBackend:
 
     async def _commit(self, enc: EncodedTransaction) -> bool:
         staged = await self._stage(enc)
-        pending = PendingCommit(enc, self._keys.commit(enc, self._publish, staged),
+        pending = PendingCommit(enc, self._keys.commit(enc, self._pubsub.publish, staged),
                                 asyncio.get_running_loop().create_future())
         server = self._router.server_for(enc.actor)
         committer = self._committers.get(server)

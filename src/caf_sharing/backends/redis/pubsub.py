@@ -38,6 +38,7 @@ from redis import exceptions as rexc
 from redis.asyncio.connection import AbstractConnection
 
 from ...errors import BackendError, BackendUnavailableError
+from ...names import map_owner
 from ..base import MessageHandler
 from .codec import slot_of
 from .options import Settings
@@ -56,6 +57,7 @@ MissedListener = Callable[[Sequence[str]], None]
 
 @dataclass(frozen=True, slots=True)
 class _Verbs:
+    publish: str
     subscribe: str
     unsubscribe: str
     subscribed: bytes
@@ -63,8 +65,10 @@ class _Verbs:
     message: bytes
 
 
-_SHARDED = _Verbs("SSUBSCRIBE", "SUNSUBSCRIBE", b"ssubscribe", b"sunsubscribe", b"smessage")
-_CLASSIC = _Verbs("SUBSCRIBE", "UNSUBSCRIBE", b"subscribe", b"unsubscribe", b"message")
+_SHARDED = _Verbs("SPUBLISH", "SSUBSCRIBE", "SUNSUBSCRIBE", b"ssubscribe", b"sunsubscribe",
+                  b"smessage")
+_CLASSIC = _Verbs("PUBLISH", "SUBSCRIBE", "UNSUBSCRIBE", b"subscribe", b"unsubscribe",
+                  b"message")
 
 
 @dataclass(eq=False, slots=True)
@@ -79,6 +83,8 @@ class _Channel:
 
     key: bytes
     map_name: str
+    #: The actor whose hash tag the channel carries, and its slot.
+    owner: str
     slot: int
     link: _Link
     subs: list[_Subscription] = field(default_factory=list)
@@ -340,8 +346,9 @@ class PubSub:
         router.listeners.append(self._topology_changed)
 
     @property
-    def sharded(self) -> bool:
-        return self.verbs is _SHARDED
+    def publish(self) -> str:
+        """The command commits publish change sets with, to match the readers'."""
+        return self.verbs.publish
 
     def use_sharded(self, sharded: bool) -> None:
         """Choose the verbs (before the first subscription)."""
@@ -367,9 +374,9 @@ class PubSub:
         channel = self._channels.get(key)
         new = channel is None
         if channel is None:
-            owner_slot = slot_of(_owner(key))
-            link = self._link(self.router.server_for(_owner(key)))
-            channel = self._channels[key] = _Channel(key, name, owner_slot, link)
+            owner = map_owner(name)
+            link = self._link(self.router.server_for(owner))
+            channel = self._channels[key] = _Channel(key, name, owner, slot_of(owner), link)
             link.channels[key] = channel
         sub = _Subscription(handler)
         channel.subs.append(sub)
@@ -451,7 +458,7 @@ class PubSub:
         channels moved."""
         moved: dict[_Link, list[_Channel]] = {}
         for channel in list(self._channels.values()):
-            owner = self.router.server_for(_owner(channel.key))
+            owner = self.router.server_for(channel.owner)
             if channel.link.server is owner:
                 continue
             old = channel.link
@@ -490,8 +497,3 @@ class PubSub:
             channel.fail(closed)
         self._channels.clear()
 
-
-def _owner(key: bytes) -> str:
-    """The actor whose hash tag channel ``key`` carries."""
-    tag = key[key.index(b"{") + 1:key.index(b"}")]
-    return tag.decode()
