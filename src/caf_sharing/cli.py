@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from ._version import __version__
-from .backends import DEFAULT_URL, URL_VARIABLE, default_url, make_backend
+from .backends import DEFAULT_URL, URL_VARIABLE, Backend, default_url, make_backend
 from .errors import MapNotFoundError, SharingError
 
 __all__ = ["main"]
@@ -167,10 +167,10 @@ async def _inspect(args: argparse.Namespace) -> int:
     await backend.start()
     try:
         dump = await backend.read_map(args.name)
+        if dump is None:
+            raise MapNotFoundError(args.name, await _apps_holding(backend, args.name))
     finally:
         await backend.close()
-    if dump is None:
-        raise MapNotFoundError(args.name, await _apps_holding(args.backend, args.name))
     add = dump["add"]
     contents = {add[i]: add[i + 1] for i in range(0, len(add), 2)}
     version = contents.pop("__ca_version__", 0)
@@ -217,14 +217,9 @@ async def _watch(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _apps_holding(url: str, name: str) -> str:
+async def _apps_holding(backend: Backend, name: str) -> str:
     """Where else a map called ``name`` exists, as a hint for a missing one."""
-    backend = make_backend(url)
-    await backend.start()
-    try:
-        maps, _ = await backend.survey(every_app=True)
-    finally:
-        await backend.close()
+    maps, _ = await backend.survey(every_app=True)
     apps = sorted({m.app for m in maps if m.name == name})
     if not apps:
         return "no app holds a map of that name"
