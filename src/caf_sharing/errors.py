@@ -157,11 +157,10 @@ class ShardUnavailableError(BackendUnavailableError):
     of them whose lease another node holds; for ``load_txids``: the txids,
     ``None`` for the failed ones)."""
 
-    def __init__(self, message: str, *, failed: list[str], replies: list[Any]) -> None:
+    def __init__(self, message: str, *, failed: list[str], partial: Any) -> None:
         super().__init__(message)
         self.failed = failed
-        self.replies = replies
-        self.partial: Any = None
+        self.partial = partial
 
 
 class DurabilityError(BackendError):

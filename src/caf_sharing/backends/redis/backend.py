@@ -33,9 +33,9 @@ import asyncio
 import inspect
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from redis import exceptions as rexc
@@ -92,6 +92,7 @@ from .scripts import ACQUIRE, CLAIM, CREATE, DESTROY, READ, RELEASE, RENEW, SCRI
 __all__ = ["RedisBackend", "RedisStats"]
 
 _log = logging.getLogger("caf_sharing.backends.redis")
+_T = TypeVar("_T")
 
 #: A map written whole with more fields or bytes than this is staged first,
 #: in chunks of this size: one chunk is one HSET, a few ms of server time.
@@ -385,26 +386,30 @@ class RedisBackend:
             raise LeaseHeldError(actor, holder.decode(errors="replace"),
                                  pttl / 1000 if pttl >= 0 else None)
 
-    async def _per_actor(self, commands: Sequence[Command], actors: Sequence[str],
-                         what: str) -> list[Any]:
-        """One command per actor, each on its actor's shard. A shard that
+    async def _per_actor(self, commands: Sequence[Command], actors: Sequence[str], what: str,
+                         result: Callable[[list[Any]], _T]) -> _T:
+        """``result`` of the replies of one command per actor, each sent to
+        its actor's shard (a failed actor's reply is ``None``). A shard that
         fails fails only its own actors: :class:`ShardUnavailableError`
-        carries the replies of the others."""
+        names them and carries the result all the same."""
         routed = await self._router.call(commands, actors, what, partial=True)
         failed: dict[str, BackendUnavailableError] = {}
+        replies: list[Any] = []
         for actor, reply in zip(actors, routed.replies, strict=True):
             if isinstance(reply, BackendUnavailableError):
                 failed[actor] = reply
+                reply = None
             elif isinstance(reply, rexc.ResponseError):
                 raise BackendError(f"Redis at {self.url}: {what} failed: {reply}")
-        if failed:
-            first = next(iter(failed.values()))
-            if len(failed) == len(actors):
-                raise first
-            raise ShardUnavailableError(
-                f"{first} (actors {', '.join(sorted(failed))}; the others' {what} went through)",
-                failed=sorted(failed), replies=routed.replies)
-        return routed.replies
+            replies.append(reply)
+        if not failed:
+            return result(replies)
+        first = next(iter(failed.values()))
+        if len(failed) == len(actors):
+            raise first
+        raise ShardUnavailableError(
+            f"{first} (actors {', '.join(sorted(failed))}; the others' {what} went through)",
+            failed=sorted(failed), partial=result(replies))
 
     async def renew_leases(self, actors: Sequence[str], node_id: str, ttl: float) -> list[str]:
         for actor in actors:
@@ -415,13 +420,10 @@ class RedisBackend:
             return []
         commands = [("EVALSHA", RENEW.sha, 1, self._keys.actor(a, "lease"), node_id, ms)
                     for a in actors]
-        try:
-            replies = await self._per_actor(commands, actors, "renew_leases")
-        except ShardUnavailableError as exc:
-            exc.partial = [a for a, r in zip(actors, exc.replies, strict=True)
-                           if a not in exc.failed and r != 1]
-            raise
-        return [actor for actor, reply in zip(actors, replies, strict=True) if reply != 1]
+        # The script answers 0 where another node holds the lease (and a
+        # failed actor's reply is None: unknown).
+        return await self._per_actor(commands, actors, "renew_leases", lambda replies: [
+            a for a, reply in zip(actors, replies, strict=True) if reply == 0])
 
     async def release_lease(self, actor: str, node_id: str) -> None:
         check_actor_name(actor)
@@ -482,13 +484,8 @@ class RedisBackend:
         if not actors:
             return []
         commands = [("HGET", self._keys.actor(a, "cp"), "txid") for a in actors]
-        try:
-            replies = await self._per_actor(commands, actors, "load_txids")
-        except ShardUnavailableError as exc:
-            exc.partial = [None if a in exc.failed else _txid(r)
-                           for a, r in zip(actors, exc.replies, strict=True)]
-            raise
-        return [_txid(reply) for reply in replies]
+        return await self._per_actor(commands, actors, "load_txids",
+                                     lambda replies: [_txid(reply) for reply in replies])
 
     # -- commits ------------------------------------------------------------
 
