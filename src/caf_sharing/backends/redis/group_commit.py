@@ -109,10 +109,6 @@ class GroupCommit:
             self._in_flight -= 1
             self._kick()
 
-    @property
-    def busy(self) -> bool:
-        return bool(self._queue or self._in_flight)
-
     async def drain(self) -> None:
         """Send what is queued and wait for every round trip in flight."""
         while self._queue or self._in_flight:
