@@ -58,8 +58,8 @@ def watch_staging(backend: RedisBackend, during: Any) -> list[Any]:
     original = backend._stage
     seen: list[Any] = []
 
-    async def stage(enc: Any) -> dict[str, str]:
-        staged = await original(enc)
+    async def stage(enc: Any, big: Any) -> dict[str, str]:
+        staged = await original(enc, big)
         seen.append(await during(staged))
         return staged
 

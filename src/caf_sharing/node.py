@@ -94,6 +94,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _LIFECYCLE = frozenset({"init", "resume"})
+#: An actor with a backlog yields to the other tasks every this many messages.
+_FAIR_SHARE = 8
 
 
 class Actor:
@@ -168,15 +170,18 @@ class ActorHandle(Generic[A_co]):
         :class:`~caf_sharing.errors.ActorError` (it would deadlock: the actor
         runs one message at a time).
         """
-        return await self._host.submit(self._host.method_name(method), args, kwargs)
+        host = self._host
+        return await host.submit(method if type(method) is str else host.method_name(method),
+                                 args, kwargs)
 
     def __repr__(self) -> str:
         return f"<ActorHandle {self.name}{'' if self.running else ' stopped'}>"
 
 
-#: A message: its body, the caller's future, and whether it commits even
-#: when it changes nothing (a sync that makes the store catch up).
-_Message = tuple[Callable[[], Coroutine[Any, Any, Any]], "asyncio.Future[Any]", bool]
+#: A message: the method, its arguments, the caller's future, and whether it
+#: commits even when it changes nothing (a sync that makes the store catch up).
+_Message = tuple[Callable[..., Coroutine[Any, Any, Any]], tuple[Any, ...], dict[str, Any],
+                 "asyncio.Future[Any]", bool]
 
 #: The message running in this task and the tasks it started: a marker per
 #: message, so that an actor calling itself is refused instead of deadlocking.
@@ -205,6 +210,8 @@ class _Host:
         self.worker: asyncio.Task[None] | None = None
         #: The marker of the message running now (see ``_running``).
         self.current: object | None = None
+        #: Name -> bound method, for the messages checked once already.
+        self.methods: dict[str, Callable[..., Coroutine[Any, Any, Any]]] = {}
 
     # -- messages ------------------------------------------------------------
 
@@ -231,10 +238,14 @@ class _Host:
                 f"{method!r}")
         return func  # type: ignore[no-any-return]
 
-    async def submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def submit(self, method: str, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> asyncio.Future[Any]:
+        """Queue one message; the future settles with its outcome."""
         if self.stopping:
             raise ActorStoppedError(f"actor {self.name!r} is stopped")
-        func = self._method(method)
+        func = self.methods.get(method)
+        if func is None:
+            func = self.methods[method] = self._method(method)
         if self.current is not None and _running.get() is self.current:
             raise ActorError(
                 f"actor {self.name!r} called itself ({method!r}) from inside one of its "
@@ -242,25 +253,36 @@ class _Host:
                 "the method directly, e.g. await self.method(...))")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
-            self.mailbox.put_nowait((lambda: func(*args, **kwargs), future, False))
+            self.mailbox.put_nowait((func, args, kwargs, future, False))
         except asyncio.QueueFull:
             raise MailboxFullError(
                 f"mailbox of actor {self.name!r} is full ({self.node.mailbox_size} messages)"
             ) from None
-        return await future
+        return future
 
     async def run(self) -> None:
+        mailbox = self.mailbox
+        streak = 0
         while True:
-            item = await self.mailbox.get()
+            if mailbox.empty():
+                streak = 0
+            else:
+                # get() will not suspend: let the other tasks of the loop run
+                # now and then, even if no message of a backlog ever suspends
+                # (memory:// commits do not).
+                streak += 1
+                if streak % _FAIR_SHARE == 0:
+                    await asyncio.sleep(0)
+            item = await mailbox.get()
             if item is None:
                 return
-            body, future, force = item
+            func, args, kwargs, future, force = item
             if force:
                 self.sync_queued = False
             if future.cancelled():
                 continue
             try:
-                result = await self.transaction(body, force=force)
+                result = await self.transaction(func, args, kwargs, force=force)
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():  # the worker itself is cancelled
@@ -277,16 +299,19 @@ class _Host:
 
     # -- the transaction -------------------------------------------------------
 
-    async def transaction(self, body: Callable[[], Coroutine[Any, Any, Any]], *,
+    async def transaction(self, func: Callable[..., Coroutine[Any, Any, Any]],
+                          args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
                           force: bool = False) -> Any:
         if self.needs_reload:
             await self.reload()
-        await self.plug.begin()
+        plug = self.plug
+        if not plug.begin_now():
+            await plug.begin()
         marker = self.current = object()
         token = _running.set(marker)
         try:
             try:
-                result = await body()
+                result = await (func(*args, **kwargs) if kwargs else func(*args))
             finally:
                 _running.reset(token)
                 self.current = None
@@ -305,13 +330,19 @@ class _Host:
                 # the state must hold what a map value may hold, nothing that
                 # would come back changed after a restart.
                 _check_state(self.name, state)
-            prepared = await self.plug.prepare()
+            if not force and state_bytes == self.state_bytes and plug.unchanged():
+                return result
+            prepared = plug.prepare_now()
+            if prepared is None:
+                prepared = await plug.prepare()
             if not force and prepared.is_empty and state_bytes == self.state_bytes:
-                await self.plug.committed()
+                if not plug.committed_now():
+                    await plug.committed()
                 return result
             self.seq += 1
             txid = txid_of(self.epoch, self.seq)
-            checkpoint = {"txid": txid, "state": orjson.loads(state_bytes),
+            # The state goes in as the JSON just checked, not encoded again.
+            checkpoint = {"txid": txid, "state": orjson.Fragment(state_bytes),
                           "maps": prepared.maps}
             await self.commit(txid, checkpoint, prepared.refs, prepared.creates,
                               prepared.deletes)
@@ -319,11 +350,12 @@ class _Host:
             self.node._aborts += 1
             notify(self.node.observer, "on_abort", self.name, exc)
             self.actor.state = orjson.loads(self.state_bytes)
-            await self.plug.abort()
+            await plug.abort()
             raise
         self.state_bytes = state_bytes
         self.txid = txid
-        await self.plug.committed()
+        if not plug.committed_now():
+            await plug.committed()
         return result
 
     async def commit(self, txid: str, checkpoint: dict[str, Any],
@@ -348,7 +380,8 @@ class _Host:
         seconds = time.perf_counter() - started
         node._commit_latency.observe(seconds)
         node._commits += 1
-        notify(node.observer, "on_commit", self.name, txid, seconds)
+        if node.observed:
+            notify(node.observer, "on_commit", self.name, txid, seconds)
 
     async def reload(self) -> None:
         """After a commit whose outcome is unknown: take state, registrations
@@ -382,7 +415,7 @@ class _Host:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            self.mailbox.put_nowait((_nothing, future, True))
+            self.mailbox.put_nowait((_nothing, (), {}, future, True))
         except asyncio.QueueFull:
             future.cancel()  # a busy actor commits soon anyway
             return
@@ -433,8 +466,8 @@ class _Host:
         self.stopping = True
         while not self.mailbox.empty():
             item = self.mailbox.get_nowait()
-            if item is not None and not item[1].done():
-                item[1].set_exception(ActorStoppedError(
+            if item is not None and not item[3].done():
+                item[3].set_exception(ActorStoppedError(
                     f"actor {self.name!r} stopped: node {self.node.node_id!r} lost its lease"))
         self.mailbox.put_nowait(None)
 
@@ -472,7 +505,7 @@ class _Notifications:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         future.add_done_callback(partial(self._done, alias))
-        item: _Message = (partial(self._deliver, alias), future, False)
+        item: _Message = (self._deliver, (alias,), {}, future, False)
         self._queued[alias] = future
         try:
             host.mailbox.put_nowait(item)
@@ -580,6 +613,8 @@ class Node:
         self.log = logger or logging.getLogger("caf_sharing.node")
         #: Told of commits, aborts, applied change sets, resyncs and lost leases.
         self.observer = observer or Observer()
+        #: Whether anything listens (the base class's methods do nothing).
+        self.observed = type(self.observer) is not Observer
         self.backend = backend or make_backend(url or default_url(), app=app,
                                                **backend_options)
         #: This node instance, beside its ``node_id``: a second live node

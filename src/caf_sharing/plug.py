@@ -172,6 +172,14 @@ class ActorSharing:
         self._watched: dict[str, MapObject] = {}
         # Alias -> delay of its next lookup, while its map is missing.
         self._missing: dict[str, float] = {}
+        # How the next begin takes its snapshots without awaiting anything:
+        # (alias, map, read-only, name) each, while every map is open and none
+        # is an aggregate; None: begin() must open or assemble something.
+        # Valid until the registrations or the open maps change (_changed).
+        self._plan: list[tuple[str, SharedMap, bool, str]] | None = None
+        self._plan_valid = False
+        # The checkpoint's ``maps`` for the registrations in effect, made once.
+        self._maps_json: dict[str, dict[str, Any]] | None = None
 
     # -- what the proxy calls during a message -------------------------------
 
@@ -256,6 +264,25 @@ class ActorSharing:
         return list(self._refs)
 
     # -- transaction steps called by the node -------------------------------
+    #
+    # Each step has a synchronous form for the common message (its maps all
+    # open, none added or deleted), which the node tries first: an actor
+    # message is a few microseconds, and awaiting coroutines that never
+    # suspend would be a good part of that.
+
+    def begin_now(self) -> bool:
+        """``begin`` without awaiting; False when ``begin`` must run instead."""
+        plan = self._plan if self._plan_valid else self._make_plan()
+        if plan is None:
+            return False
+        self._pending.clear()
+        refs = self._refs
+        refs.clear()
+        is_deleted = self._service.is_deleted
+        for alias, shared, read_only, name in plan:
+            refs[alias] = None if read_only and is_deleted(name, shared) \
+                else shared.ref(read_only=read_only)
+        return True
 
     async def begin(self) -> None:
         self._pending.clear()
@@ -265,12 +292,64 @@ class ActorSharing:
             if obj is None:
                 obj = await self._open(info)
                 self._objects[alias] = obj
+                self._changed()
             snap = await _snapshot(obj, info)
             if isinstance(obj, SharedMap) and not info.writable and \
                     self._service.is_deleted(info.name, obj):
                 snap = None
             self._refs[alias] = snap
         self._sync_watches()
+
+    def _make_plan(self) -> list[tuple[str, SharedMap, bool, str]] | None:
+        plan: list[tuple[str, SharedMap, bool, str]] | None = []
+        for alias, info in self._info.items():
+            obj = self._objects.get(alias)
+            if not isinstance(obj, SharedMap):  # not open yet, or an aggregate
+                plan = None
+                break
+            assert plan is not None
+            plan.append((alias, obj, not info.writable, info.name))
+        self._plan, self._plan_valid = plan, True
+        return plan
+
+    def _changed(self) -> None:
+        """The registrations or the open maps changed."""
+        self._plan_valid = False
+        self._maps_json = None
+
+    def unchanged(self) -> bool:
+        """Whether the message changed no map and no registration (it has
+        nothing to prepare or commit, but for its state)."""
+        if self._pending:
+            return False
+        refs = self._refs
+        for alias, info in self._info.items():
+            if info.writable:
+                ref = refs.get(alias)
+                if isinstance(ref, MapRef) and ref.has_changed:
+                    return False
+        return True
+
+    def prepare_now(self) -> PreparedSharing | None:
+        """``prepare`` without awaiting, for a message that added or deleted
+        no map; None when ``prepare`` must run instead."""
+        if self._pending:
+            return None
+        refs: dict[str, MapRef] = {}
+        for alias, info in self._info.items():
+            if info.writable:
+                ref = self._refs.get(alias)
+                if isinstance(ref, MapRef) and ref.has_changed:
+                    ref.prepare()
+                    refs[info.name] = ref
+        maps = self._maps_json
+        if maps is None:
+            maps = self._maps_json = {alias: info.to_json() for alias, info in self._info.items()}
+        return PreparedSharing(maps=maps, refs=refs)
+
+    def committed_now(self) -> bool:
+        """``committed`` without awaiting; False when ``committed`` must run."""
+        return not self._pending and not self._staged
 
     async def prepare(self) -> PreparedSharing:
         """Resolve registrations and prepare the change sets of written maps."""
@@ -307,6 +386,8 @@ class ActorSharing:
 
     async def committed(self) -> None:
         """The message committed: registrations take effect."""
+        if self._pending:
+            self._changed()
         for alias, pending in self._pending.items():
             old = self._objects.pop(alias, None)
             old_info = self._info.pop(alias, None)
@@ -336,6 +417,7 @@ class ActorSharing:
             raise SharingError(f"checkpoint 'maps' is malformed: {maps!r}")
         self._info = {alias: MapInfo.from_json(alias, data) for alias, data in maps.items()}
         self._objects = {}
+        self._changed()
 
     async def refresh(self, maps: Mapping[str, Any] | None) -> None:
         """After a commit whose outcome is unknown: take the registrations of
@@ -359,6 +441,7 @@ class ActorSharing:
     async def _release_all(self, *, keep_primaries: bool) -> None:
         await self.abort()
         objects, self._objects = self._objects, {}
+        self._changed()
         for alias, obj in objects.items():
             info = self._info.get(alias)
             if obj is not None and info is not None and not (keep_primaries and info.writable):

@@ -81,7 +81,7 @@ def check_app(app: object) -> str:
     return app
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EncodedCreate:
     """A map to create when absent: its version and encoded user fields."""
 
@@ -90,7 +90,7 @@ class EncodedCreate:
     fields: Pairs
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EncodedRestore:
     """A map a re-assert puts back: its version, lineage and encoded fields."""
 
@@ -100,7 +100,7 @@ class EncodedRestore:
     fields: Pairs
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EncodedWrite:
     """A validated change set of one map, values already orjson-encoded."""
 
@@ -120,7 +120,7 @@ class EncodedWrite:
     rebase_from: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EncodedTransaction:
     actor: str
     node_id: str
@@ -134,7 +134,7 @@ class EncodedTransaction:
     reassert: bool
     #: Maps deleted, data included (validated names of the actor's maps).
     deletes: list[str]
-    #: What the channel of each deleted map carries.
+    #: What the channel of each deleted map carries (empty without deletes).
     deleted_payload: bytes
 
 
@@ -289,6 +289,8 @@ def _encode_create(actor: str, create: object) -> EncodedCreate:
 
 def ttl_to_ms(ttl: object) -> int:
     """A lease duration in seconds as whole milliseconds (at least 1)."""
+    if type(ttl) is float and 0 < ttl < math.inf:  # what a node passes, every commit
+        return max(1, round(ttl * 1000))
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) \
             or ttl <= 0:
         raise ValueError(f"lease ttl must be a finite number of seconds > 0, got {ttl!r}")
@@ -343,10 +345,11 @@ def encode_transaction(tx: Transaction) -> EncodedTransaction:
         checkpoint = orjson.dumps(tx.checkpoint)
     except TypeError as exc:
         raise ValueError(f"checkpoint of actor {actor!r} is not JSON data: {exc}") from None
-    creates = [_encode_create(actor, c) for c in tx.creates]
+    # Most commits write one map and nothing else: no loop for the rest.
+    creates = [_encode_create(actor, c) for c in tx.creates] if tx.creates else []
     writes = [_encode_write(actor, txid, w) for w in tx.writes]
-    restores = [_encode_restore(actor, r) for r in tx.restores]
-    deletes = [_owned_map(actor, name, "deletes") for name in tx.deletes]
+    restores = [_encode_restore(actor, r) for r in tx.restores] if tx.restores else []
+    deletes = [_owned_map(actor, name, "deletes") for name in tx.deletes] if tx.deletes else []
     if len(creates) > 1:
         _no_duplicates("creates", (c.name for c in creates))
     if len(writes) + len(restores) + len(deletes) > 1:
@@ -356,7 +359,8 @@ def encode_transaction(tx: Transaction) -> EncodedTransaction:
         _no_duplicates("creates and deletes", [c.name for c in creates] + deletes)
     return EncodedTransaction(actor, node_id, txid, tx.prev_txid, checkpoint,
                               ttl_to_ms(tx.lease_ttl), creates, writes, restores,
-                              bool(tx.reassert), deletes, deleted_marker(txid))
+                              bool(tx.reassert), deletes,
+                              deleted_marker(txid) if deletes else b"")
 
 
 def deleted_marker(txid: str | None) -> bytes:

@@ -501,7 +501,8 @@ class RedisBackend:
             return await self._commit(enc)
 
     async def _commit(self, enc: EncodedTransaction) -> bool:
-        staged = await self._stage(enc)
+        big = _big_wholes(enc)
+        staged = await self._stage(enc, big) if big else None
         pending = PendingCommit(enc, self._keys.commit(enc, self._pubsub.publish, staged),
                                 asyncio.get_running_loop().create_future())
         server = self._router.server_for(enc.actor)
@@ -512,21 +513,16 @@ class RedisBackend:
                 self.settings.max_pending_updates)
         return await committer.commit(pending)
 
-    async def _stage(self, enc: EncodedTransaction) -> dict[str, str]:
+    async def _stage(self, enc: EncodedTransaction,
+                     big: list[tuple[str, str, Pairs]]) -> dict[str, str]:
         """Write the content of each big map the commit writes whole (a create,
-        a full dump, a restore) to a hash of its own first, in chunks of one
-        round trip each, so that no call stalls the server (a 1M-key map in
-        one script blocked Redis for seconds). The commit renames it into
-        place, atomically with the rest; until then readers see nothing of
-        it. A hash no commit claims expires."""
-        wholes = [*((f"c{i}", c.name, c.fields) for i, c in enumerate(enc.creates)),
-                  *((f"w{i}", w.name, w.full) for i, w in enumerate(enc.writes)
-                    if w.full is not None),
-                  *((f"r{i}", r.name, r.fields) for i, r in enumerate(enc.restores))]
+        a full dump, a restore: ``big``, from :func:`_big_wholes`) to a hash of
+        its own first, in chunks of one round trip each, so that no call
+        stalls the server (a 1M-key map in one script blocked Redis for
+        seconds). The commit renames it into place, atomically with the rest;
+        until then readers see nothing of it. A hash no commit claims expires."""
         staged: dict[str, str] = {}
-        for item, name, pairs in wholes:
-            if len(pairs) <= STAGE_FIELDS and _size(pairs) <= STAGE_BYTES:
-                continue
+        for item, name, pairs in big:
             key = staged[item] = self._keys.stage(enc, item)
             what = f"commit {enc.txid}: staging map {name}"
             for n, chunk in enumerate(_chunks(pairs)):
@@ -697,6 +693,20 @@ class RedisBackend:
 
 _TAG = re.compile(rb"\{([^}]*)\}")
 _KEY = re.compile(rb"caf:([A-Za-z0-9_.\-]+):\{([^}]*)\}:(cp|lease|map:.+)")
+
+
+def _big_wholes(enc: EncodedTransaction) -> list[tuple[str, str, Pairs]]:
+    """The whole maps of ``enc`` (creates, full dumps, restores) too big for
+    the commit script itself: (item, map name, fields) each, the item naming
+    it in the commit's arguments (see :meth:`Keys.commit`)."""
+    if not enc.creates and not enc.restores and all(w.full is None for w in enc.writes):
+        return []  # a plain commit, as nearly all are
+    wholes = [*((f"c{i}", c.name, c.fields) for i, c in enumerate(enc.creates)),
+              *((f"w{i}", w.name, w.full) for i, w in enumerate(enc.writes)
+                if w.full is not None),
+              *((f"r{i}", r.name, r.fields) for i, r in enumerate(enc.restores))]
+    return [(item, name, pairs) for item, name, pairs in wholes
+            if len(pairs) > STAGE_FIELDS or _size(pairs) > STAGE_BYTES]
 
 
 def _size(pairs: Pairs) -> int:

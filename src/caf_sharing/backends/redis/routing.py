@@ -92,6 +92,14 @@ def allowance(sent: int, fields: int = 0) -> float:
     return sent / _MIN_SEND_RATE + fields / _MIN_FIELD_RATE
 
 
+def _limit(timeout: float | None, deadline: float | None) -> float | None:
+    """How long the next attempt may take: ``timeout``, cut short by ``deadline``."""
+    if deadline is None:
+        return timeout
+    left = max(deadline - time.monotonic(), 0.001)
+    return left if timeout is None else min(timeout, left)
+
+
 class _Pool:
     """Command connections to one server, each used by one round trip at a time.
 
@@ -337,9 +345,20 @@ class Router:
         deadline = None if settings.call_timeout is None \
             else time.monotonic() + settings.call_timeout + extra
         count = len(commands)
-        routed = Routed([None] * count, [()] * count if tail is not None else [])
         owner_of: Callable[[int], str] = (lambda _: owners) if isinstance(owners, str) \
             else owners.__getitem__
+        first: list[Any] | BaseException | None = None
+        if not self.cluster:
+            # One server, and most round trips answer at once: no grouping,
+            # no bookkeeping of redirections, unless a reply asks for them.
+            limit = _limit(timeout, deadline)
+            whole = parts if tail is None else [*parts, *map(hiredis.pack_command,
+                                                            tail(owner_of(0)))]
+            first = await self._attempt(to or self._seeds[0], whole, limit)
+            if isinstance(first, list) and \
+                    not any(isinstance(reply, rexc.ResponseError) for reply in first):
+                return Routed(first[:count], [first[count:]] * count if tail is not None else [])
+        routed = Routed([None] * count, [()] * count if tail is not None else [])
         todo: Sequence[int] = range(count)
         asking: dict[int, Server] = {}
         redirects = [0] * count
@@ -349,10 +368,7 @@ class Router:
             for i in todo:
                 target = to or asking.get(i) or self.server_for(owner_of(i))
                 groups.setdefault(target, []).append(i)
-            limit = timeout
-            if deadline is not None:
-                left = max(deadline - time.monotonic(), 0.001)
-                limit = left if limit is None else min(limit, left)
+            limit = _limit(timeout, deadline)
             sends: list[tuple[Server, list[int], list[bytes]]] = []
             for server, indices in groups.items():
                 sent: list[bytes] = []
@@ -363,7 +379,9 @@ class Router:
                 if tail is not None:
                     sent.extend(map(hiredis.pack_command, tail(owner_of(indices[0]))))
                 sends.append((server, indices, sent))
-            if len(sends) == 1:
+            if first is not None:  # what the one server already answered
+                results, first = [first], None
+            elif len(sends) == 1:
                 results = [await self._attempt(sends[0][0], sends[0][2], limit)]
             else:
                 results = await asyncio.gather(
