@@ -76,6 +76,7 @@ from .errors import (
     SharingError,
     UnknownActorMethodError,
 )
+from .mailbox import Mailbox
 from .methods import MethodLimits
 from .metrics import LatencySummary, NodeStats, Observer, notify
 from .names import check_actor_name, check_map_name
@@ -198,7 +199,7 @@ class _Host:
         self.actor = actor
         self.plug = ActorSharing(node.service, name, logger=actor.log)
         self.plug.notifier = _Notifications(self)
-        self.mailbox: asyncio.Queue[_Message | None] = asyncio.Queue(node.mailbox_size)
+        self.mailbox: Mailbox[_Message | None] = Mailbox(node.mailbox_size)
         self.txid: str | None = None
         #: This stay of the actor on the node: its commits are epoch-1, epoch-2...
         self.epoch = uuid.uuid4().hex[:16]
