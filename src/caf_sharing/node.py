@@ -227,6 +227,13 @@ class _Host:
                 f"({type(self.actor).__name__}): pass Cls.method of its class, or its name")
         return name
 
+    def bound(self, method: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+        """The actor's message ``method``, checked the first time it is asked for."""
+        func = self.methods.get(method)
+        if func is None:
+            func = self.methods[method] = self._method(method)
+        return func
+
     def _method(self, method: str) -> Callable[..., Coroutine[Any, Any, Any]]:
         if not isinstance(method, str) or method.startswith("_") or method in _LIFECYCLE:
             raise UnknownActorMethodError(
@@ -244,9 +251,7 @@ class _Host:
         """Queue one message; the future settles with its outcome."""
         if self.stopping:
             raise ActorStoppedError(f"actor {self.name!r} is stopped")
-        func = self.methods.get(method)
-        if func is None:
-            func = self.methods[method] = self._method(method)
+        func = self.bound(method)
         if self.current is not None and _running.get() is self.current:
             raise ActorError(
                 f"actor {self.name!r} called itself ({method!r}) from inside one of its "
@@ -534,7 +539,7 @@ class _Notifications:
             return
         if plug.is_stale(alias):  # moved on after this message began
             self.notify(alias)
-        await self._host._method(method)(alias, version)
+        await self._host.bound(method)(alias, version)
 
     def _done(self, alias: str, future: asyncio.Future[Any]) -> None:
         if self._queued.get(alias) is future:  # failed before it began
