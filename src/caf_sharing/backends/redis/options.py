@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 import random
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio.connection import (
     AbstractConnection,
@@ -21,7 +22,7 @@ from redis.backoff import NoBackoff
 from ...errors import ConfigError
 from .. import BackendURL
 
-__all__ = ["Address", "Settings"]
+__all__ = ["Address", "Endpoint", "Settings"]
 
 #: A server: (host, port), or the path of a unix socket.
 Address = tuple[str, int] | str
@@ -91,6 +92,19 @@ def _tls_options(options: dict[str, Any]) -> dict[str, Any]:
         # Checking the name of a certificate nobody verifies cannot work.
         out["ssl_check_hostname"] = False
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """How command connections reach and open one server (see
+    :mod:`.connection`): address, TLS, credentials, database."""
+
+    address: Address
+    tls: ssl.SSLContext | None
+    server_hostname: str | None
+    username: str | None
+    password: str | None
+    db: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -207,6 +221,19 @@ class Settings:
         cap = self.max_retry_delay if longest is None else longest
         pause = min(cap, self.retry_delay * 2.0 ** min(attempt - 1, 30))
         return pause * (0.5 + random.random() / 2)
+
+    def endpoint(self, address: Address) -> Endpoint:
+        """How command connections reach ``address`` (see :mod:`.connection`)."""
+        kwargs = self.conn_kwargs
+        tls = None
+        if self.conn_class is SSLConnection:
+            # redis-py's own TLS context, defaults included: both kinds of
+            # connection verify the server the same way.
+            tls = cast(SSLConnection, self.connector(address)()).ssl_context.get()
+        return Endpoint(address=address, tls=tls,
+                        server_hostname=address[0] if isinstance(address, tuple) else None,
+                        username=kwargs.get("username"), password=kwargs.get("password"),
+                        db=int(kwargs.get("db") or 0))
 
     def connector(self, address: Address) -> Callable[[], AbstractConnection]:
         """What opens a new connection to the server at ``address``."""

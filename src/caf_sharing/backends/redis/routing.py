@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,11 +43,12 @@ from typing import Any
 
 import hiredis
 from redis import exceptions as rexc
-from redis.asyncio.connection import AbstractConnection, SSLConnection
+from redis.asyncio.connection import AbstractConnection
 
 from ...errors import BackendError, BackendUnavailableError
 from .codec import Command, pack, slot_of
-from .options import Address, Settings
+from .connection import Connection, open_connection
+from .options import Address, Endpoint, Settings
 from .scripts import SCRIPTS
 
 __all__ = ["FATAL", "RETRYABLE", "Router", "Server", "TLSNotAnsweredError", "allowance"]
@@ -103,16 +105,19 @@ def _limit(timeout: float | None, deadline: float | None) -> float | None:
 class _Pool:
     """Command connections to one server, each used by one round trip at a time.
 
-    redis-py's own pool and pipeline add a SCRIPT EXISTS round trip per
-    pipeline with scripts and retry on their own; this keeps both under the
-    backend's control. One timeout bounds the whole round trip.
+    Ours (:mod:`.connection`), not redis-py's: its pool and pipeline add a
+    SCRIPT EXISTS round trip per pipeline with scripts and retry on their
+    own, and its connection costs about half a commit's client time. One
+    timeout bounds the whole round trip, connecting included.
     """
 
-    def __init__(self, factory: Callable[[], AbstractConnection], size: int) -> None:
-        #: Opens a new connection to the server (pub/sub opens its own with it).
+    def __init__(self, factory: Callable[[], AbstractConnection], endpoint: Endpoint,
+                 size: int) -> None:
+        #: Opens a redis-py connection to the server, for pub/sub.
         self.connect = factory
-        self._idle: list[AbstractConnection] = []
-        self._all: set[AbstractConnection] = set()
+        self._endpoint = endpoint
+        self._idle: list[Connection] = []
+        self._all: set[Connection] = set()
         self._slots = asyncio.Semaphore(size)
         self.closed = False
 
@@ -124,43 +129,54 @@ class _Pool:
         async with self._slots:
             if self.closed:
                 raise rexc.ConnectionError("the connection pool is closed")
-            if self._idle:
+            conn = None
+            while self._idle and conn is None:
                 conn = self._idle.pop()
-            else:
-                conn = self.connect()
-                self._all.add(conn)
+                if conn.closed:
+                    self._all.discard(conn)
+                    conn = None
+            if conn is None:
+                started = time.monotonic()
+                conn = await self._open(timeout)
+                if timeout is not None:
+                    timeout = max(timeout - (time.monotonic() - started), 0.001)
             try:
-                async with asyncio.timeout(timeout):
-                    await conn.send_packed_command(packed, check_health=False)
-                    replies: list[Any] = []
-                    for _ in range(count):
-                        try:
-                            replies.append(await conn.read_response())
-                        except rexc.ResponseError as exc:
-                            replies.append(exc)
-            except BaseException as exc:
-                connected = conn.is_connected
-                # Unread replies may be left on it: start the next use afresh.
-                await conn.disconnect(nowait=True)
-                # Ours, or redis-py's own connect time-out, whichever came first.
-                if isinstance(exc, TimeoutError | rexc.TimeoutError):
-                    if connected:
-                        raise rexc.TimeoutError(f"no reply within {timeout:.3g}s") from None
-                    if isinstance(conn, SSLConnection):
-                        # A plaintext server waits for a line end that never comes.
-                        raise TLSNotAnsweredError(
-                            f"the server did not answer TLS within {timeout:.3g}s (a "
-                            "plaintext port? then use redis://)") from None
-                    raise rexc.TimeoutError(f"could not connect within {timeout:.3g}s") from None
-                raise
+                replies = await conn.exchange(packed, count, timeout)
             finally:
-                self._idle.append(conn)
-            return replies
+                # A caller that stopped waiting leaves the connection usable:
+                # the replies it did not wait for are dropped as they come.
+                if conn.closed:
+                    self._all.discard(conn)
+                else:
+                    self._idle.append(conn)
+        for reply in replies:
+            # Replies that mean the connection is refused (NOAUTH, too many
+            # clients) fail the round trip as redis-py raised them.
+            if isinstance(reply, rexc.ConnectionError):
+                raise reply
+        return replies
+
+    async def _open(self, timeout: float | None) -> Connection:
+        endpoint = self._endpoint
+        try:
+            conn = await open_connection(endpoint, timeout)
+        except TimeoutError:  # ours, or the system's (then with no timeout of ours)
+            within = "" if timeout is None else f" within {timeout:.3g}s"
+            if endpoint.tls is not None:
+                # A plaintext server waits for a line end that never comes.
+                raise TLSNotAnsweredError(
+                    f"the server did not answer TLS{within} (a plaintext port? then use "
+                    "redis://)") from None
+            raise rexc.TimeoutError(f"could not connect{within}") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise rexc.ConnectionError(f"could not connect: {exc}") from None
+        self._all.add(conn)
+        return conn
 
     async def close(self) -> None:
         self.closed = True
         for conn in self._all:
-            await conn.disconnect(nowait=True)
+            conn.close()
         self._all.clear()
         self._idle.clear()
 
@@ -218,6 +234,7 @@ class Router:
         if server is None:
             server = self._servers[address] = Server(
                 address, _Pool(self._settings.connector(address),
+                               self._settings.endpoint(address),
                                self._settings.max_connections))
         return server
 
