@@ -367,6 +367,68 @@ async def test_one_bad_write_makes_the_whole_transaction_fail(backend: Backend) 
     assert inbox.versions() == [1] and b'"ok"' in inbox.messages[0]
 
 
+def lineage_changes(base: int, txid: str, base_txid: str | None,
+                    add: dict[str, Any], remove: Sequence[str] = ()) -> dict[str, Any]:
+    return {**changes(base, add, remove), "txid": txid, "base_txid": base_txid}
+
+
+@pytest.mark.parametrize("refusal", ["version", "lineage"])
+async def test_one_refused_map_of_sixteen_changes_no_map(backend: Backend,
+                                                         refusal: str) -> None:
+    names = [f"{ACTOR}-m{i}" for i in range(16)]
+    await backend.acquire_lease(ACTOR, NODE, 10.0)
+    assert await backend.commit(tx("t0", creates=[MapCreate(n, dump(0, {"old": 0}))
+                                                  for n in names]))
+    assert await backend.commit(tx("t1", prev="t0", writes=[
+        MapWrite(n, lineage_changes(0, "t1", "t0", {"a": 1})) for n in names]))
+    inbox = Inbox()
+    for name in names:
+        await backend.subscribe(name, inbox)
+    writes = [MapWrite(n, lineage_changes(1, "t2", "t1", {"a": 2, f"k{i}": i}, ["old"]))
+              for i, n in enumerate(names)]
+    bad = lineage_changes(0 if refusal == "version" else 1, "t2",
+                          "t1" if refusal == "version" else "elsewhere", {"bad": 1})
+    writes[9] = MapWrite(names[9], bad)
+    with pytest.raises(ConcurrentUpdateError) as info:
+        await backend.commit(tx("t2", prev="t1", state="bad", writes=writes))
+    assert info.value.name == names[9]
+    for name in names:
+        stored = await backend.read_map(name)
+        assert as_dict(stored) == {"old": 0, "a": 1, V: 1} and stored["txid"] == "t1"
+    cp = await backend.load_checkpoint(ACTOR)
+    assert cp is not None and cp["txid"] == "t1"
+    # Nothing was recorded: the same commit with the good change set goes through.
+    writes[9] = MapWrite(names[9], lineage_changes(1, "t2", "t1", {"a": 2}, ["old"]))
+    assert await backend.commit(tx("t2", prev="t1", writes=writes))
+    messages = await inbox.wait_for(16)
+    await asyncio.sleep(0.02)  # time for a stray refused change set to show up
+    assert sorted(published(m)["add"][1] for m in messages) == [2] * 16
+    for i, name in enumerate(names):
+        stored = await backend.read_map(name)
+        expected = {"a": 2, V: 2} if i == 9 else {"a": 2, f"k{i}": i, V: 2}
+        assert as_dict(stored) == expected and stored["txid"] == "t2"
+
+
+async def test_a_commit_of_thousands_of_maps(backend: Backend) -> None:
+    # Past Lua's unpack() limit: the script must chunk its per-map batches
+    # (the lineage of every written map is read and written in one call).
+    names = [f"{ACTOR}-m{i}" for i in range(4100)]
+    await backend.acquire_lease(ACTOR, NODE, 10.0)
+    assert await backend.commit(tx("t1", creates=[MapCreate(n) for n in names], writes=[
+        MapWrite(n, lineage_changes(0, "t1", None, {"i": i})) for i, n in enumerate(names)]))
+    stale = "t0"  # the lineage the store holds for every map is t1: all refused
+    with pytest.raises(ConcurrentUpdateError):
+        await backend.commit(tx("t2", prev="t1", writes=[
+            MapWrite(n, lineage_changes(1, "t2", stale if n == names[-1] else "t1", {}))
+            for n in names]))
+    assert await backend.commit(tx("t2", prev="t1", writes=[
+        MapWrite(n, lineage_changes(1, "t2", "t1", {"j": i})) for i, n in enumerate(names)]))
+    stored = await backend.read_maps([names[0], names[4099]])
+    assert as_dict(stored[names[0]]) == {"i": 0, "j": 0, V: 2}
+    assert as_dict(stored[names[4099]]) == {"i": 4099, "j": 4099, V: 2}
+    assert stored[names[4099]]["txid"] == "t2"
+
+
 async def test_invalid_transactions_are_refused_before_anything_is_stored(
         backend: Backend) -> None:
     await setup_map(backend)

@@ -166,46 +166,49 @@ def _check_version(map_name: str, what: str, field: str, value: object) -> int:
     return value
 
 
+_SEQUENCE = (list, tuple)
+
+
 def _split_changes(map_name: str, changes: object, what: str
                    ) -> tuple[int, list[str], Pairs, int | None]:
     """Check the shape of a change set; return (version, remove, encoded user
-    pairs, value of the ``__ca_version__`` pair or None)."""
+    pairs, value of the ``__ca_version__`` pair or None). Run for every map a
+    commit writes: the checks are the same as ever, in as few steps as can be."""
     if not isinstance(changes, dict):
         raise InvalidChangeSetError(
             f"map {map_name!r}: {what} must be a dict, got {type(changes).__name__}")
-    for field in ("version", "remove", "add"):
-        if field not in changes:
-            raise InvalidChangeSetError(f"map {map_name!r}: {what} has no {field!r}")
-    version = _check_version(map_name, what, "version", changes["version"])
-    remove = changes["remove"]
-    add = changes["add"]
-    if not isinstance(remove, list | tuple):
+    try:
+        version, remove, add = changes["version"], changes["remove"], changes["add"]
+    except KeyError as exc:
+        raise InvalidChangeSetError(f"map {map_name!r}: {what} has no {exc.args[0]!r}") from None
+    if type(version) is not int or not 0 <= version < MAX_VERSION:
+        _check_version(map_name, what, "version", version)  # raises
+    if not isinstance(remove, _SEQUENCE):
         raise InvalidChangeSetError(f"map {map_name!r}: {what} 'remove' must be a list")
-    if not isinstance(add, list | tuple) or len(add) % 2:
+    if not isinstance(add, _SEQUENCE) or len(add) % 2:
         raise InvalidChangeSetError(
             f"map {map_name!r}: {what} 'add' must be a list of key, value pairs")
-    removed: list[str] = []
-    for key in remove:
+    removed = list(remove)
+    for key in removed:
         if not isinstance(key, str):
             raise InvalidChangeSetError(
                 f"map {map_name!r}: {what} removes a non-str key {key!r}")
         if key == VERSION_FIELD:
             raise InvalidChangeSetError(
                 f"map {map_name!r}: {what} removes the reserved key {VERSION_FIELD!r}")
-        removed.append(key)
     pairs: Pairs = []
     new_version: int | None = None
-    for i in range(0, len(add), 2):
-        key = add[i]
+    pairs_of = iter(add)
+    for key, value in zip(pairs_of, pairs_of, strict=True):  # len(add) is even
         if not isinstance(key, str):
             raise InvalidChangeSetError(f"map {map_name!r}: {what} adds a non-str key {key!r}")
         if key == VERSION_FIELD:
             if new_version is not None:
                 raise InvalidChangeSetError(
                     f"map {map_name!r}: {what} holds {VERSION_FIELD!r} twice in 'add'")
-            new_version = _check_version(map_name, what, VERSION_FIELD, add[i + 1])
+            new_version = _check_version(map_name, what, VERSION_FIELD, value)
         else:
-            pairs.append((key, _encode(map_name, key, add[i + 1])))
+            pairs.append((key, _encode(map_name, key, value)))
     return version, removed, pairs, new_version
 
 

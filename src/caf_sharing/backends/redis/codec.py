@@ -81,7 +81,7 @@ class Keys:
         prefix = f"caf:{self.app}:{{{tx.actor}}}:"
         keys = [prefix + "cp", prefix + "lease", prefix + "lineage", prefix + "recent"]
         keys.extend(f"{prefix}map:{c.name}" for c in tx.creates)
-        keys.extend(f"{prefix}map:{w.name}" for w in tx.writes)
+        keys += [f"{prefix}map:{w.name}" for w in tx.writes]
         keys.extend(f"{prefix}map:{r.name}" for r in tx.restores)
         keys.extend(f"{prefix}map:{name}" for name in tx.deletes)
         staged = staged or {}
@@ -102,20 +102,19 @@ class Keys:
             create_index[create.name] = i
             argv.extend((create.name, create.version))
             argv.extend(items(f"c{i - 1}", create.fields))
+        channel = prefix + "chan:"
         for i, write in enumerate(tx.writes):
-            argv.extend((write.name, write.base, write.new_version,
-                         create_index.get(write.name, 0),
-                         -1 if write.rebase_from is None else write.rebase_from,
-                         write.base_txid or "", len(write.remove)))
-            argv.extend(write.remove)
-            argv.append(2 * len(write.add))
-            argv.extend(flatten(write.add))
-            if write.full is None:
-                argv.append(-1)
-            else:
-                argv.extend(items(f"w{i}", write.full))
-            argv.append(f"{prefix}chan:{write.name}")
-            argv.append(write.payload)
+            full = None if write.full is None else items(f"w{i}", write.full)
+            argv += (write.name, write.base, write.new_version,
+                     create_index.get(write.name, 0) if create_index else 0,
+                     -1 if write.rebase_from is None else write.rebase_from,
+                     write.base_txid or "", channel + write.name, write.payload,
+                     len(write.remove), 2 * len(write.add), -1 if full is None else full[0])
+            argv += write.remove
+            for pair in write.add:
+                argv += pair
+            if full is not None:
+                argv += full[1:]
         for i, restore in enumerate(tx.restores):
             argv.extend((restore.name, restore.version, restore.txid or ""))
             argv.extend(items(f"r{i}", restore.fields))

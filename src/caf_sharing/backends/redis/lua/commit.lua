@@ -26,9 +26,10 @@
 --                    for full dumps and restores)
 -- then, per write:   map name, base version, new version, index of the create
 --                    of the same map (0: none), version renumbered to base
---                    (-1: none), base txid ("": unknown), n, n removed fields,
---                    n, n items to set, n (-1: no full dump), n items of the
---                    full dump, channel, payload to publish
+--                    (-1: none), base txid ("": unknown), channel, payload to
+--                    publish, r, a, f (-1: no full dump), then r removed
+--                    fields, a items to set, f items of the full dump
+--                    (a fixed header, so that a write is found by one index)
 -- then, per restore: map name, version, txid ("": unknown), n, n items
 -- then, per delete:  map name, channel
 --
@@ -105,16 +106,15 @@ local publish = ARGV[12] == "SPUBLISH" and "SPUBLISH" or "PUBLISH"
 local pos = 15
 local creates = {}
 local staged_ok = true
--- The items at ARGV[pos] (a count, then the items or a staged hash's index):
+-- The ``count`` items at ARGV[at] (or, for count -2, a staged hash's index):
 -- their first index, count, staged hash (or false), and the position after them.
-local function items(at)
-  local count = tonumber(ARGV[at])
+local function items(count, at)
   if count == -2 then
-    local stage = KEYS[tonumber(ARGV[at + 1])]
+    local stage = KEYS[tonumber(ARGV[at])]
     staged_ok = staged_ok and redis.call("EXISTS", stage) == 1
-    return at + 1, 0, stage, at + 2
+    return at, 0, stage, at + 1
   end
-  return at + 1, math.max(count, 0), false, at + 1 + math.max(count, 0)
+  return at, count, false, at + count
 end
 -- Write a whole map: from the staged hash (renamed into place: O(1)), or
 -- from the arguments; the old content goes (UNLINK: freed in the background).
@@ -133,49 +133,62 @@ for i = 1, ncreates do
   local key = KEYS[fixed + i]
   local c = {key = key, name = ARGV[pos], version = ARGV[pos + 1],
              absent = redis.call("EXISTS", key) == 0}
-  c.first, c.count, c.stage, pos = items(pos + 2)
+  c.first, c.count, c.stage, pos = items(tonumber(ARGV[pos + 2]), pos + 3)
   creates[i] = c
 end
 
-local writes = {}
+-- A write is read straight from its arguments (its header at ARGV[at[i]]):
+-- a table per write cost more than the rest of its work.
+local at, names, whole = {}, {}, {}
+for i = 1, nwrites do
+  at[i], names[i] = pos, ARGV[pos]
+  local after = pos + 11 + tonumber(ARGV[pos + 8]) + tonumber(ARGV[pos + 9])
+  local full = tonumber(ARGV[pos + 10])
+  if full ~= -1 then
+    local w = {}
+    w.first, w.count, w.stage, after = items(full, after)
+    whole[i] = w
+  end
+  pos = after
+end
+
+-- The lineage of every written map in one call (a few for thousands of maps,
+-- to keep unpack() safe), then each map's version.
+local lineages = {}
+for first = 1, nwrites, CHUNK do
+  local got = redis.call("HMGET", lineage, unpack(names, first, math.min(nwrites, first + CHUNK - 1)))
+  for k = 1, #got do
+    lineages[first + k - 1] = got[k]
+  end
+end
+local recreate = {}
 local missing = {"missing"}
 for i = 1, nwrites do
-  local w = {key = KEYS[fixed + ncreates + i], name = ARGV[pos], base = ARGV[pos + 1],
-             version = ARGV[pos + 2]}
-  local create = tonumber(ARGV[pos + 3])
-  local rebase_from = tonumber(ARGV[pos + 4])
-  local base_txid = ARGV[pos + 5]
-  w.rm_count = tonumber(ARGV[pos + 6])
-  w.rm_first = pos + 7
-  pos = w.rm_first + w.rm_count
-  w.add_count = tonumber(ARGV[pos])
-  w.add_first = pos + 1
-  pos = w.add_first + w.add_count
-  local full = tonumber(ARGV[pos]) ~= -1
-  w.full_first, w.full_count, w.stage, pos = items(pos)
-  w.channel, w.payload = ARGV[pos], ARGV[pos + 1]
-  pos = pos + 2
-  writes[i] = w
-
-  local stored = redis.call("HGET", w.key, VERSION)
+  local h = at[i]
+  local base, base_txid, rebase_from = ARGV[h + 1], ARGV[h + 5], tonumber(ARGV[h + 4])
+  local full = whole[i] ~= nil
+  local stored = redis.call("HGET", KEYS[fixed + ncreates + i], VERSION)
   local current, current_txid = stored, false
   if stored then
-    current_txid = redis.call("HGET", lineage, w.name)
-  elseif create > 0 and creates[create].absent then
-    current, current_txid = creates[create].version, txid
+    current_txid = lineages[i]
+  else
+    local create = creates[tonumber(ARGV[h + 3])]
+    if create and create.absent then
+      current, current_txid = create.version, txid
+    end
   end
   if reassert and full then
-    w.recreate = true
-  elseif current and tonumber(current) == tonumber(w.base) then
+    recreate[i] = true
+  elseif current and tonumber(current) == tonumber(base) then
     if base_txid ~= "" and current_txid and current_txid ~= base_txid then
       return refuse({"lineage", tostring(i), current, current_txid})
     end
-    w.recreate = false
+    recreate[i] = false
   elseif stored and rebase_from >= 0 and tonumber(stored) == rebase_from
       and (current_txid or "") == base_txid then
-    w.recreate = false -- renumbered: the change set applies to the stored content
+    recreate[i] = false -- renumbered: the change set applies to the stored content
   elseif not stored and full then
-    w.recreate = true
+    recreate[i] = true
   elseif not current then
     missing[#missing + 1] = tostring(i)
   else
@@ -190,7 +203,7 @@ local restores = {}
 for i = 1, nrestores do
   local r = {key = KEYS[fixed + ncreates + nwrites + i], name = ARGV[pos],
              version = ARGV[pos + 1], txid = ARGV[pos + 2]}
-  r.first, r.count, r.stage, pos = items(pos + 3)
+  r.first, r.count, r.stage, pos = items(tonumber(ARGV[pos + 3]), pos + 4)
   restores[i] = r
 end
 if not staged_ok then
@@ -224,17 +237,23 @@ for _, r in ipairs(restores) do
     redis.call("HDEL", lineage, r.name)
   end
 end
-for _, w in ipairs(writes) do
-  if w.recreate then
-    fill(w.key, w.full_first, w.full_count, w.stage, w.version)
+local made = {}
+for i = 1, nwrites do
+  local h, key, w = at[i], KEYS[fixed + ncreates + i], whole[i]
+  if recreate[i] then
+    fill(key, w.first, w.count, w.stage, ARGV[h + 2])
   else
-    if w.stage then
+    if w and w.stage then
       redis.call("UNLINK", w.stage)
     end
-    call_chunked("HDEL", w.key, w.rm_first, w.rm_count)
-    call_chunked("HSET", w.key, w.add_first, w.add_count, VERSION, w.version)
+    local removed = tonumber(ARGV[h + 8])
+    call_chunked("HDEL", key, h + 11, removed)
+    call_chunked("HSET", key, h + 11 + removed, tonumber(ARGV[h + 9]), VERSION, ARGV[h + 2])
   end
-  redis.call("HSET", lineage, w.name, txid)
+  made[2 * i - 1], made[2 * i] = ARGV[h], txid
+end
+for first = 1, #made, CHUNK do -- every written map's lineage in one call
+  redis.call("HSET", lineage, unpack(made, first, math.min(#made, first + CHUNK - 1)))
 end
 for _, d in ipairs(deletes) do
   d.existed = redis.call("UNLINK", d.key) == 1
@@ -246,8 +265,8 @@ if stored_txid then
   redis.call("LTRIM", recent, 0, tonumber(ARGV[11]) - 1)
 end
 redis.call("HSET", checkpoint, "txid", txid, "blob", ARGV[6])
-for _, w in ipairs(writes) do
-  redis.call(publish, w.channel, w.payload)
+for i = 1, nwrites do
+  redis.call(publish, ARGV[at[i] + 6], ARGV[at[i] + 7])
 end
 for _, d in ipairs(deletes) do
   if d.existed then
