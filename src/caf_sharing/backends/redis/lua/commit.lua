@@ -89,7 +89,7 @@ local prev = ARGV[4] == "1" and ARGV[3] or false
 if (holder and holder ~= node) or (stored_txid or false) ~= prev then
   -- A retried commit whose first attempt landed (its reply was lost) is a
   -- success, even after later commits or another node's.
-  if stored_txid and redis.call("LPOS", recent, txid) then
+  if stored_txid and redis.call("LPOS", recent, txid, "MAXLEN", ARGV[11]) then
     return refuse({"dup"})
   end
   if holder and holder ~= node then
@@ -261,8 +261,12 @@ for _, d in ipairs(deletes) do
 end
 if stored_txid then
   -- Keep the last ARGV[11] txids before this one.
-  redis.call("LPUSH", recent, stored_txid)
-  redis.call("LTRIM", recent, 0, tonumber(ARGV[11]) - 1)
+  -- The list holds up to twice that, and is cut back to it when it grows
+  -- past: trimming at every commit cost a call a commit.
+  local kept = tonumber(ARGV[11])
+  if redis.call("LPUSH", recent, stored_txid) > 2 * kept then
+    redis.call("LTRIM", recent, 0, kept - 1)
+  end
 end
 redis.call("HSET", checkpoint, "txid", txid, "blob", ARGV[6])
 for i = 1, nwrites do
