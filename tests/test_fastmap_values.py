@@ -486,3 +486,30 @@ def test_change_set_keys_and_values_are_normalised() -> None:
     (entry,) = result
     assert entry == {"version": 1, "remove": ["a"], "add": ["b", {"x": [1]}, VERSION_KEY, 2]}
     assert type(entry["remove"][0]) is str
+
+
+def test_frozen_containers_stay_out_of_the_cyclic_collector() -> None:
+    """Sealed frozen containers are trees of JSON data: the collector never
+    needs to visit them (a busy node spent most of a commit in full
+    collections over map histories and values before)."""
+    import gc
+
+    m = SharedMap()
+    ref = m.ref()
+    ref.set("d", {"a": [1, {"b": 2}]}).set("l", [[1], {"c": []}])
+    ref.prepare()
+    m.commit(ref)
+    changes = ref.changes
+    assert changes is not None
+    read = m.ref(read_only=True)
+    frozen = [read.get("d"), read.get("d")["a"], read.get("d")["a"][1], read.get("l"),
+              read.get("l")[0], read.get("l")[1], changes, changes["add"], changes["remove"],
+              FrozenDict(x={"y": [1]}), FrozenList([{"z": 1}])]
+    assert [type(v).__name__ for v in frozen[:3]] == ["FrozenDict", "FrozenList", "FrozenDict"]
+    assert not any(gc.is_tracked(v) for v in frozen)
+    replica = SharedMap()
+    replica.apply_changes(changes)
+    assert not gc.is_tracked(replica.ref(read_only=True).get("d"))
+    # The plain copies it hands out to be changed are ordinary, tracked values.
+    plain = read.to_dict()
+    assert gc.is_tracked(plain["d"]) and gc.is_tracked(plain["d"]["a"])

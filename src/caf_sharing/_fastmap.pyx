@@ -131,6 +131,7 @@ from caf_sharing.errors import (
 )
 
 cdef extern from *:
+    void PyObject_GC_UnTrack(void* op)
     int __builtin_popcount(unsigned int x) nogil
     void __builtin_prefetch(const void* addr, int rw, int locality) nogil
     long long PyLong_AsLongLongAndOverflow(object v, int* overflow)
@@ -421,6 +422,7 @@ cdef FrozenList _freeze_list(object v, int level):
         i += 1
     out._height = h + 1
     out._sealed = True
+    _untrack(out)
     return out
 
 
@@ -450,6 +452,7 @@ cdef FrozenDict _freeze_dict(object v, int level):
         PyDict_SetItem(out, key, item)
     out._height = h + 1
     out._sealed = True
+    _untrack(out)
     return out
 
 
@@ -476,6 +479,7 @@ cdef inline FrozenList _frozen_list_of(list items, int height):
     PyList_SetSlice(out, 0, 0, items)
     out._height = height
     out._sealed = True
+    _untrack(out)
     return out
 
 
@@ -486,6 +490,7 @@ cdef FrozenDict _frozen_change_set(long long version, FrozenList remove, FrozenL
     PyDict_SetItem(out, "add", add)
     out._height = max(remove._height, add._height) + 1
     out._sealed = True
+    _untrack(out)
     return out
 
 
@@ -498,6 +503,20 @@ cdef int _pairs_height(list pairs):
         if ch > h:
             h = ch
     return h + 1
+
+
+cdef inline void _untrack(object frozen) noexcept:
+    """Take a sealed frozen container out of the cyclic garbage collector.
+
+    It holds only JSON atoms and other frozen containers, a tree, so it can
+    be in no reference cycle, and the collector would only visit it again
+    and again: the history and values of a map are most of what a busy
+    process holds (with 100 actors committing, full collections took 60 us
+    of a 100 us commit). A frozen container altered into a cycle through a
+    method of dict or list (``list.append(frozen, frozen)``) is then never
+    freed: it leaks, it does not crash.
+    """
+    PyObject_GC_UnTrack(<void*>frozen)
 
 
 cdef object _immutable(str name, str method):
@@ -530,6 +549,7 @@ cdef class FrozenDict(dict):
         dict.update(self, built)
         self._height = built._height
         self._sealed = True
+        _untrack(self)
 
     def __setitem__(self, key, value):
         _immutable("FrozenDict", "__setitem__")
@@ -589,6 +609,7 @@ cdef class FrozenList(list):
         PyList_SetSlice(self, 0, 0, built)
         self._height = built._height
         self._sealed = True
+        _untrack(self)
 
     def __setitem__(self, index, value):
         _immutable("FrozenList", "__setitem__")
@@ -2228,7 +2249,9 @@ cdef class MapRef:
         remove._height = 1
         add._height = h + 1
         remove._sealed = True
+        _untrack(remove)
         add._sealed = True
+        _untrack(add)
         self._changes = _frozen_change_set(self._base.version, remove, add)
         self._read_only = True
         return self._changes
