@@ -20,6 +20,7 @@ from caf_sharing._fastmap import (
     VERSION_KEY,
     _map_with_hash_bits,
     _trie_invariants,
+    _trie_shape,
 )
 from caf_sharing.errors import (
     ConcurrentUpdateError,
@@ -1283,6 +1284,43 @@ def test_apply_method_of_a_non_method(value: Any) -> None:
 
 
 # -- trie structure ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [0, 1, 4, 9, 64])
+def test_a_loaded_dump_has_the_trie_single_inserts_make(bits: int) -> None:
+    """A dump's trie is built whole (see _build_trie): its shape must be the
+    one inserting its keys one by one gives, keys listed twice keep their
+    last value, and later edits, in place or copying, must work on it."""
+    rnd = random.Random(bits)
+    pairs = [(f"k{rnd.randrange(300)}", i) for i in range(400)]
+    model = dict(pairs)
+    m = _map_with_hash_bits(bits)
+    m.apply_changes({"version": 0, "remove": [], "add": [*(x for p in pairs for x in p),
+                                                         VERSION_KEY, 5]})
+    ref = m.ref(read_only=True)
+    assert _trie_invariants(ref) == len(ref) == len(model)
+    assert ref.to_dict() == model and sorted(ref) == sorted(model)
+    assert all(ref.get(k) == v for k, v in model.items())
+    one_by_one = _map_with_hash_bits(bits)
+    commit(one_by_one, **model)
+    assert _trie_shape(ref) == _trie_shape(one_by_one.ref())
+    for step in range(30):
+        if step == 15:
+            del ref  # from here on, commits edit the loaded trie in place
+        edit = m.ref()
+        for key in rnd.sample(sorted(model), 10):
+            if rnd.random() < 0.4:
+                edit.delete(key)
+                model.pop(key)
+            else:
+                edit.set(key, -step)
+                model[key] = -step
+        edit.set(f"new{step}", step)
+        model[f"new{step}"] = step
+        edit.prepare()
+        m.commit(edit)
+        after = m.ref()
+        assert _trie_invariants(after) == len(model) and after.to_dict() == model
 
 
 @pytest.mark.parametrize("bits", [0, 1, 4, 9, 64])

@@ -241,6 +241,12 @@ cdef extern from *:
                                Py_ssize_t n) nogil
     Py_ssize_t Py_REFCNT(PyObject* o) nogil
 
+cdef extern from "Python.h":
+    # A dict with room for `n` entries (CPython's own, used by its dict
+    # constructors): a million inserts then never resize it.
+    dict _PyDict_NewPresized(Py_ssize_t n)
+    bint PyDict_Next(object d, Py_ssize_t* pos, PyObject** key, PyObject** value)
+
 __all__ = [
     "FIRST_VERSION",
     "FUNCTION_MARKER",
@@ -250,6 +256,7 @@ __all__ = [
     "FrozenList",
     "MapRef",
     "SharedMap",
+    "load_fields",
 ]
 
 FIRST_VERSION = 0
@@ -672,6 +679,44 @@ cdef object _freeze_value(str key, object value):
         return _freeze(value, 0)
     except _PathError as err:
         raise _public_error(<_PathError>err, f"value for key {key!r}") from None
+
+
+def load_fields(list flat not None, loads, list out not None):
+    """Decodes a stored map's fields for a dump: `flat` alternates field
+    names (bytes, UTF-8, or str) and raw values, as Redis's HSCAN and HGETALL
+    return them. Appends to `out` each field as a str and its value as
+    ``loads(raw)`` returns it, deep-frozen like ``ref.set`` stores it, so that
+    ``apply_changes`` of the dump takes the values as they are instead of
+    copying each. A value the core refuses stays as loaded: ``apply_changes``
+    refuses it, as it would have. The field ``__ca_version__`` is not
+    appended: returns its raw value (the last one), or None. What decoding
+    raises (UnicodeDecodeError, ``loads``'s errors) propagates, with part of
+    `flat` appended; values are not checked here for integers past 64 bits
+    that ``loads`` turned into floats (the backends scan the raw bytes)."""
+    cdef Py_ssize_t i, n = len(flat)
+    cdef object version = None
+    cdef object field, key, value
+    if n % 2:
+        raise ValueError(f"load_fields: {n} items, not field and value pairs")
+    for i in range(0, n, 2):
+        field = <object>PyList_GET_ITEM(flat, i)
+        if type(field) is bytes:
+            key = (<bytes>field).decode("utf-8")
+        elif type(field) is str:
+            key = field
+        else:
+            raise TypeError(f"load_fields: field {field!r} is not bytes or str")
+        if key == _VERSION_KEY:
+            version = <object>PyList_GET_ITEM(flat, i + 1)
+            continue
+        value = loads(<object>PyList_GET_ITEM(flat, i + 1))
+        try:
+            value = _freeze(value, 0)
+        except _PathError:
+            pass
+        PyList_Append(out, key)
+        PyList_Append(out, value)
+    return version
 
 
 # ---------------------------------------------------------------------------
@@ -1209,6 +1254,108 @@ cdef void _collect_dict(object root, dict out, bint thaw):
             PyDict_SetItem(out, <object>node.items[i], <object>node.items[i + 1])
 
 
+ctypedef struct _Entry:
+    Py_hash_t h
+    PyObject* key
+    PyObject* value
+
+
+cdef object _build_trie(dict entries, Py_hash_t mask, unsigned long long owner,
+                        Py_ssize_t* count):
+    """A new trie of the pairs of `entries` whose value is not _TOMBSTONE,
+    built bottom-up in one pass: the pairs are partitioned by hash bits, level
+    by level, and each node is allocated once at its final size. That is the
+    shape `_assoc` gives the same keys in any order (one key in a slot is
+    inlined, keys of one hash share a collision node), but without the node
+    copies and reallocations of a million single inserts, and with the
+    memory laid out in trie order."""
+    cdef Py_ssize_t n = 0, pos = 0
+    cdef PyObject* k
+    cdef PyObject* v
+    cdef _Entry* arr
+    cdef _Entry* tmp
+    count[0] = 0
+    if len(entries) == 0:
+        return None
+    arr = <_Entry*>PyMem_Malloc(len(entries) * sizeof(_Entry))
+    tmp = <_Entry*>PyMem_Malloc(len(entries) * sizeof(_Entry))
+    if arr == NULL or tmp == NULL:
+        PyMem_Free(arr)
+        PyMem_Free(tmp)
+        raise MemoryError()
+    try:
+        while PyDict_Next(entries, &pos, &k, &v):
+            if v == <PyObject*>_TOMBSTONE:
+                continue
+            arr[n].h = PyObject_Hash(<object>k) & mask
+            arr[n].key = k
+            arr[n].value = v
+            n += 1
+        count[0] = n
+        if n == 0:
+            return None
+        return _build_level(arr, tmp, 0, n, 0, owner)
+    finally:
+        PyMem_Free(arr)
+        PyMem_Free(tmp)
+
+
+cdef _Node _build_level(_Entry* arr, _Entry* tmp, Py_ssize_t lo, Py_ssize_t hi,
+                        unsigned int shift, unsigned long long owner):
+    """The bitmap node at `shift` of the distinct keys arr[lo:hi] (at least
+    one, and not all of one hash unless at the root)."""
+    cdef Py_ssize_t counts[_FANOUT]
+    cdef Py_ssize_t starts[_FANOUT]
+    cdef Py_ssize_t i, at = 0, s, e
+    cdef unsigned int b, slots = 0
+    cdef _Node node, child
+    for b in range(<unsigned int>_FANOUT):
+        counts[b] = 0
+    for i in range(lo, hi):
+        counts[(<unsigned long long>arr[i].h >> shift) & _FANOUT_MASK] += 1
+    for b in range(<unsigned int>_FANOUT):
+        starts[b] = lo + at
+        at += counts[b]
+        if counts[b]:
+            slots += 1
+    # A stable partition by this level's bits: collision nodes keep the
+    # order the keys came in.
+    for i in range(lo, hi):
+        b = (<unsigned long long>arr[i].h >> shift) & _FANOUT_MASK
+        tmp[starts[b]] = arr[i]
+        starts[b] += 1
+    memcpy(&arr[lo], &tmp[lo], (hi - lo) * sizeof(_Entry))
+    node = _alloc(2 * slots, owner)
+    s = lo
+    for b in range(<unsigned int>_FANOUT):
+        if not counts[b]:
+            continue
+        e = s + counts[b]
+        node.bitmap |= 1u << b
+        if e - s == 1:
+            _set(node, node.n, <object>arr[s].key)
+            _set(node, node.n + 1, <object>arr[s].value)
+        else:
+            i = s + 1
+            while i < e and arr[i].h == arr[s].h:
+                i += 1
+            if i == e:
+                child = _alloc(2 * (e - s), owner)
+                child.collision = True
+                child.hash = arr[s].h
+                for i in range(s, e):
+                    _set(child, child.n, <object>arr[i].key)
+                    _set(child, child.n + 1, <object>arr[i].value)
+                    child.n += 2
+            else:
+                child = _build_level(arr, tmp, s, e, shift + _BITS, owner)
+            node.items[node.n] = NULL
+            _set(node, node.n + 1, child)
+        node.n += 2
+        s = e
+    return node
+
+
 def _trie_invariants(MapRef ref not None):
     """Checks the shape of `ref`'s trie and returns its number of keys (for
     tests): bitmaps match slots, every key sits where its hash bits say,
@@ -1217,6 +1364,29 @@ def _trie_invariants(MapRef ref not None):
     _check_ref(ref)
     ref._sync()
     return _check_node(ref._root, 0, 0, ref._map._mask, True)
+
+
+def _trie_shape(MapRef ref not None):
+    """The shape of `ref`'s trie (for tests): a bitmap node as a list of its
+    bitmap then, per slot, its key or its child's shape; a collision node as
+    the frozenset of its keys."""
+    _check_ref(ref)
+    ref._sync()
+    return _shape_of(ref._root)
+
+
+cdef object _shape_of(object root):
+    cdef _Node node
+    if root is None:
+        return None
+    node = <_Node>root
+    if node.collision:
+        return frozenset([_key_at(node, i) for i in range(0, node.n, 2)])
+    out = [node.bitmap]
+    for i in range(0, node.n, 2):
+        k = _key_at(node, i)
+        out.append(_shape_of(<object>node.items[i + 1]) if k is None else k)
+    return out
 
 
 cdef Py_ssize_t _check_node(object root, unsigned int shift, unsigned long long prefix,
@@ -1863,19 +2033,15 @@ cdef class SharedMap:
     cdef int _load_dump(self, _Parsed p) except -1:
         """Replaces the content by a newer dump. History cannot bridge the
         jump, so it restarts empty."""
-        cdef unsigned long long owner = _new_owner()
-        cdef object root = None
         cdef Py_ssize_t count = 0, i
-        cdef int flag
-        cdef str k
-        cdef dict index = {}
-        for i in range(0, len(p.adds), 2):
-            k = <str>p.adds[i]
-            flag = 0
-            root = _assoc(root, 0, PyObject_Hash(k) & self._mask, k, p.adds[i + 1], owner,
-                          self._mask, &flag)
-            count += flag
-            PyDict_SetItem(index, k, p.adds[i + 1])
+        cdef list adds = p.adds
+        # The index first: it keeps the last value of a key listed twice,
+        # and the trie is then built from it whole (_build_trie).
+        cdef dict index = _PyDict_NewPresized(len(adds) // 2)
+        for i in range(0, len(adds), 2):
+            PyDict_SetItem(index, <object>PyList_GET_ITEM(adds, i),
+                           <object>PyList_GET_ITEM(adds, i + 1))
+        root = _build_trie(index, self._mask, _new_owner(), &count)
         cdef _Snapshot nxt = _empty_snapshot()
         nxt.root = root
         nxt.count = count
