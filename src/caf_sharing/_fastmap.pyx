@@ -991,6 +991,12 @@ cdef PyObject* _find(PyObject* node, str key, Py_hash_t h) noexcept:
 
 
 cdef enum:
+    # Change sets of more keys than this, no smaller than the map they make,
+    # are not kept in its history (SharedMap._keeps).
+    _BIG_CHANGE = 4096
+
+
+cdef enum:
     # Keys whose paths are fetched together (their hashes sit on the C stack);
     # 16 already keeps more misses in flight than the CPU can track.
     _BATCH = 16
@@ -1875,15 +1881,23 @@ cdef class SharedMap:
         # Allocated before the trie edits, which may go in place: from those
         # until the map moves to `nxt`, nothing may allocate what could run
         # the cycle GC and with it a finalizer that takes a ref of `cur`.
+        cdef list removes = <list>dict.__getitem__(changes, "remove")
         cdef _Snapshot nxt = self._successor(cur.version + 1)
         ref._commit_sync(cur, nxt.index)
         nxt.root = ref._root
         nxt.count = ref._count
-        # The wire "add" ends with the version pair, which is not content.
-        _apply_to_index(nxt.index, <list>dict.__getitem__(changes, "remove"), adds,
-                        len(adds) - 2)
+        if len(nxt.index) == 0 and len(removes) == 0:
+            # The first content of the map: the ref's edits are exactly the
+            # new index, so they become it rather than be copied into it.
+            # (Its base was empty, so nothing was edited in place above: the
+            # allocations this makes cannot expose a half-made version.)
+            nxt.index = ref._hand_over_edits(cur)
+        else:
+            # The wire "add" ends with the version pair, which is not content.
+            _apply_to_index(nxt.index, removes, adds, len(adds) - 2)
         self._cur = nxt
-        self._record(nxt, changes)
+        if self._keeps(nxt, len(adds) // 2 - 1 + len(removes)):
+            self._record(nxt, changes)
 
     cdef _Snapshot _successor(self, long long version):
         """The next current snapshot, still without its trie; the index moves
@@ -1899,6 +1913,17 @@ cdef class SharedMap:
         nxt.hist_lo = cur.hist_lo
         nxt.hist_hi = cur.hist_hi
         return nxt
+
+    cdef bint _keeps(self, _Snapshot s, Py_ssize_t changed):
+        """Whether the change set of `changed` keys that made `s` goes into
+        its history. One of more than _BIG_CHANGE keys and no smaller than
+        the map it made is not kept (the history restarts): a dump serves
+        its readers as well, and it would hold a second list of every key of
+        a map built in one commit for the next max_updates commits."""
+        if changed > _BIG_CHANGE and changed >= s.count:
+            s.hist_lo = s.hist_hi
+            return False
+        return True
 
     cdef void _record(self, _Snapshot s, FrozenDict entry):
         cdef list hist = s.hist
@@ -2027,7 +2052,8 @@ cdef class SharedMap:
         nxt.count = count
         _apply_to_index(nxt.index, p.removes, p.adds, len(p.adds))
         self._cur = nxt
-        self._record(nxt, _record_of(p))
+        if self._keeps(nxt, len(p.adds) // 2 + len(p.removes)):
+            self._record(nxt, _record_of(p))
         return 0
 
     cdef int _load_dump(self, _Parsed p) except -1:
@@ -2108,6 +2134,7 @@ cdef class MapRef:
     cdef Py_hash_t _mask        # the map's, copied for the read path
     cdef dict _edits           # key -> value or _TOMBSTONE; None until the first edit
     cdef list _pending         # edited keys not yet in _root; None when synced
+    cdef bint _all_pending     # every key of _edits is pending (_pending unused)
     cdef bint _read_only
     cdef bint _replica         # taken with read_only=True
     cdef object _changes       # the prepared change set
@@ -2188,34 +2215,60 @@ cdef class MapRef:
     cdef int _sync_for(self, dict index) except -1:
         """_sync, also fetching the slots of `index` (a dict or None) that
         the edits will update."""
-        cdef list pending = self._pending
+        cdef Py_ssize_t pos = 0, n = 0, count = 0
+        cdef PyObject* keys[_BATCH]
+        cdef PyObject* value
+        if self._owner == 0 and (self._all_pending or self._pending is not None):
+            self._owner = _new_owner()
+        if self._all_pending:
+            self._all_pending = False
+            if self._root is None:
+                # Edits of an empty map (its first content, typically):
+                # built whole, as a loaded dump is.
+                self._root = _build_trie(self._edits, self._mask, self._owner, &count)
+                self._count = count
+                return 0
+            while PyDict_Next(self._edits, &pos, &keys[n], &value):
+                n += 1
+                if n == _BATCH:
+                    self._sync_batch(keys, n, index)
+                    n = 0
+            self._sync_batch(keys, n, index)
+            return 0
+        if self._pending is None:
+            return 0
+        for pos in range(0, len(self._pending), _BATCH):
+            n = min(_BATCH, len(self._pending) - pos)
+            for count in range(n):
+                keys[count] = PyList_GET_ITEM(self._pending, pos + count)
+            self._sync_batch(keys, n, index)
+        self._pending = None
+        return 0
+
+    cdef int _sync_batch(self, PyObject** keys, Py_ssize_t n, dict index) except -1:
+        """Brings the edits of `keys` (at most _BATCH, in _edits) into the
+        trie, their paths fetched together first (see _prefetch_paths)."""
         cdef Py_hash_t hashes[_BATCH]
-        cdef Py_ssize_t i, j, n, lo
+        cdef Py_ssize_t j
         cdef int flag
         cdef str key
-        if pending is None:
+        if n == 0:
             return 0
-        if self._owner == 0:
-            self._owner = _new_owner()
-        n = len(pending)
-        for lo in range(0, n, _BATCH):
-            for j in range(lo, min(lo + _BATCH, n)):
-                hashes[j - lo] = PyObject_Hash(<str>PyList_GET_ITEM(pending, j)) & self._mask
-            _prefetch_paths(_root_ptr(self._root), hashes, min(lo + _BATCH, n) - lo,
-                            NULL if index is None else <PyObject*>index, self._owner)
-            for j in range(lo, min(lo + _BATCH, n)):
-                key = <str>PyList_GET_ITEM(pending, j)
-                value = <object>PyDict_GetItem(self._edits, key)
-                flag = 0
-                if value is _TOMBSTONE:
-                    self._root = _without(self._root, 0, hashes[j - lo], key, self._owner,
-                                          &flag)
-                    self._count -= flag
-                else:
-                    self._root = _assoc(self._root, 0, hashes[j - lo], key, value,
-                                        self._owner, self._mask, &flag)
-                    self._count += flag
-        self._pending = None
+        for j in range(n):
+            hashes[j] = PyObject_Hash(<str>keys[j]) & self._mask
+        _prefetch_paths(_root_ptr(self._root), hashes, n,
+                        NULL if index is None else <PyObject*>index, self._owner)
+        for j in range(n):
+            key = <str>keys[j]
+            value = <object>PyDict_GetItem(self._edits, key)
+            flag = 0
+            if value is _TOMBSTONE:
+                self._root = _without(self._root, 0, hashes[j], key, self._owner, &flag)
+                self._count -= flag
+            else:
+                self._root = _assoc(self._root, 0, hashes[j], key, value, self._owner,
+                                    self._mask, &flag)
+                self._count += flag
         return 0
 
     cdef int _commit_sync(self, _Snapshot cur, dict index) except -1:
@@ -2232,7 +2285,8 @@ cdef class MapRef:
         follows the new content. Any other holder (a ref, view or iterator of
         the base version, or a version sharing a node) keeps that part copied."""
         cdef bint in_place = False
-        if self._pending is not None and self._root is not None and self._root is cur.root:
+        if ((self._all_pending or self._pending is not None) and self._root is not None
+                and self._root is cur.root):
             in_place = (Py_REFCNT(<PyObject*>cur) == 3
                         and Py_REFCNT(<PyObject*>self._root) == 2)
             if in_place:
@@ -2244,6 +2298,24 @@ cdef class MapRef:
             cur.root = self._root
             cur.count = self._count
         return 0
+
+    cdef dict _hand_over_edits(self, _Snapshot base):
+        """The edits dict, given to the map as its index by the commit of
+        this ref (`base` is its version). The ref then reads its own trie,
+        through a snapshot of its own at the same version: the index moves
+        on with the map."""
+        cdef dict edits = self._edits
+        cdef _Snapshot own = _Snapshot.__new__(_Snapshot)
+        own.root = self._root
+        own.count = self._count
+        own.version = base.version
+        own.index = None
+        own.hist = base.hist
+        own.hist_lo = base.hist_lo
+        own.hist_hi = base.hist_hi
+        self._base = own
+        self._edits = {}
+        return edits
 
     cdef object _escape_root(self):
         """The root, for something that reads it later (iterators, views):
@@ -2319,11 +2391,15 @@ cdef class MapRef:
 
     cdef int _put(self, str key, object value) except -1:
         if self._edits is None:
+            # Until the first sync every edited key is pending: no list of
+            # them is kept (a million sets would hold a million more items).
             self._edits = {}
-        if self._pending is None:
-            self._pending = []
+            self._all_pending = True
         PyDict_SetItem(self._edits, key, value)
-        PyList_Append(self._pending, key)
+        if not self._all_pending:
+            if self._pending is None:
+                self._pending = []
+            PyList_Append(self._pending, key)
         return 0
 
     @cython.binding(False)
