@@ -341,27 +341,19 @@ class RedisBackend:
 
     async def _scan(self, name: str, key: str, owner: str, what: str,
                     chunk_time: float) -> _Scan:
-        """Read map ``name`` (at ``key``) in HSCAN chunks, each decoded while
-        Redis scans the next one."""
+        """Read map ``name`` (at ``key``) in HSCAN chunks, each decoded as it
+        comes (not while the next one is on its way: the time a chunk's call
+        may take would then include ours, a GC pause of a big heap say)."""
         scan = _Scan()
         command = functools.partial(self._router.call_one, owner=owner, what=what,
                                     extra=chunk_time)
         count = self.settings.read_chunk_size
-        pending = asyncio.ensure_future(command(("HSCAN", key, 0, "COUNT", count)))
-        try:
-            while True:
-                cursor, chunk = await pending
-                done = cursor in (0, b"0")
-                if not done:
-                    pending = asyncio.ensure_future(
-                        command(("HSCAN", key, cursor, "COUNT", count)))
-                    await asyncio.sleep(0)  # it sends its request
-                scan.add(name, chunk)
-                if done:
-                    return scan
-        finally:
-            if not pending.done():
-                pending.cancel()
+        cursor: bytes | int = 0
+        while True:
+            cursor, chunk = await command(("HSCAN", key, cursor, "COUNT", count))
+            scan.add(name, chunk)
+            if cursor in (0, b"0"):
+                return scan
 
     async def delete_map(self, name: str) -> bool:
         check_map_name(name)
