@@ -241,10 +241,31 @@ cdef extern from *:
                                Py_ssize_t n) nogil
     Py_ssize_t Py_REFCNT(PyObject* o) nogil
 
+cdef extern from *:
+    """
+    /* Gives the empty list `list` room for `n` items in one allocation, so
+       that appending them never reallocates: a list grown by appends to a
+       million items leaves its smaller copies' memory behind in the heap,
+       and the last one there too when it is freed. */
+    static int caf_list_reserve(PyObject *list, Py_ssize_t n) {
+        PyListObject *l = (PyListObject *)list;
+        PyObject **items;
+        if (Py_SIZE(l) != 0 || n <= l->allocated)
+            return 0;
+        items = PyMem_New(PyObject *, n);
+        if (items == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        PyMem_Free(l->ob_item);
+        l->ob_item = items;
+        l->allocated = n;
+        return 0;
+    }
+    """
+    int caf_list_reserve(object lst, Py_ssize_t n) except -1
+
 cdef extern from "Python.h":
-    # A dict with room for `n` entries (CPython's own, used by its dict
-    # constructors): a million inserts then never resize it.
-    dict _PyDict_NewPresized(Py_ssize_t n)
     bint PyDict_Next(object d, Py_ssize_t* pos, PyObject** key, PyObject** value)
 
 __all__ = [
@@ -1269,8 +1290,8 @@ ctypedef struct _Entry:
 cdef object _build_trie(dict entries, Py_hash_t mask, unsigned long long owner,
                         Py_ssize_t* count):
     """A new trie of the pairs of `entries` whose value is not _TOMBSTONE,
-    built bottom-up in one pass: the pairs are partitioned by hash bits, level
-    by level, and each node is allocated once at its final size. That is the
+    built in one pass: the pairs are partitioned by hash bits, level by
+    level, and each node is allocated once at its final size. That is the
     shape `_assoc` gives the same keys in any order (one key in a slot is
     inlined, keys of one hash share a collision node), but without the node
     copies and reallocations of a million single inserts, and with the
@@ -1279,15 +1300,11 @@ cdef object _build_trie(dict entries, Py_hash_t mask, unsigned long long owner,
     cdef PyObject* k
     cdef PyObject* v
     cdef _Entry* arr
-    cdef _Entry* tmp
     count[0] = 0
     if len(entries) == 0:
         return None
     arr = <_Entry*>PyMem_Malloc(len(entries) * sizeof(_Entry))
-    tmp = <_Entry*>PyMem_Malloc(len(entries) * sizeof(_Entry))
-    if arr == NULL or tmp == NULL:
-        PyMem_Free(arr)
-        PyMem_Free(tmp)
+    if arr == NULL:
         raise MemoryError()
     try:
         while PyDict_Next(entries, &pos, &k, &v):
@@ -1300,20 +1317,22 @@ cdef object _build_trie(dict entries, Py_hash_t mask, unsigned long long owner,
         count[0] = n
         if n == 0:
             return None
-        return _build_level(arr, tmp, 0, n, 0, owner)
+        return _build_level(arr, 0, n, 0, owner)
     finally:
         PyMem_Free(arr)
-        PyMem_Free(tmp)
 
 
-cdef _Node _build_level(_Entry* arr, _Entry* tmp, Py_ssize_t lo, Py_ssize_t hi,
-                        unsigned int shift, unsigned long long owner):
+cdef _Node _build_level(_Entry* arr, Py_ssize_t lo, Py_ssize_t hi, unsigned int shift,
+                        unsigned long long owner):
     """The bitmap node at `shift` of the distinct keys arr[lo:hi] (at least
-    one, and not all of one hash unless at the root)."""
+    one, and not all of one hash unless at the root). Keys of one hash keep
+    no particular order in their collision node."""
     cdef Py_ssize_t counts[_FANOUT]
     cdef Py_ssize_t starts[_FANOUT]
+    cdef Py_ssize_t ends[_FANOUT]
     cdef Py_ssize_t i, at = 0, s, e
-    cdef unsigned int b, slots = 0
+    cdef unsigned int b, t, slots = 0
+    cdef _Entry entry, swap
     cdef _Node node, child
     for b in range(<unsigned int>_FANOUT):
         counts[b] = 0
@@ -1324,13 +1343,22 @@ cdef _Node _build_level(_Entry* arr, _Entry* tmp, Py_ssize_t lo, Py_ssize_t hi,
         at += counts[b]
         if counts[b]:
             slots += 1
-    # A stable partition by this level's bits: collision nodes keep the
-    # order the keys came in.
-    for i in range(lo, hi):
-        b = (<unsigned long long>arr[i].h >> shift) & _FANOUT_MASK
-        tmp[starts[b]] = arr[i]
-        starts[b] += 1
-    memcpy(&arr[lo], &tmp[lo], (hi - lo) * sizeof(_Entry))
+    # Partition in place by this level's bits (one array: a second one for
+    # a copy would be as big, and freed memory of that size stays in RSS).
+    for b in range(<unsigned int>_FANOUT):
+        ends[b] = starts[b] + counts[b]
+    for b in range(<unsigned int>_FANOUT):
+        while starts[b] < ends[b]:
+            entry = arr[starts[b]]
+            t = (<unsigned long long>entry.h >> shift) & _FANOUT_MASK
+            while t != b:
+                swap = arr[starts[t]]
+                arr[starts[t]] = entry
+                starts[t] += 1
+                entry = swap
+                t = (<unsigned long long>entry.h >> shift) & _FANOUT_MASK
+            arr[starts[b]] = entry
+            starts[b] += 1
     node = _alloc(2 * slots, owner)
     s = lo
     for b in range(<unsigned int>_FANOUT):
@@ -1354,7 +1382,7 @@ cdef _Node _build_level(_Entry* arr, _Entry* tmp, Py_ssize_t lo, Py_ssize_t hi,
                     _set(child, child.n + 1, <object>arr[i].value)
                     child.n += 2
             else:
-                child = _build_level(arr, tmp, s, e, shift + _BITS, owner)
+                child = _build_level(arr, s, e, shift + _BITS, owner)
             node.items[node.n] = NULL
             _set(node, node.n + 1, child)
         node.n += 2
@@ -2062,8 +2090,10 @@ cdef class SharedMap:
         cdef Py_ssize_t count = 0, i
         cdef list adds = p.adds
         # The index first: it keeps the last value of a key listed twice,
-        # and the trie is then built from it whole (_build_trie).
-        cdef dict index = _PyDict_NewPresized(len(adds) // 2)
+        # and the trie is then built from it whole (_build_trie). (Not
+        # presized: CPython caps that, and the dict then grows past the
+        # size inserts alone give it, 10 MB more at 1M keys.)
+        cdef dict index = {}
         for i in range(0, len(adds), 2):
             PyDict_SetItem(index, <object>PyList_GET_ITEM(adds, i),
                            <object>PyList_GET_ITEM(adds, i + 1))
@@ -2456,6 +2486,7 @@ cdef class MapRef:
         cdef FrozenList add = FrozenList.__new__(FrozenList)
         cdef int h = 0, ch
         if self._edits is not None:
+            caf_list_reserve(add, 2 * len(self._edits) + 2)
             for k, v in self._edits.items():
                 if v is _TOMBSTONE:
                     PyList_Append(remove, k)
