@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
+from caf_sharing import FrozenList
 from caf_sharing.backends import Backend, MapCreate, MapWrite, Transaction, make_backend
 from caf_sharing.backends.base import RECENT_TXIDS, MapRestore
 from caf_sharing.errors import (
@@ -180,7 +181,11 @@ async def test_values_are_copied_not_aliased(backend: Backend) -> None:
     initial["add"][1].append(3)
     first = await backend.read_map(MAP)
     assert as_dict(first)["l"] == [1, 2]
-    as_dict(first)["l"].append(4)
+    # What a read gives is frozen (a replica keeps it as it is): nothing can
+    # change it, the store's copy included.
+    assert isinstance(as_dict(first)["l"], FrozenList)
+    with pytest.raises(TypeError, match="immutable"):
+        as_dict(first)["l"].append(4)
     assert as_dict(await backend.read_map(MAP))["l"] == [1, 2]
 
 

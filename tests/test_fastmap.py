@@ -20,6 +20,7 @@ from caf_sharing._fastmap import (
     VERSION_KEY,
     _map_with_hash_bits,
     _trie_invariants,
+    _trie_shape,
 )
 from caf_sharing.errors import (
     ConcurrentUpdateError,
@@ -1097,6 +1098,86 @@ def test_change_sets_round_trip_through_orjson() -> None:
 # -- history / updates_slice ---------------------------------------------------
 
 
+def test_a_change_set_as_big_as_its_map_is_not_kept_in_history() -> None:
+    """Past 4096 keys, a change set no smaller than the map it makes is not
+    recorded: the history restarts (a dump serves as well), on commit and on
+    apply alike. Smaller ones are recorded as before."""
+    for build in ("commit", "apply"):
+        m = SharedMap()
+        commit(m, a=1)
+        big = {"a": 0} | {f"k{i}": i for i in range(5000)}
+        if build == "commit":
+            big_changes = commit(m, **big)
+        else:
+            big_changes = {"version": 1, "remove": [], "add": [
+                *(x for kv in big.items() for x in kv), VERSION_KEY, 2]}
+            m.apply_changes(big_changes)
+        assert m.ref(read_only=True).updates_slice(1) is None
+        assert m.ref(read_only=True).updates_slice(2) == []
+        small = commit(m, a=2)
+        assert m.ref(read_only=True).updates_slice(2) == [small]
+        assert m.ref(read_only=True).updates_slice(1) is None
+        replica = SharedMap()
+        replica.apply_changes(m.ref().dump())
+        assert replica.ref().to_dict() == {**big, "a": 2}
+    # Big, but smaller than the map it makes: kept.
+    kept = commit(m, **{f"k{i}": -i for i in range(4500)})
+    assert m.ref(read_only=True).updates_slice(3) == [kept]
+
+
+def test_the_first_commit_hands_its_edits_over_as_the_index() -> None:
+    m = SharedMap()
+    ref = m.ref()
+    for i in range(100):
+        ref.set(f"k{i}", i)
+    ref.delete("k5").set("k5", 5).set("k7", 70)
+    ref.prepare()
+    m.commit(ref)
+    expected = {f"k{i}": i for i in range(100)} | {"k7": 70}
+    following = m.ref()
+    following.set("k1", -1).delete("k2").set("new", 1)
+    following.prepare()
+    m.commit(following)
+    # The committed ref keeps its own view; the map's index moved on.
+    assert ref.to_dict() == expected and len(ref) == 100
+    assert ref.get("k1") == 1 and ref["k2"] == 2 and "new" not in ref
+    assert ref.version == 0 and ref.has_changed and ref.is_read_only
+    assert ref.dump()["add"][-1] == 1
+    assert _trie_invariants(ref) == 100
+    now = m.ref()
+    assert now.get("k1") == -1 and "k2" not in now and now["new"] == 1 and len(now) == 100
+    with pytest.raises(ConcurrentUpdateError, match="from version 0 to 2"):
+        m.commit(ref)
+    # A first commit that also deletes keys goes the usual way.
+    other = SharedMap()
+    edit = other.ref().set("a", 1).delete("ghost")
+    edit.prepare()
+    other.commit(edit)
+    assert other.ref().to_dict() == {"a": 1} and edit.get("a") == 1
+
+
+def test_first_edits_synced_part_way_read_like_applied_ones() -> None:
+    """Until the first sync a ref keeps no list of its pending keys; one
+    that syncs (len) part way, then edits on, must still get every edit."""
+    for bits in (64, 4, 0):
+        m = _map_with_hash_bits(bits)
+        ref = m.ref()
+        model: dict[str, int] = {}
+        for i in range(60):
+            ref.set(f"k{i}", i)
+            model[f"k{i}"] = i
+            if i % 3 == 0:
+                ref.delete(f"k{i // 2}")
+                model.pop(f"k{i // 2}", None)
+            if i in (10, 40):
+                assert len(ref) == len(model) == _trie_invariants(ref)
+        assert ref.to_dict() == model
+        ref.prepare()
+        m.commit(ref)
+        assert m.ref().to_dict() == model == ref.to_dict()
+        assert _trie_invariants(m.ref()) == len(model)
+
+
 def test_updates_slice_rules() -> None:
     m = SharedMap()
     sets = [commit(m, a=i) for i in range(6)]  # versions 0..5 -> 6
@@ -1283,6 +1364,43 @@ def test_apply_method_of_a_non_method(value: Any) -> None:
 
 
 # -- trie structure ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [0, 1, 4, 9, 64])
+def test_a_loaded_dump_has_the_trie_single_inserts_make(bits: int) -> None:
+    """A dump's trie is built whole (see _build_trie): its shape must be the
+    one inserting its keys one by one gives, keys listed twice keep their
+    last value, and later edits, in place or copying, must work on it."""
+    rnd = random.Random(bits)
+    pairs = [(f"k{rnd.randrange(300)}", i) for i in range(400)]
+    model = dict(pairs)
+    m = _map_with_hash_bits(bits)
+    m.apply_changes({"version": 0, "remove": [], "add": [*(x for p in pairs for x in p),
+                                                         VERSION_KEY, 5]})
+    ref = m.ref(read_only=True)
+    assert _trie_invariants(ref) == len(ref) == len(model)
+    assert ref.to_dict() == model and sorted(ref) == sorted(model)
+    assert all(ref.get(k) == v for k, v in model.items())
+    one_by_one = _map_with_hash_bits(bits)
+    commit(one_by_one, **model)
+    assert _trie_shape(ref) == _trie_shape(one_by_one.ref())
+    for step in range(30):
+        if step == 15:
+            del ref  # from here on, commits edit the loaded trie in place
+        edit = m.ref()
+        for key in rnd.sample(sorted(model), 10):
+            if rnd.random() < 0.4:
+                edit.delete(key)
+                model.pop(key)
+            else:
+                edit.set(key, -step)
+                model[key] = -step
+        edit.set(f"new{step}", step)
+        model[f"new{step}"] = step
+        edit.prepare()
+        m.commit(edit)
+        after = m.ref()
+        assert _trie_invariants(after) == len(model) and after.to_dict() == model
 
 
 @pytest.mark.parametrize("bits", [0, 1, 4, 9, 64])

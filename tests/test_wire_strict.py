@@ -16,12 +16,15 @@ from typing import Any
 import orjson
 import pytest
 
-from caf_sharing import Actor, Node, SharedMap
+from caf_sharing import Actor, FrozenDict, FrozenList, Node, SharedMap
+from caf_sharing._fastmap import MAX_DEPTH, load_fields
 from caf_sharing.backends import MapWrite, make_backend
+from caf_sharing.backends.redis.backend import _Scan
 from caf_sharing.backends.wire import (
     MAX_VERSION,
     decode_changes,
     decode_fields,
+    decode_flat,
     decode_value,
     decode_version,
     encode_dump,
@@ -211,6 +214,52 @@ def test_a_store_s_fields_decode_together_and_a_bad_one_is_named() -> None:
         decode_fields("alice-admin-x", fields(raws)[1:])
     with pytest.raises(BackendError, match="version"):
         decode_fields("alice-admin-x", [(V.encode(), b"+5")])
+
+
+def test_loaded_fields_are_frozen_once_and_a_refused_value_is_left_to_the_core() -> None:
+    deep: Any = 0
+    for _ in range(MAX_DEPTH + 1):
+        deep = [deep]
+    flat = [b"a", b'{"x": [1, {"y": 2}]}', "b", b"3", V.encode(), b"7", b"deep",
+            orjson.dumps(deep)]
+    out: list[Any] = ["kept"]
+    assert load_fields(flat, orjson.loads, out) == b"7"
+    assert out[:5] == ["kept", "a", {"x": [1, {"y": 2}]}, "b", 3]
+    assert type(out[2]) is FrozenDict and type(out[2]["x"]) is FrozenList
+    # Too deep for the core: left as decoded, for apply_changes to refuse.
+    assert out[5] == "deep" and type(out[6]) is list and out[6] == deep
+    with pytest.raises(InvalidChangeSetError, match="deeper"):
+        SharedMap().apply_changes({"version": 0, "remove": [], "add": [*out[1:], V, 7]})
+    # A map loading the dump keeps the frozen values themselves.
+    dumped = decode_flat("alice-admin-x", flat[:6])
+    m = SharedMap()
+    m.apply_changes(dumped)
+    assert m.ref()["a"] is dumped["add"][1]
+    with pytest.raises(UnicodeDecodeError):
+        load_fields([b"\xff", b"1"], orjson.loads, [])
+    with pytest.raises(orjson.JSONDecodeError):
+        load_fields([b"a", b"{nope"], orjson.loads, [])
+    with pytest.raises(ValueError, match="pairs"):
+        load_fields([b"a"], orjson.loads, [])
+    with pytest.raises(TypeError, match="bytes or str"):
+        load_fields([1, b"1"], orjson.loads, [])
+    with pytest.raises(BackendError, match="field '\\ufffd' holds undecodable"):
+        decode_flat("alice-admin-x", [b"\xff", b"1", V.encode(), b"1"])
+
+
+def test_chunks_read_twice_or_bad_make_one_dump_or_one_error() -> None:
+    scan = _Scan()
+    scan.add(MAP, [b"a", b"1", b"b", b"[2]"])
+    scan.add(MAP, [b"b", b"[2]", V.encode(), b"3"])  # HSCAN may return a field twice
+    assert scan.dump(MAP, "t1", 3) == {"version": 0, "remove": [], "add": ["a", 1, "b", [2], V, 3],
+                                       "txid": "t1"}
+    bad = _Scan()
+    bad.add(MAP, [b"a", b"1"])
+    bad.add(MAP, [b"b", b"99999999999999999999", V.encode(), b"3"])
+    bad.add(MAP, [b"c", b"{nope"])
+    # Raised only by dump(): a read that a commit overlapped is made again instead.
+    with pytest.raises(BackendError, match="field 'b' holds the integer '9999"):
+        bad.dump(MAP, None, 4)
 
 
 class Writer(Actor):

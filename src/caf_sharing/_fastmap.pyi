@@ -1,6 +1,6 @@
 """Type stub of the compiled core ``caf_sharing._fastmap`` (see _fastmap.pyx)."""
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, Generic, NoReturn, Protocol, SupportsIndex, TypeAlias, TypeVar
 
 from .methods import MethodLimits
@@ -14,6 +14,7 @@ __all__ = [
     "FrozenList",
     "MapRef",
     "SharedMap",
+    "load_fields",
 ]
 
 FIRST_VERSION: Final = 0
@@ -157,8 +158,16 @@ class MapRef:
     def updates_slice(self, first_version: int) -> list[FrozenDict] | None: ...
 
 # Test hooks: a map whose trie uses only the low `bits` bits of each hash (to
-# force collisions), and a check of a ref's trie shape returning its key count.
+# force collisions), a check of a ref's trie shape returning its key count, and
+# that shape (nested lists of bitmaps and keys, collision nodes as frozensets).
 def _map_with_hash_bits(
     bits: int, *, no_exec: bool = False, max_updates: int = 100, logger: _Logger | None = None
 ) -> SharedMap: ...
 def _trie_invariants(ref: MapRef) -> int: ...
+def _trie_shape(ref: MapRef) -> Any: ...
+
+def load_fields(flat: list[bytes | str], loads: Callable[[bytes], Any], out: list[Any]) -> Any:
+    """Append each field of ``flat`` (field, raw value, ...) but
+    ``__ca_version__`` to ``out`` as str, value decoded by ``loads`` and
+    deep-frozen (kept as decoded when the core refuses it); return the raw
+    value of ``__ca_version__`` or None."""

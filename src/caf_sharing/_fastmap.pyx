@@ -242,6 +242,33 @@ cdef extern from *:
                                Py_ssize_t n) nogil
     Py_ssize_t Py_REFCNT(PyObject* o) nogil
 
+cdef extern from *:
+    """
+    /* Gives the empty list `list` room for `n` items in one allocation, so
+       that appending them never reallocates: a list grown by appends to a
+       million items leaves its smaller copies' memory behind in the heap,
+       and the last one there too when it is freed. */
+    static int caf_list_reserve(PyObject *list, Py_ssize_t n) {
+        PyListObject *l = (PyListObject *)list;
+        PyObject **items;
+        if (Py_SIZE(l) != 0 || n <= l->allocated)
+            return 0;
+        items = PyMem_New(PyObject *, n);
+        if (items == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        PyMem_Free(l->ob_item);
+        l->ob_item = items;
+        l->allocated = n;
+        return 0;
+    }
+    """
+    int caf_list_reserve(object lst, Py_ssize_t n) except -1
+
+cdef extern from "Python.h":
+    bint PyDict_Next(object d, Py_ssize_t* pos, PyObject** key, PyObject** value)
+
 __all__ = [
     "FIRST_VERSION",
     "FUNCTION_MARKER",
@@ -251,6 +278,7 @@ __all__ = [
     "FrozenList",
     "MapRef",
     "SharedMap",
+    "load_fields",
 ]
 
 FIRST_VERSION = 0
@@ -695,6 +723,44 @@ cdef object _freeze_value(str key, object value):
         raise _public_error(<_PathError>err, f"value for key {key!r}") from None
 
 
+def load_fields(list flat not None, loads, list out not None):
+    """Decodes a stored map's fields for a dump: `flat` alternates field
+    names (bytes, UTF-8, or str) and raw values, as Redis's HSCAN and HGETALL
+    return them. Appends to `out` each field as a str and its value as
+    ``loads(raw)`` returns it, deep-frozen like ``ref.set`` stores it, so that
+    ``apply_changes`` of the dump takes the values as they are instead of
+    copying each. A value the core refuses stays as loaded: ``apply_changes``
+    refuses it, as it would have. The field ``__ca_version__`` is not
+    appended: returns its raw value (the last one), or None. What decoding
+    raises (UnicodeDecodeError, ``loads``'s errors) propagates, with part of
+    `flat` appended; values are not checked here for integers past 64 bits
+    that ``loads`` turned into floats (the backends scan the raw bytes)."""
+    cdef Py_ssize_t i, n = len(flat)
+    cdef object version = None
+    cdef object field, key, value
+    if n % 2:
+        raise ValueError(f"load_fields: {n} items, not field and value pairs")
+    for i in range(0, n, 2):
+        field = <object>PyList_GET_ITEM(flat, i)
+        if type(field) is bytes:
+            key = (<bytes>field).decode("utf-8")
+        elif type(field) is str:
+            key = field
+        else:
+            raise TypeError(f"load_fields: field {field!r} is not bytes or str")
+        if key == _VERSION_KEY:
+            version = <object>PyList_GET_ITEM(flat, i + 1)
+            continue
+        value = loads(<object>PyList_GET_ITEM(flat, i + 1))
+        try:
+            value = _freeze(value, 0)
+        except _PathError:
+            pass
+        PyList_Append(out, key)
+        PyList_Append(out, value)
+    return version
+
+
 # ---------------------------------------------------------------------------
 # Hash array mapped trie
 # ---------------------------------------------------------------------------
@@ -967,6 +1033,12 @@ cdef PyObject* _find(PyObject* node, str key, Py_hash_t h) noexcept:
 
 
 cdef enum:
+    # Change sets of more keys than this, no smaller than the map they make,
+    # are not kept in its history (SharedMap._keeps).
+    _BIG_CHANGE = 4096
+
+
+cdef enum:
     # Keys whose paths are fetched together (their hashes sit on the C stack);
     # 16 already keeps more misses in flight than the CPU can track.
     _BATCH = 16
@@ -1230,6 +1302,115 @@ cdef void _collect_dict(object root, dict out, bint thaw):
             PyDict_SetItem(out, <object>node.items[i], <object>node.items[i + 1])
 
 
+ctypedef struct _Entry:
+    Py_hash_t h
+    PyObject* key
+    PyObject* value
+
+
+cdef object _build_trie(dict entries, Py_hash_t mask, unsigned long long owner,
+                        Py_ssize_t* count):
+    """A new trie of the pairs of `entries` whose value is not _TOMBSTONE,
+    built in one pass: the pairs are partitioned by hash bits, level by
+    level, and each node is allocated once at its final size. That is the
+    shape `_assoc` gives the same keys in any order (one key in a slot is
+    inlined, keys of one hash share a collision node), but without the node
+    copies and reallocations of a million single inserts, and with the
+    memory laid out in trie order."""
+    cdef Py_ssize_t n = 0, pos = 0
+    cdef PyObject* k
+    cdef PyObject* v
+    cdef _Entry* arr
+    count[0] = 0
+    if len(entries) == 0:
+        return None
+    arr = <_Entry*>PyMem_Malloc(len(entries) * sizeof(_Entry))
+    if arr == NULL:
+        raise MemoryError()
+    try:
+        while PyDict_Next(entries, &pos, &k, &v):
+            if v == <PyObject*>_TOMBSTONE:
+                continue
+            arr[n].h = PyObject_Hash(<object>k) & mask
+            arr[n].key = k
+            arr[n].value = v
+            n += 1
+        count[0] = n
+        if n == 0:
+            return None
+        return _build_level(arr, 0, n, 0, owner)
+    finally:
+        PyMem_Free(arr)
+
+
+cdef _Node _build_level(_Entry* arr, Py_ssize_t lo, Py_ssize_t hi, unsigned int shift,
+                        unsigned long long owner):
+    """The bitmap node at `shift` of the distinct keys arr[lo:hi] (at least
+    one, and not all of one hash unless at the root). Keys of one hash keep
+    no particular order in their collision node."""
+    cdef Py_ssize_t counts[_FANOUT]
+    cdef Py_ssize_t starts[_FANOUT]
+    cdef Py_ssize_t ends[_FANOUT]
+    cdef Py_ssize_t i, at = 0, s, e
+    cdef unsigned int b, t, slots = 0
+    cdef _Entry entry, swap
+    cdef _Node node, child
+    for b in range(<unsigned int>_FANOUT):
+        counts[b] = 0
+    for i in range(lo, hi):
+        counts[(<unsigned long long>arr[i].h >> shift) & _FANOUT_MASK] += 1
+    for b in range(<unsigned int>_FANOUT):
+        starts[b] = lo + at
+        at += counts[b]
+        if counts[b]:
+            slots += 1
+    # Partition in place by this level's bits (one array: a second one for
+    # a copy would be as big, and freed memory of that size stays in RSS).
+    for b in range(<unsigned int>_FANOUT):
+        ends[b] = starts[b] + counts[b]
+    for b in range(<unsigned int>_FANOUT):
+        while starts[b] < ends[b]:
+            entry = arr[starts[b]]
+            t = (<unsigned long long>entry.h >> shift) & _FANOUT_MASK
+            while t != b:
+                swap = arr[starts[t]]
+                arr[starts[t]] = entry
+                starts[t] += 1
+                entry = swap
+                t = (<unsigned long long>entry.h >> shift) & _FANOUT_MASK
+            arr[starts[b]] = entry
+            starts[b] += 1
+    node = _alloc(2 * slots, owner)
+    s = lo
+    for b in range(<unsigned int>_FANOUT):
+        if not counts[b]:
+            continue
+        e = s + counts[b]
+        node.bitmap |= 1u << b
+        if e - s == 1:
+            _set(node, node.n, <object>arr[s].key)
+            _set(node, node.n + 1, <object>arr[s].value)
+        else:
+            i = s + 1
+            while i < e and arr[i].h == arr[s].h:
+                i += 1
+            if i == e:
+                child = _alloc(2 * (e - s), owner)
+                child.collision = True
+                child.hash = arr[s].h
+                for i in range(s, e):
+                    _set(child, child.n, <object>arr[i].key)
+                    _set(child, child.n + 1, <object>arr[i].value)
+                    child.n += 2
+            else:
+                child = _build_level(arr, s, e, shift + _BITS, owner)
+            node.items[node.n] = NULL
+            _set(node, node.n + 1, child)
+        node.n += 2
+        s = e
+    return node
+
+
 def _trie_invariants(MapRef ref not None):
     """Checks the shape of `ref`'s trie and returns its number of keys (for
     tests): bitmaps match slots, every key sits where its hash bits say,
@@ -1238,6 +1419,29 @@ def _trie_invariants(MapRef ref not None):
     _check_ref(ref)
     ref._sync()
     return _check_node(ref._root, 0, 0, ref._map._mask, True)
+
+
+def _trie_shape(MapRef ref not None):
+    """The shape of `ref`'s trie (for tests): a bitmap node as a list of its
+    bitmap then, per slot, its key or its child's shape; a collision node as
+    the frozenset of its keys."""
+    _check_ref(ref)
+    ref._sync()
+    return _shape_of(ref._root)
+
+
+cdef object _shape_of(object root):
+    cdef _Node node
+    if root is None:
+        return None
+    node = <_Node>root
+    if node.collision:
+        return frozenset([_key_at(node, i) for i in range(0, node.n, 2)])
+    out = [node.bitmap]
+    for i in range(0, node.n, 2):
+        k = _key_at(node, i)
+        out.append(_shape_of(<object>node.items[i + 1]) if k is None else k)
+    return out
 
 
 cdef Py_ssize_t _check_node(object root, unsigned int shift, unsigned long long prefix,
@@ -1726,15 +1930,23 @@ cdef class SharedMap:
         # Allocated before the trie edits, which may go in place: from those
         # until the map moves to `nxt`, nothing may allocate what could run
         # the cycle GC and with it a finalizer that takes a ref of `cur`.
+        cdef list removes = <list>dict.__getitem__(changes, "remove")
         cdef _Snapshot nxt = self._successor(cur.version + 1)
         ref._commit_sync(cur, nxt.index)
         nxt.root = ref._root
         nxt.count = ref._count
-        # The wire "add" ends with the version pair, which is not content.
-        _apply_to_index(nxt.index, <list>dict.__getitem__(changes, "remove"), adds,
-                        len(adds) - 2)
+        if len(nxt.index) == 0 and len(removes) == 0:
+            # The first content of the map: the ref's edits are exactly the
+            # new index, so they become it rather than be copied into it.
+            # (Its base was empty, so nothing was edited in place above: the
+            # allocations this makes cannot expose a half-made version.)
+            nxt.index = ref._hand_over_edits(cur)
+        else:
+            # The wire "add" ends with the version pair, which is not content.
+            _apply_to_index(nxt.index, removes, adds, len(adds) - 2)
         self._cur = nxt
-        self._record(nxt, changes)
+        if self._keeps(nxt, len(adds) // 2 - 1 + len(removes)):
+            self._record(nxt, changes)
 
     cdef _Snapshot _successor(self, long long version):
         """The next current snapshot, still without its trie; the index moves
@@ -1750,6 +1962,17 @@ cdef class SharedMap:
         nxt.hist_lo = cur.hist_lo
         nxt.hist_hi = cur.hist_hi
         return nxt
+
+    cdef bint _keeps(self, _Snapshot s, Py_ssize_t changed):
+        """Whether the change set of `changed` keys that made `s` goes into
+        its history. One of more than _BIG_CHANGE keys and no smaller than
+        the map it made is not kept (the history restarts): a dump serves
+        its readers as well, and it would hold a second list of every key of
+        a map built in one commit for the next max_updates commits."""
+        if changed > _BIG_CHANGE and changed >= s.count:
+            s.hist_lo = s.hist_hi
+            return False
+        return True
 
     cdef void _record(self, _Snapshot s, FrozenDict entry):
         cdef list hist = s.hist
@@ -1878,25 +2101,24 @@ cdef class SharedMap:
         nxt.count = count
         _apply_to_index(nxt.index, p.removes, p.adds, len(p.adds))
         self._cur = nxt
-        self._record(nxt, _record_of(p))
+        if self._keeps(nxt, len(p.adds) // 2 + len(p.removes)):
+            self._record(nxt, _record_of(p))
         return 0
 
     cdef int _load_dump(self, _Parsed p) except -1:
         """Replaces the content by a newer dump. History cannot bridge the
         jump, so it restarts empty."""
-        cdef unsigned long long owner = _new_owner()
-        cdef object root = None
         cdef Py_ssize_t count = 0, i
-        cdef int flag
-        cdef str k
+        cdef list adds = p.adds
+        # The index first: it keeps the last value of a key listed twice,
+        # and the trie is then built from it whole (_build_trie). (Not
+        # presized: CPython caps that, and the dict then grows past the
+        # size inserts alone give it, 10 MB more at 1M keys.)
         cdef dict index = {}
-        for i in range(0, len(p.adds), 2):
-            k = <str>p.adds[i]
-            flag = 0
-            root = _assoc(root, 0, PyObject_Hash(k) & self._mask, k, p.adds[i + 1], owner,
-                          self._mask, &flag)
-            count += flag
-            PyDict_SetItem(index, k, p.adds[i + 1])
+        for i in range(0, len(adds), 2):
+            PyDict_SetItem(index, <object>PyList_GET_ITEM(adds, i),
+                           <object>PyList_GET_ITEM(adds, i + 1))
+        root = _build_trie(index, self._mask, _new_owner(), &count)
         cdef _Snapshot nxt = _empty_snapshot()
         nxt.root = root
         nxt.count = count
@@ -1963,6 +2185,7 @@ cdef class MapRef:
     cdef Py_hash_t _mask        # the map's, copied for the read path
     cdef dict _edits           # key -> value or _TOMBSTONE; None until the first edit
     cdef list _pending         # edited keys not yet in _root; None when synced
+    cdef bint _all_pending     # every key of _edits is pending (_pending unused)
     cdef bint _read_only
     cdef bint _replica         # taken with read_only=True
     cdef object _changes       # the prepared change set
@@ -2043,34 +2266,60 @@ cdef class MapRef:
     cdef int _sync_for(self, dict index) except -1:
         """_sync, also fetching the slots of `index` (a dict or None) that
         the edits will update."""
-        cdef list pending = self._pending
+        cdef Py_ssize_t pos = 0, n = 0, count = 0
+        cdef PyObject* keys[_BATCH]
+        cdef PyObject* value
+        if self._owner == 0 and (self._all_pending or self._pending is not None):
+            self._owner = _new_owner()
+        if self._all_pending:
+            self._all_pending = False
+            if self._root is None:
+                # Edits of an empty map (its first content, typically):
+                # built whole, as a loaded dump is.
+                self._root = _build_trie(self._edits, self._mask, self._owner, &count)
+                self._count = count
+                return 0
+            while PyDict_Next(self._edits, &pos, &keys[n], &value):
+                n += 1
+                if n == _BATCH:
+                    self._sync_batch(keys, n, index)
+                    n = 0
+            self._sync_batch(keys, n, index)
+            return 0
+        if self._pending is None:
+            return 0
+        for pos in range(0, len(self._pending), _BATCH):
+            n = min(_BATCH, len(self._pending) - pos)
+            for count in range(n):
+                keys[count] = PyList_GET_ITEM(self._pending, pos + count)
+            self._sync_batch(keys, n, index)
+        self._pending = None
+        return 0
+
+    cdef int _sync_batch(self, PyObject** keys, Py_ssize_t n, dict index) except -1:
+        """Brings the edits of `keys` (at most _BATCH, in _edits) into the
+        trie, their paths fetched together first (see _prefetch_paths)."""
         cdef Py_hash_t hashes[_BATCH]
-        cdef Py_ssize_t i, j, n, lo
+        cdef Py_ssize_t j
         cdef int flag
         cdef str key
-        if pending is None:
+        if n == 0:
             return 0
-        if self._owner == 0:
-            self._owner = _new_owner()
-        n = len(pending)
-        for lo in range(0, n, _BATCH):
-            for j in range(lo, min(lo + _BATCH, n)):
-                hashes[j - lo] = PyObject_Hash(<str>PyList_GET_ITEM(pending, j)) & self._mask
-            _prefetch_paths(_root_ptr(self._root), hashes, min(lo + _BATCH, n) - lo,
-                            NULL if index is None else <PyObject*>index, self._owner)
-            for j in range(lo, min(lo + _BATCH, n)):
-                key = <str>PyList_GET_ITEM(pending, j)
-                value = <object>PyDict_GetItem(self._edits, key)
-                flag = 0
-                if value is _TOMBSTONE:
-                    self._root = _without(self._root, 0, hashes[j - lo], key, self._owner,
-                                          &flag)
-                    self._count -= flag
-                else:
-                    self._root = _assoc(self._root, 0, hashes[j - lo], key, value,
-                                        self._owner, self._mask, &flag)
-                    self._count += flag
-        self._pending = None
+        for j in range(n):
+            hashes[j] = PyObject_Hash(<str>keys[j]) & self._mask
+        _prefetch_paths(_root_ptr(self._root), hashes, n,
+                        NULL if index is None else <PyObject*>index, self._owner)
+        for j in range(n):
+            key = <str>keys[j]
+            value = <object>PyDict_GetItem(self._edits, key)
+            flag = 0
+            if value is _TOMBSTONE:
+                self._root = _without(self._root, 0, hashes[j], key, self._owner, &flag)
+                self._count -= flag
+            else:
+                self._root = _assoc(self._root, 0, hashes[j], key, value, self._owner,
+                                    self._mask, &flag)
+                self._count += flag
         return 0
 
     cdef int _commit_sync(self, _Snapshot cur, dict index) except -1:
@@ -2087,7 +2336,8 @@ cdef class MapRef:
         follows the new content. Any other holder (a ref, view or iterator of
         the base version, or a version sharing a node) keeps that part copied."""
         cdef bint in_place = False
-        if self._pending is not None and self._root is not None and self._root is cur.root:
+        if ((self._all_pending or self._pending is not None) and self._root is not None
+                and self._root is cur.root):
             in_place = (Py_REFCNT(<PyObject*>cur) == 3
                         and Py_REFCNT(<PyObject*>self._root) == 2)
             if in_place:
@@ -2099,6 +2349,24 @@ cdef class MapRef:
             cur.root = self._root
             cur.count = self._count
         return 0
+
+    cdef dict _hand_over_edits(self, _Snapshot base):
+        """The edits dict, given to the map as its index by the commit of
+        this ref (`base` is its version). The ref then reads its own trie,
+        through a snapshot of its own at the same version: the index moves
+        on with the map."""
+        cdef dict edits = self._edits
+        cdef _Snapshot own = _Snapshot.__new__(_Snapshot)
+        own.root = self._root
+        own.count = self._count
+        own.version = base.version
+        own.index = None
+        own.hist = base.hist
+        own.hist_lo = base.hist_lo
+        own.hist_hi = base.hist_hi
+        self._base = own
+        self._edits = {}
+        return edits
 
     cdef object _escape_root(self):
         """The root, for something that reads it later (iterators, views):
@@ -2174,11 +2442,15 @@ cdef class MapRef:
 
     cdef int _put(self, str key, object value) except -1:
         if self._edits is None:
+            # Until the first sync every edited key is pending: no list of
+            # them is kept (a million sets would hold a million more items).
             self._edits = {}
-        if self._pending is None:
-            self._pending = []
+            self._all_pending = True
         PyDict_SetItem(self._edits, key, value)
-        PyList_Append(self._pending, key)
+        if not self._all_pending:
+            if self._pending is None:
+                self._pending = []
+            PyList_Append(self._pending, key)
         return 0
 
     @cython.binding(False)
@@ -2235,6 +2507,7 @@ cdef class MapRef:
         cdef FrozenList add = FrozenList.__new__(FrozenList)
         cdef int h = 0, ch
         if self._edits is not None:
+            caf_list_reserve(add, 2 * len(self._edits) + 2)
             for k, v in self._edits.items():
                 if v is _TOMBSTONE:
                     PyList_Append(remove, k)

@@ -199,7 +199,10 @@ class Backend(Protocol):
         ...
 
     async def read_map(self, name: str) -> ChangeSet | None:
-        """The dump of ``name``, or ``None`` when it does not exist."""
+        """The dump of ``name``, or ``None`` when it does not exist. Its
+        values are deep-frozen as the core stores them (``FrozenDict``,
+        ``FrozenList``: a dict and a list that refuse changes), so that a
+        replica loading the dump keeps them instead of copying each."""
         ...
 
     async def read_maps(self, names: Sequence[str]) -> dict[str, ChangeSet | None]:

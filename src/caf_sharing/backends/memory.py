@@ -34,6 +34,8 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
 
 from ..errors import (
     BackendUnavailableError,
@@ -61,11 +63,11 @@ from .wire import (
     check_one_owner,
     check_open,
     decode_checkpoint,
-    decode_value,
     deleted_marker,
     encode_dump,
     encode_transaction,
-    make_dump,
+    finish_dump,
+    load_chunk,
     ttl_to_ms,
 )
 
@@ -229,11 +231,9 @@ class MemoryBackend:
 
     @staticmethod
     def _dump(name: str, stored: _Map) -> ChangeSet:
-        items: list[object] = []
-        for key, raw in stored.fields.items():
-            items.append(key)
-            items.append(decode_value(name, key, raw))
-        return make_dump(stored.version, items, stored.txid)
+        items: list[Any] = []
+        load_chunk(name, list(chain.from_iterable(stored.fields.items())), items)
+        return finish_dump(name, items, stored.version, stored.txid)
 
     async def read_map(self, name: str) -> ChangeSet | None:
         return (await self.read_maps([name]))[name]

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from .._fastmap import load_fields
 from ..errors import (
     BackendError,
     BackendUnavailableError,
@@ -51,11 +52,14 @@ __all__ = [
     "decode_changes",
     "decode_checkpoint",
     "decode_fields",
+    "decode_flat",
     "decode_value",
     "decode_version",
     "deleted_marker",
     "encode_dump",
     "encode_transaction",
+    "finish_dump",
+    "load_chunk",
     "make_dump",
     "ttl_to_ms",
 ]
@@ -465,35 +469,83 @@ def decode_value(map_name: str, key: str, raw: bytes) -> Any:
         "64-bit range of values")
 
 
-def decode_fields(map_name: str, pairs: Iterable[tuple[bytes, bytes]],
+def decode_fields(map_name: str, pairs: Iterable[tuple[bytes | str, bytes]],
                   txid: str | None = None) -> ChangeSet:
     """The dump of a stored map from its raw fields (name, orjson bytes), the
     version field among them, made by commit ``txid``. Values are decoded as
-    :func:`decode_value` does, with the scan for long integers made once over
-    all of them (a map holds none in the common case)."""
+    :func:`decode_value` does (see :func:`load_chunk`)."""
+    flat: list[Any] = []
+    for field, raw in pairs:
+        flat.append(field)
+        flat.append(raw)
+    return decode_flat(map_name, flat, txid)
+
+
+def decode_flat(map_name: str, flat: list[Any], txid: str | None = None) -> ChangeSet:
+    """:func:`decode_fields` of ``flat``: field, raw value, field, ... (a
+    Redis HGETALL reply)."""
     items: list[Any] = []
-    raws: list[bytes] = []
-    append, keep, loads = items.append, raws.append, orjson.loads
-    version: int | None = None
-    key = b""
+    return finish_dump(map_name, items, load_chunk(map_name, flat, items), txid)
+
+
+def load_chunk(map_name: str, flat: list[Any], items: list[Any]) -> bytes | None:
+    """Decode ``flat`` (field, raw value, ...: one HSCAN reply, say) onto
+    ``items`` (str field, value, ...), and return the raw value of the
+    version field, or None when ``flat`` does not hold it.
+
+    Values are decoded as :func:`decode_value` does, and deep-frozen as the
+    core stores them (:func:`~caf_sharing._fastmap.load_fields`), so that a
+    replica loading the dump keeps them instead of a copy of each. The scan
+    for long integers is made once over all of them (a map holds none in the
+    common case). A bad field raises :class:`BackendError` naming it, and
+    ``items`` is left as it was."""
+    mark = len(items)
     try:
-        for key, raw in pairs:
-            if key == _VERSION_BYTES:
-                version = decode_version(map_name, raw)
-            else:
-                append(key.decode())
-                append(loads(raw))
-                keep(raw)
-    except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BackendError(f"map {map_name!r}: field {key.decode(errors='replace')!r} "
-                           f"holds undecodable data: {exc}") from None
+        version: bytes | None = load_fields(flat, orjson.loads, items)
+    except (orjson.JSONDecodeError, UnicodeDecodeError):
+        del items[mark:]
+        _undecodable(map_name, flat)
+        raise
+    # Joined with a comma, so that no digit run spans two values.
+    if _has_digit_run(b",".join(flat[1::2])):
+        for i in range(1, len(flat), 2):
+            raw = flat[i]
+            token = _long_int(raw) if _has_digit_run(raw) else None
+            if token is not None and _field_name(flat[i - 1]) != VERSION_FIELD:
+                del items[mark:]
+                raise BackendError(
+                    f"map {map_name!r}: field {_field_name(flat[i - 1])!r} holds the integer "
+                    f"{_preview(token.decode())}, outside the 64-bit range of values")
+    return version
+
+
+def finish_dump(map_name: str, items: list[Any], version: bytes | int | None,
+                txid: str | None = None) -> ChangeSet:
+    """The dump of the decoded ``items`` (see :func:`load_chunk`; they are
+    taken over, not copied) at ``version``, the raw version field (checked
+    by :func:`decode_version`)."""
     if version is None:
         raise BackendError(f"map {map_name!r} has no {VERSION_FIELD!r} field")
-    # Joined with a comma, so that no digit run spans two values.
-    if _has_digit_run(b",".join(raws)):
-        for i, raw in enumerate(raws):
-            decode_value(map_name, items[2 * i], raw)  # raises for the first bad one
-    return make_dump(version, items, txid)
+    items.append(VERSION_FIELD)
+    items.append(decode_version(map_name, version))
+    return {"version": 0, "remove": [], "add": items, "txid": txid}
+
+
+def _field_name(field: bytes | str) -> str:
+    return field if isinstance(field, str) else field.decode(errors="replace")
+
+
+def _undecodable(map_name: str, flat: list[Any]) -> None:
+    """Raise the error of the first undecodable field of ``flat``."""
+    for i in range(0, len(flat), 2):
+        field = flat[i]
+        try:
+            if not isinstance(field, str):
+                field.decode()
+            orjson.loads(flat[i + 1])
+        except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BackendError(f"map {map_name!r}: field {_field_name(field)!r} "
+                               f"holds undecodable data: {exc}") from None
 
 
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,15}")

@@ -30,11 +30,13 @@ the password redacted.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, TypeVar
 
 import orjson
@@ -71,6 +73,8 @@ from ..wire import (
     deleted_marker,
     encode_dump,
     encode_transaction,
+    finish_dump,
+    load_chunk,
     make_dump,
     ttl_to_ms,
 )
@@ -80,7 +84,7 @@ from .codec import (
     StageLostError,
     commit_outcome,
     decode_all,
-    decode_pairs,
+    decode_txid,
     flatten,
 )
 from .group_commit import GroupCommit, PendingCommit
@@ -316,16 +320,17 @@ class RedisBackend:
             if reply[0] == b"all":
                 return decode_all(names, reply)
             before = reply[1:]
-            chunks = {name: await self._scan(key, owner, what, chunk_time) if state[0] else None
-                      for name, key, state in zip(names, keys[1:], before, strict=True)}
+            scans = {name: await self._scan(name, key, owner, what, chunk_time)
+                     if state[0] else None
+                     for name, key, state in zip(names, keys[1:], before, strict=True)}
             # The same versions and txids before and after: no commit of the
             # owner happened in between, so the chunks make one consistent view.
             after = await call(command(-1), owner, what)
             if [s[:2] for s in before] == [s[:2] for s in after[1:]]:
                 self._stats.chunked_reads += 1
-                return {name: None if fields is None
-                        else decode_pairs(name, fields.items(), state[1])
-                        for (name, fields), state in zip(chunks.items(), before, strict=True)}
+                return {name: None if scan is None
+                        else scan.dump(name, decode_txid(name, state[1]), state[2])
+                        for (name, scan), state in zip(scans.items(), before, strict=True)}
             self._stats.chunked_read_retries += 1
         # Written too often to scan: one atomic read, stalling Redis briefly.
         self._stats.whole_reads += 1
@@ -334,18 +339,21 @@ class RedisBackend:
                            allowance(0, sum(s[2] for s in before)))
         return decode_all(names, reply)
 
-    async def _scan(self, key: str, owner: str, what: str,
-                    chunk_time: float) -> dict[bytes, bytes]:
-        fields: dict[bytes, bytes] = {}
+    async def _scan(self, name: str, key: str, owner: str, what: str,
+                    chunk_time: float) -> _Scan:
+        """Read map ``name`` (at ``key``) in HSCAN chunks, each decoded as it
+        comes (not while the next one is on its way: the time a chunk's call
+        may take would then include ours, a GC pause of a big heap say)."""
+        scan = _Scan()
+        command = functools.partial(self._router.call_one, owner=owner, what=what,
+                                    extra=chunk_time)
+        count = self.settings.read_chunk_size
         cursor: bytes | int = 0
         while True:
-            cursor, chunk = await self._router.call_one(
-                ("HSCAN", key, cursor, "COUNT", self.settings.read_chunk_size), owner, what,
-                chunk_time)
-            it = iter(chunk)
-            fields.update(zip(it, it, strict=True))
+            cursor, chunk = await command(("HSCAN", key, cursor, "COUNT", count))
+            scan.add(name, chunk)
             if cursor in (0, b"0"):
-                return fields
+                return scan
 
     async def delete_map(self, name: str) -> bool:
         check_map_name(name)
@@ -689,6 +697,42 @@ class RedisBackend:
         check_map_name(name)
         self._check_open()
         await self._pubsub.unsubscribe(self._keys.channel(name).encode(), handler)
+
+
+class _Scan:
+    """What HSCAN chunks of one map gave: decoded fields (str, frozen value,
+    ...), the raw version field, or the error of a bad field (raised only if
+    the read turns out consistent: a map written meanwhile is read again)."""
+
+    __slots__ = ("error", "items", "version")
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.version: bytes | None = None
+        self.error: BackendError | None = None
+
+    def add(self, name: str, chunk: list[Any]) -> None:
+        if self.error is not None:
+            return
+        try:
+            version = load_chunk(name, chunk, self.items)
+        except BackendError as exc:
+            self.error, self.items = exc, []
+            return
+        if version is not None:
+            self.version = version
+
+    def dump(self, name: str, txid: str | None, fields: int) -> ChangeSet:
+        """The dump of map ``name``, made by ``txid``, of ``fields`` fields
+        (its HLEN, the version field included)."""
+        if self.error is not None:
+            raise self.error
+        items = self.items
+        if len(items) // 2 + (self.version is not None) > fields:
+            # HSCAN returned a field twice (the hash was resized meanwhile).
+            pairs = dict(zip(items[::2], items[1::2], strict=True))
+            items = list(chain.from_iterable(pairs.items()))
+        return finish_dump(name, items, self.version, txid)
 
 
 _TAG = re.compile(rb"\{([^}]*)\}")

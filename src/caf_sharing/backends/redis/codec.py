@@ -18,7 +18,7 @@ included, share a slot and one script call can touch them all)::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import hiredis
@@ -33,10 +33,10 @@ from ...errors import (
 )
 from ...names import map_owner
 from ..base import RECENT_TXIDS, ChangeSet
-from ..wire import EncodedTransaction, Pairs, chain_broken, decode_fields, decode_version
+from ..wire import EncodedTransaction, Pairs, chain_broken, decode_flat, decode_version
 from .scripts import COMMIT
 
-__all__ = ["Command", "Keys", "commit_outcome", "decode_all", "decode_pairs", "flatten", "pack",
+__all__ = ["Command", "Keys", "commit_outcome", "decode_all", "decode_txid", "flatten", "pack",
            "slot_of"]
 
 Command = tuple[Any, ...]
@@ -182,14 +182,13 @@ def decode_all(names: Sequence[str], reply: Sequence[Any]) -> dict[str, ChangeSe
     """The dumps of an "all" reply of the read script."""
     out: dict[str, ChangeSet | None] = {}
     for name, (txid, flat) in zip(names, reply[1:], strict=True):
-        it = iter(flat)
-        out[name] = decode_pairs(name, zip(it, it, strict=True), txid) if flat else None
+        out[name] = decode_flat(name, flat, decode_txid(name, txid)) if flat else None
     return out
 
 
-def decode_pairs(name: str, pairs: Iterable[tuple[bytes, bytes]], txid: bytes) -> ChangeSet:
+def decode_txid(name: str, txid: bytes) -> str | None:
+    """The lineage txid of map ``name`` as the read script returns it."""
     try:
-        lineage = txid.decode() if txid else None
+        return txid.decode() if txid else None
     except UnicodeDecodeError:
         raise BackendError(f"map {name!r}: its lineage txid is undecodable") from None
-    return decode_fields(name, pairs, lineage)
