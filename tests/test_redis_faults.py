@@ -25,7 +25,9 @@ from caf_sharing.errors import (
     LeaseHeldError,
     MapMissingError,
 )
+from caf_sharing.service import SharingService
 from redisserver import RedisServer
+from relay import Relay
 from test_backend_contract import (
     ACTOR,
     MAP,
@@ -39,6 +41,7 @@ from test_backend_contract import (
     published,
     tx,
 )
+from test_service import Writer, until
 
 pytestmark = pytest.mark.redis
 
@@ -521,6 +524,51 @@ async def test_silent_pubsub_connection_is_detected(backends: Backends) -> None:
     await writer.create_map(MAP)
     await writer.commit(tx("t0", writes=[MapWrite(MAP, changes(0))]))
     await inbox.wait_for(1)
+
+
+async def test_silent_pubsub_link_is_dropped_and_its_replicas_resynced(
+        fresh_server: RedisServer) -> None:
+    # The reader's link goes dead silently while a change set is published:
+    # the health check must drop it, and the replica get the change by a resync.
+    app = f"f{uuid.uuid4().hex[:12]}"
+    with Relay(fresh_server.port) as relay:
+        reader = make_backend(relay.url, app=app, health_check_interval=0.2,
+                              **{**FAST, **NO_GRACE})
+        writer = make_backend(fresh_server.url, app=app, **{**FAST, **NO_GRACE})
+        await reader.start()
+        await writer.start()
+        await writer.acquire_lease("alice-admin", "writer-node", 30)
+        wsvc, rsvc = SharingService(writer), SharingService(reader)
+        try:
+            author = Writer(wsvc, "alice-admin", "alice-admin-m")
+            await author.create(a=1)
+            replica = await rsvc.replica_of("alice-admin-m")
+            assert replica is not None
+            relay.blackhole()
+            version = await author.write(a=2)  # its message is lost on the way
+            await asyncio.sleep(1.0)  # past 2.5 intervals: the link was dropped
+            assert replica.version < version
+            relay.forward()
+            await until(lambda: replica.version == version)
+            assert replica.ref().get("a") == 2 and rsvc.stats.resyncs >= 1
+            assert rsvc.stats.applied == 0  # it came by the resync
+        finally:
+            await wsvc.close()
+            await rsvc.close()
+            await reader.close()
+            await writer.close()
+
+
+async def test_quiet_pubsub_link_that_answers_ping_is_kept(backends: Backends) -> None:
+    backend = await backends(health_check_interval=0.3)
+    reconnects: list[Sequence[str]] = []
+    backend.add_reconnect_listener(reconnects.append)
+    await backend.subscribe(MAP, Inbox())
+    await asyncio.sleep(2.0)  # several PINGs, each answered
+    assert reconnects == []
+    pubsub = [c for c in await asyncio.to_thread(backends.server.client().client_list)
+              if c["cmd"] in ("ping", "ssubscribe", "subscribe")]
+    assert [c["cmd"] for c in pubsub] == ["ping"]
 
 
 async def test_cancelled_queued_commit_is_never_sent(backends: Backends) -> None:

@@ -27,6 +27,7 @@ writer) and primaries (adoption above every seen version, re-asserts).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -132,7 +133,7 @@ class _Replica:
         #: A deletion marker arrived; the next resync checks the store.
         self.deletion_hint = False
         self.watchers: list[Watcher] = []
-        self.handle: MessageHandler = lambda data: service._on_message(self, data)
+        self.handle: MessageHandler = functools.partial(service._on_message, self)
 
 
 @dataclass(slots=True)
@@ -168,6 +169,10 @@ class SharingService:
                  observer: Observer | None = None) -> None:
         self.backend = backend
         self._observer = observer or Observer()
+        # Told of each change set applied only when it overrides on_apply: a
+        # call per message for nobody is a measurable part of a reader's work.
+        self._observes_apply = getattr(getattr(self._observer, "on_apply", None), "__func__",
+                                       None) is not Observer.on_apply
         # The budget of methods run on this node's maps (None: the defaults).
         self._method_limits = check_limits(method_limits)
         self.stats = ServiceStats()
@@ -407,21 +412,25 @@ class SharingService:
             self._schedule_resync(replica)
 
     def _apply(self, replica: _Replica, data: bytes) -> None:
+        shared = replica.map
         try:
             changes = decode_changes(replica.name, data)
-            if isinstance(changes, dict) and changes.get(DELETED) is True:
-                # Only a hint: a forged marker must not empty a replica, so
-                # the resync it triggers reads the store to confirm it.
-                replica.deletion_hint = True
-                self._schedule_resync(replica)
-                return
-            sets = changes if isinstance(changes, list) else [changes]
-            fork = replica.lineage.conflict(replica.map.version, sets)
+            if type(changes) is list:
+                sets = changes
+            else:
+                if isinstance(changes, dict) and changes.get(DELETED) is True:
+                    # Only a hint: a forged marker must not empty a replica, so
+                    # the resync it triggers reads the store to confirm it.
+                    replica.deletion_hint = True
+                    self._schedule_resync(replica)
+                    return
+                sets = [changes]
+            before = shared.version
+            fork = replica.lineage.conflict(before, sets)
             if fork is not None:
                 self._forked(replica, fork)
                 return
-            before = replica.map.version
-            replica.map.apply_changes(changes)
+            shared.apply_changes(changes)
         except MissedUpdateError as exc:
             self.stats.gaps += 1
             self._log.debug("replica %s missed updates (%s): resync", replica.name, exc)
@@ -433,19 +442,23 @@ class SharingService:
             self._schedule_resync(replica)
         else:
             self.stats.applied += 1
-            if replica.map.version > before:
+            version = shared.version
+            if version > before:
                 replica.deleted = False
-                replica.lineage.record(replica.map.version, sets[-1].get("txid"))
-                stamp = sets[-1].get(TIMESTAMP)
+                last = sets[-1]
+                replica.lineage.record(version, last.get("txid"))
+                stamp = last.get(TIMESTAMP)
                 seconds = None
-                if isinstance(stamp, int) and not isinstance(stamp, bool):
+                if type(stamp) is int:
                     lag = self.propagation_lag.get(replica.name)
                     if lag is None:
                         lag = self.propagation_lag[replica.name] = LatencySummary()
                     seconds = max(time.time() - stamp / 1e6, 0.0)
                     lag.observe(seconds)
-                notify(self._observer, "on_apply", replica.name, replica.map.version, seconds)
-                self._changed(replica)
+                if self._observes_apply:
+                    notify(self._observer, "on_apply", replica.name, version, seconds)
+                if replica.watchers:
+                    self._changed(replica)
 
     def _forked(self, replica: _Replica, why: str) -> None:
         self.stats.forks += 1

@@ -161,8 +161,9 @@ class RedisBackend:
     * ``read_chunk_size`` (1000): maps larger than this are read with HSCAN
       of this COUNT, between two reads of the version, instead of HGETALL;
     * ``health_check_interval`` (s, 5; 0: never): PING a pub/sub
-      connection when it was silent that long, and drop it if no answer
-      comes within as long again (a dead link is noticed within 10 s);
+      connection silent that long (looked at every half of it), and drop it
+      if no answer comes within as long again (a dead link is noticed
+      within 12.5 s);
     * ``restart_grace`` (True): a lease that is absent on a server up for
       less than one lease TTL is granted only once the server is that old
       (the node that held it may still run and put back what the restart

@@ -130,6 +130,8 @@ class _Link:
         self._sent: deque[_Sent] = deque()
         self._conn: AbstractConnection | None = None
         self._task: asyncio.Task[None] | None = None
+        #: Replies and pushes read so far (the health check watches it).
+        self.heard = 0
         #: Set while the connection is down past max_retries.
         self.down: BackendUnavailableError | None = None
 
@@ -183,13 +185,19 @@ class _Link:
 
     async def _run(self) -> None:
         settings = self.hub.settings
+        # The handshake too: a server that accepts but never answers (behind
+        # a dead link) would otherwise hold the link for good.
+        connect_timeout = settings.conn_kwargs["socket_connect_timeout"] \
+            + (settings.socket_timeout or 0)
         failures = 0
         lost = False
         while True:
             conn = self.server.pool.connect()
             try:
-                await conn.connect_check_health(check_health=False)
+                async with asyncio.timeout(connect_timeout):
+                    await conn.connect_check_health(check_health=False)
             except Exception as exc:  # refused, timed out, bad TLS setup...
+                await conn.disconnect(nowait=True)
                 failures += 1
                 if failures > settings.max_retries:
                     if self.down is None:
@@ -231,32 +239,53 @@ class _Link:
                     return
 
     async def _serve(self, conn: AbstractConnection, reconnected: bool) -> None:
-        """Subscribe everything on a fresh connection, then read it until it fails."""
+        """Subscribe everything on a fresh connection, then read it until it
+        fails or, with a health check, stays silent: PINGed once nothing came
+        for ``health_check_interval`` seconds (counted in halves of it), it is
+        dropped when nothing comes back within as long again."""
         self._conn = conn
         self._sent = deque()
         if reconnected:
             for channel in self.channels.values():
                 channel.missed = True
         await self.subscribe(list(self.channels.values()))
-        timeout = self.hub.settings.health_check_interval or math.inf
-        pinged = False
+        # The reads go on in a task of their own, with no timeout: a timeout
+        # per read costs a timer per message; this loop looks at the count
+        # of messages read twice per interval instead.
+        reading = asyncio.get_running_loop().create_task(
+            self._read(conn), name=f"caf-sharing pub/sub reader {self.server.name}")
+        interval = self.hub.settings.health_check_interval
+        try:
+            heard, quiet = self.heard, 0
+            while not (await asyncio.wait((reading,), timeout=interval / 2 or None))[0]:
+                quiet = 0 if self.heard != heard else quiet + 1
+                heard = self.heard
+                if quiet == 2:
+                    await self.send("PING", b"pong", [])
+                elif quiet == 4:
+                    raise rexc.TimeoutError("pub/sub connection does not answer PING")
+            reading.result()  # what ended the reads
+        finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+
+    async def _read(self, conn: AbstractConnection) -> None:
+        """Read pushes and replies until the connection fails; count them in
+        ``heard``."""
+        message_kind = self.hub.verbs.message
+        read = conn.read_response
         while True:
             try:
-                message = await conn.read_response(timeout=timeout)
+                message = await read(timeout=math.inf)
             except rexc.ResponseError as exc:
+                self.heard += 1
                 self._on_error(exc)
                 continue
-            if message is None:  # silent for health_check_interval seconds
-                if pinged:
-                    raise rexc.TimeoutError("pub/sub connection does not answer PING")
-                await self.send("PING", b"pong", [])
-                pinged = True
-                continue
-            pinged = False
-            if isinstance(message, bytes):  # PONG on a connection with no subscription
-                message = [b"pong", b""]
-            if message[0] == self.hub.verbs.message:
+            self.heard += 1
+            if type(message) is list and message[0] == message_kind:
                 self._dispatch(message[1], message[2])
+            elif isinstance(message, bytes):  # PONG on a connection with no subscription
+                self._on_reply([b"pong", b""])
             else:
                 self._on_reply(message)
 
