@@ -64,12 +64,14 @@ from ..base import (
     Transaction,
 )
 from ..wire import (
+    VERSION_FIELD,
     EncodedTransaction,
     Fields,
     check_app,
     check_one_owner,
     check_open,
     decode_checkpoint,
+    decode_version,
     deleted_marker,
     encode_dump,
     encode_transaction,
@@ -338,6 +340,24 @@ class RedisBackend:
         reply = await call(command(2**62), owner, what,
                            allowance(0, sum(s[2] for s in before)))
         return decode_all(names, reply)
+
+    async def map_stamp(self, name: str) -> tuple[int, str | None] | None:
+        """The version of ``name`` and the txid that made it (``None``: no
+        such map), without reading its content (see :mod:`.base`)."""
+        check_map_name(name)
+        self._check_open()
+        owner = map_owner(name)
+        # One slot (the owner's hash tag), one round trip, run back to back.
+        version, txid = (await self._router.call(
+            [("HGET", self._keys.map(name), VERSION_FIELD),
+             ("HGET", self._keys.actor(owner, "lineage"), name)],
+            owner, f"map_stamp {name}")).replies
+        for reply in (version, txid):
+            if isinstance(reply, rexc.ResponseError):
+                raise BackendError(f"Redis at {self.url}: map_stamp {name} failed: {reply}")
+        if version is None:
+            return None
+        return decode_version(name, version), _txid(txid) or None
 
     async def _scan(self, name: str, key: str, owner: str, what: str,
                     chunk_time: float) -> _Scan:
