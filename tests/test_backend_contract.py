@@ -470,6 +470,23 @@ async def test_create_and_write_in_one_transaction(backend: Backend) -> None:
     assert as_dict(await backend.read_map(MAP)) == {"a": 1, "b": 2, V: 1}
 
 
+async def test_map_stamp_is_the_version_and_the_commit_that_made_it(backend: Backend) -> None:
+    stamp = backend.map_stamp  # type: ignore[attr-defined]  # optional, both offer it
+    assert await stamp(MAP) is None
+    await backend.acquire_lease(ACTOR, NODE, 10.0)
+    assert await backend.commit(tx("t1", creates=[MapCreate(MAP, dump(3, {"a": 1}))]))
+    assert await stamp(MAP) == (3, "t1")
+    # A create of an existing map leaves it, and its stamp, alone.
+    assert await backend.commit(tx("t2", prev="t1", creates=[MapCreate(MAP, dump(1, {}))]))
+    assert await stamp(MAP) == (3, "t1")
+    assert await backend.commit(tx("t3", prev="t2", writes=[MapWrite(MAP, changes(3, {"b": 2}))]))
+    assert await stamp(MAP) == (4, "t3")
+    await backend.delete_map(MAP)
+    assert await stamp(MAP) is None
+    await backend.create_map(MAP2)
+    assert await stamp(MAP2) == (0, None)
+
+
 async def test_missing_map_then_retry_with_full_recreates_it(backend: Backend) -> None:
     await setup_map(backend, initial=dump(0, {"a": 1}))
     last = await advance(backend, 0, 3)

@@ -22,6 +22,7 @@ from caf_sharing.backends import MapWrite, make_backend
 from caf_sharing.backends.redis.backend import _Scan
 from caf_sharing.backends.wire import (
     MAX_VERSION,
+    check_dump,
     decode_changes,
     decode_fields,
     decode_flat,
@@ -156,6 +157,33 @@ def test_a_write_that_is_not_exactly_one_version_on_is_refused(write: dict[str, 
     with pytest.raises(InvalidChangeSetError, match=match):
         encode_transaction(tx("t", writes=[MapWrite(MAP, write)]))
     encode_transaction(tx("t", writes=[MapWrite(MAP, changes(3, {"a": 1}))]))
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_whole_map_is_checked_whole_before_anything_is_encoded_for_good() -> None:
+    """check_dump refuses a bad value anywhere in a big dump, naming its key,
+    and its fields encode to what encode_dump gives, with their exact size."""
+    items: dict[str, Any] = {f"k{i}": {"n": i, "s": "é" * (i % 7)} for i in range(10_000)}
+    # orjson refuses this one inside a list, not alone: it is a good value.
+    items["deep"] = nested(254)
+    version, fields = check_dump(MAP, dump(4, items))
+    pairs = [(key, orjson.dumps(value)) for key, value in items.items()]
+    assert version == 4 and len(fields) == len(items) and list(fields) == pairs
+    assert fields.size == sum(len(key) + len(raw) for key, raw in pairs)
+    assert encode_dump(MAP, dump(4, items)) == (4, pairs)
+    assert [pair for chunk in fields.chunks(3000, 1 << 20) for pair in chunk] == pairs
+    assert max(len(chunk) for chunk in fields.chunks(3000, 1 << 20)) == 3000
+    for bad in (object(), nested(300), 2 ** 64):
+        with pytest.raises(InvalidChangeSetError, match="value of key 'k9000' is not JSON data"):
+            check_dump(MAP, dump(4, {**items, "k9000": {"a": [1, bad]}}))
+    with pytest.raises(InvalidChangeSetError, match="non-str key 7"):
+        check_dump(MAP, {"version": 0, "remove": [], "add": [*dump(4, items)["add"], 7, 1]})
 
 
 # -- forged data in a real Redis ------------------------------------------------

@@ -149,6 +149,9 @@ class PreparedSharing:
 class _PendingAdd:
     info: MapInfo
     initial: dict[str, Any] | None
+    #: The map holding the initial value (whose dump ``initial`` is), which
+    #: becomes the primary once the commit created the map.
+    map: SharedMap | None = None
 
 
 class ActorSharing:
@@ -213,7 +216,32 @@ class ActorSharing:
             raise InvalidNameError(
                 f"map alias {alias!r} already refers to {current.info.name!r}; "
                 "delete it first")
-        self._pending[alias] = _PendingAdd(info, _initial_dump(info.name, initial))
+        self._pending[alias] = self._initial(info, initial)
+
+    def _initial(self, info: MapInfo, initial: Mapping[str, Any] | None) -> _PendingAdd:
+        """Validate an initial value now (so a bad one fails at the call) into
+        the map that holds it, which is the dump the backend creates the map
+        from and, once created, the primary: no other copy of a big initial
+        value is made, and none is read back."""
+        if initial is None or not info.writable:
+            return _PendingAdd(info, None)
+        if not isinstance(initial, Mapping):
+            raise InvalidTypeError(f"initial value of map {info.name!r} must be a dict, "
+                                   f"got {type(initial).__name__}")
+        if not initial:
+            return _PendingAdd(info, None)
+        shared = self._service.new_primary_map()
+        kept, shared.max_updates = shared.max_updates, 0
+        ref = shared.ref()
+        for key, value in initial.items():
+            ref.set(key, value)
+        ref.prepare()
+        shared.commit(ref)
+        # Not recorded (max_updates 0): no reader asks for the change set of
+        # a map's creation (version 0 needs a dump), and it is as big as the map.
+        shared.max_updates = kept
+        del ref
+        return _PendingAdd(info, dict(shared.ref(read_only=True).dump()), shared)
 
     def _committed_add(self, alias: str) -> _PendingAdd | None:
         info = self._info.get(alias)
@@ -398,6 +426,8 @@ class ActorSharing:
                 staged = self._staged.pop(alias, None)
                 if staged is not None:
                     self._objects[alias] = staged
+                if pending.map is not None:
+                    await self._service.install_created(pending.info.name, pending.map)
         self._pending.clear()
         self._staged.clear()
         self._sync_watches()
@@ -561,22 +591,3 @@ async def _snapshot(obj: MapObject | None, info: MapInfo) -> Snapshot | None:
     if isinstance(obj, AggregateMap):
         return await obj.assemble()
     return obj.ref(read_only=not info.writable)
-
-
-def _initial_dump(name: str, initial: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Validate an initial value now (so a bad one fails at the call) and turn
-    it into the dump the backend creates the map from."""
-    if initial is None:
-        return None
-    if not isinstance(initial, Mapping):
-        raise InvalidTypeError(
-            f"initial value of map {name!r} must be a dict, got {type(initial).__name__}")
-    if not initial:
-        return None
-    shared = SharedMap()
-    ref = shared.ref()
-    for key, value in initial.items():
-        ref.set(key, value)
-    ref.prepare()
-    shared.commit(ref)
-    return dict(shared.ref(read_only=True).dump())

@@ -182,6 +182,8 @@ class SharingService:
         self._max_updates = max_updates
         self._log = logger or log
         self._primaries: dict[str, _Primary] = {}
+        # Maps created by the last commit that created them: name -> its txid.
+        self._created: dict[str, str] = {}
         # The actors this node hosts, as lineage sees them.
         self._stays = Stays()
         self._replicas: dict[tuple[str, bool], _Replica] = {}
@@ -207,10 +209,38 @@ class SharingService:
             return found.map
         return self._load_primary(name, dump).map
 
+    def new_primary_map(self) -> SharedMap:
+        """An empty map made as this service makes its primaries."""
+        return SharedMap(max_updates=self._max_updates, logger=self._log,
+                         method_limits=self._method_limits)
+
+    async def install_created(self, name: str, shared: SharedMap) -> bool:
+        """Take ``shared`` (made by :meth:`new_primary_map`, holding the
+        initial value of a map the last commit created) as the primary of
+        ``name`` instead of reading the map back, if the store holds exactly
+        it: the version of ``shared`` made by that commit (one map version
+        made by one commit has one content). Else (or with a backend that
+        cannot tell) the primary is read from the store when first needed,
+        as ever."""
+        txid = self._created.pop(name, None)
+        stamp_of = getattr(self.backend, "map_stamp", None)
+        if txid is None or stamp_of is None or name in self._primaries:
+            return False
+        try:
+            stamp = await stamp_of(name)
+        except SharingError as exc:
+            # Only a shortcut: the message committed, and the read still works.
+            self._log.debug("map %s: stamp unavailable (%s); reading it when needed", name, exc)
+            return False
+        if stamp != (shared.version, txid) or name in self._primaries \
+                or not self._stays.own(map_owner(name), txid):
+            return False
+        self._primaries[name] = _Primary(shared, txid)
+        return True
+
     def _load_primary(self, name: str, dump: ChangeSet) -> _Primary:
         txid = dump.get("txid")
-        shared = SharedMap(max_updates=self._max_updates, logger=self._log,
-                           method_limits=self._method_limits)
+        shared = self.new_primary_map()
         if self._stays.own(map_owner(name), txid):
             shared.apply_changes(dump)
             primary = _Primary(shared, txid)
@@ -677,6 +707,9 @@ class SharingService:
             primary.txid, primary.rebase_from = txid, None
         for name in deletes:
             self._primaries.pop(name, None)
+        for create in creates:
+            if create.initial is not None:  # the creates install_created is told of
+                self._created[create.name] = txid
 
     @staticmethod
     def _full(ref: MapRef, txid: str | None) -> ChangeSet:
@@ -712,6 +745,7 @@ class SharingService:
         self._retired.clear()
         self._aggregates.clear()
         self._primaries.clear()
+        self._created.clear()
         for task in self._resyncs.values():
             task.cancel()
         self._resyncs.clear()

@@ -55,6 +55,12 @@ Semantics every backend must keep (the contract tests check them on each one):
 * A *re-assert* (``tx.reassert``) is a node putting back what the store lost
   of its own actor: writes with ``full`` and every restore are stored whatever
   the store holds, after the lease and chain checks.
+* A backend may also offer ``async map_stamp(name) -> (version, txid) |
+  None``: the stored version of a map and the txid of the commit that made
+  it (``None`` when unknown), without its content. Not part of
+  :class:`Backend` (a backend without it still works): the sharing service
+  uses it when present to take a map a commit just created from its own copy
+  instead of reading it back, once the stamp proves the store holds it.
 * Handlers passed to ``subscribe`` receive the raw bytes published on the
   map's channel (orjson-encoded change sets), are called from the event loop
   and never from inside the ``commit`` call that published them.

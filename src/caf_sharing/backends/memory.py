@@ -247,6 +247,15 @@ class MemoryBackend:
             return {name: None if m is None else self._dump(name, m)
                     for name, m in found.items()}
 
+    async def map_stamp(self, name: str) -> tuple[int, str | None] | None:
+        """The version of ``name`` and the txid that made it (``None``: no
+        such map), without reading its content (see :mod:`.base`)."""
+        check_map_name(name)
+        self._check_open()
+        with self.store.lock:
+            stored = self._space.maps.get(name)
+            return None if stored is None else (stored.version, stored.txid)
+
     async def delete_map(self, name: str) -> bool:
         check_map_name(name)
         self._check_open()

@@ -21,9 +21,9 @@ import functools
 import math
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import orjson
 
@@ -46,8 +46,10 @@ __all__ = [
     "EncodedRestore",
     "EncodedTransaction",
     "EncodedWrite",
+    "Fields",
     "chain_broken",
     "check_app",
+    "check_dump",
     "check_one_owner",
     "decode_changes",
     "decode_checkpoint",
@@ -85,23 +87,101 @@ def check_app(app: object) -> str:
     return app
 
 
+class Fields:
+    """The user fields of a checked whole map (a create's initial value, a
+    full dump, a restore), each value orjson-encoded when iterated.
+
+    Every key and value was checked when it was made (a bad value is refused
+    before anything is stored, as ever), but nothing encoded is kept: a big
+    map is sent in chunks (:meth:`chunks`), each encoded just before it goes,
+    and all its encoded values held at once took more memory than the map.
+    Iterating again encodes again (a retry)."""
+
+    __slots__ = ("_flat", "map_name", "size")
+
+    def __init__(self, map_name: str, flat: list[Any], size: int) -> None:
+        self.map_name = map_name
+        # User keys and values, alternating (the version pair taken out).
+        self._flat = flat
+        #: Bytes of the encoded fields: keys (in characters) plus values.
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self._flat) // 2
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        flat, name = self._flat, self.map_name
+        for i in range(0, len(flat), 2):
+            key = flat[i]
+            yield key, _encode(name, key, flat[i + 1])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Fields):
+            other = list(other)
+        return isinstance(other, list) and list(self) == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<Fields of map {self.map_name!r}: {len(self)} fields, {self.size} bytes>"
+
+    def chunks(self, fields: int, size: int) -> Iterator[Pairs]:
+        """The fields in runs of at most ``fields`` fields and about ``size``
+        bytes, each encoded as it is made."""
+        chunk: Pairs = []
+        held = 0
+        for pair in self:
+            chunk.append(pair)
+            held += len(pair[0]) + len(pair[1])
+            if len(chunk) >= fields or held >= size:
+                yield chunk
+                chunk, held = [], 0
+        if chunk:
+            yield chunk
+
+
+#: Values checked by one orjson call: encoding a run at once is much cheaper
+#: than one call each, and the run is dropped at once.
+_CHECK_RUN = 4096
+
+
+def _checked_fields(map_name: str, flat: list[Any]) -> Fields:
+    """``flat`` (str keys and values, alternating) as :class:`Fields`, once
+    every value is known to encode (else the error naming the first bad one)."""
+    size = 0
+    step = 2 * _CHECK_RUN
+    for start in range(0, len(flat), step):
+        keys = flat[start:start + step:2]
+        values = flat[start + 1:start + step:2]
+        size += sum(map(len, keys))
+        try:
+            # "[v1,v2,...]": the values, a comma between two, two brackets.
+            size += len(orjson.dumps(values)) - len(values) - 1
+        except TypeError:
+            # Find the bad value (a run may also be refused for its own
+            # depth, one level more than any value's: then none is bad).
+            size += sum(len(_encode(map_name, key, value))
+                        for key, value in zip(keys, values, strict=True))
+    return Fields(map_name, flat, size)
+
+
 @dataclass(slots=True)
 class EncodedCreate:
-    """A map to create when absent: its version and encoded user fields."""
+    """A map to create when absent: its version and user fields."""
 
     name: str
     version: int
-    fields: Pairs
+    fields: Fields
 
 
 @dataclass(slots=True)
 class EncodedRestore:
-    """A map a re-assert puts back: its version, lineage and encoded fields."""
+    """A map a re-assert puts back: its version, lineage and user fields."""
 
     name: str
     version: int
     txid: str | None
-    fields: Pairs
+    fields: Fields
 
 
 @dataclass(slots=True)
@@ -113,8 +193,8 @@ class EncodedWrite:
     new_version: int
     remove: list[str]
     add: Pairs
-    #: Encoded user fields of the ``full`` dump (``None`` without one).
-    full: Pairs | None
+    #: User fields of the ``full`` dump (``None`` without one).
+    full: Fields | None
     #: What subscribers receive: the change set as given, orjson-encoded, with
     #: the commit's time added (:data:`TIMESTAMP`).
     payload: bytes
@@ -173,11 +253,22 @@ def _check_version(map_name: str, what: str, field: str, value: object) -> int:
 _SEQUENCE = (list, tuple)
 
 
-def _split_changes(map_name: str, changes: object, what: str
-                   ) -> tuple[int, list[str], Pairs, int | None]:
+@overload
+def _split_changes(map_name: str, changes: object, what: str, whole: Literal[False] = False
+                   ) -> tuple[int, list[str], Pairs, int | None]: ...
+
+
+@overload
+def _split_changes(map_name: str, changes: object, what: str, whole: Literal[True]
+                   ) -> tuple[int, list[str], Fields, int | None]: ...
+
+
+def _split_changes(map_name: str, changes: object, what: str, whole: bool = False
+                   ) -> tuple[int, list[str], Pairs | Fields, int | None]:
     """Check the shape of a change set; return (version, remove, encoded user
     pairs, value of the ``__ca_version__`` pair or None). Run for every map a
-    commit writes: the checks are the same as ever, in as few steps as can be."""
+    commit writes: the checks are the same as ever, in as few steps as can be.
+    A ``whole`` map's pairs come as :class:`Fields`, encoded when sent."""
     if not isinstance(changes, dict):
         raise InvalidChangeSetError(
             f"map {map_name!r}: {what} must be a dict, got {type(changes).__name__}")
@@ -200,29 +291,57 @@ def _split_changes(map_name: str, changes: object, what: str
         if key == VERSION_FIELD:
             raise InvalidChangeSetError(
                 f"map {map_name!r}: {what} removes the reserved key {VERSION_FIELD!r}")
-    pairs: Pairs = []
     new_version: int | None = None
     pairs_of = iter(add)
+    if whole:
+        # Kept as they are (checked below): encoded only when sent.
+        flat: list[Any] = []
+        keep = flat.extend
+        for key, value in zip(pairs_of, pairs_of, strict=True):  # len(add) is even
+            if not isinstance(key, str):
+                raise _non_str_key(map_name, what, key)
+            if key == VERSION_FIELD:
+                new_version = _version_pair(map_name, what, value, new_version)
+            else:
+                keep((key, value))
+        return version, removed, _checked_fields(map_name, flat), new_version
+    pairs: Pairs = []
     for key, value in zip(pairs_of, pairs_of, strict=True):  # len(add) is even
         if not isinstance(key, str):
-            raise InvalidChangeSetError(f"map {map_name!r}: {what} adds a non-str key {key!r}")
+            raise _non_str_key(map_name, what, key)
         if key == VERSION_FIELD:
-            if new_version is not None:
-                raise InvalidChangeSetError(
-                    f"map {map_name!r}: {what} holds {VERSION_FIELD!r} twice in 'add'")
-            new_version = _check_version(map_name, what, VERSION_FIELD, value)
+            new_version = _version_pair(map_name, what, value, new_version)
         else:
             pairs.append((key, _encode(map_name, key, value)))
     return version, removed, pairs, new_version
 
 
-def encode_dump(map_name: str, dump: object, what: str = "dump") -> tuple[int, Pairs]:
-    """Validate a dump (version 0, no removes); return its version and fields."""
-    version, remove, pairs, stored = _split_changes(map_name, dump, what)
+def _non_str_key(map_name: str, what: str, key: object) -> InvalidChangeSetError:
+    return InvalidChangeSetError(f"map {map_name!r}: {what} adds a non-str key {key!r}")
+
+
+def _version_pair(map_name: str, what: str, value: object, new_version: int | None) -> int:
+    """The value of the version pair, found (again, if ``new_version`` is set)."""
+    if new_version is not None:
+        raise InvalidChangeSetError(
+            f"map {map_name!r}: {what} holds {VERSION_FIELD!r} twice in 'add'")
+    return _check_version(map_name, what, VERSION_FIELD, value)
+
+
+def check_dump(map_name: str, dump: object, what: str = "dump") -> tuple[int, Fields]:
+    """Validate a dump (version 0, no removes); return its version and its
+    fields, encoded when iterated."""
+    version, remove, fields, stored = _split_changes(map_name, dump, what, whole=True)
     if version != 0 or remove:
         raise InvalidChangeSetError(
             f"map {map_name!r}: a {what} must have version 0 and no removes")
-    return (stored or 0), pairs
+    return (stored or 0), fields
+
+
+def encode_dump(map_name: str, dump: object, what: str = "dump") -> tuple[int, Pairs]:
+    """Validate a dump (version 0, no removes); return its version and fields."""
+    version, fields = check_dump(map_name, dump, what)
+    return version, list(fields)
 
 
 def _encode_write(actor: str, txid: str, write: object) -> EncodedWrite:
@@ -252,9 +371,9 @@ def _encode_write(actor: str, txid: str, write: object) -> EncodedWrite:
             raise InvalidChangeSetError(
                 f"map {name!r}: a write renumbers a stored version to a higher one, "
                 f"not {rebase_from} to {base}")
-    full: Pairs | None = None
+    full: Fields | None = None
     if write.full is not None:
-        full_version, full = encode_dump(name, write.full, "full dump")
+        full_version, full = check_dump(name, write.full, "full dump")
         if full_version != new_version:
             raise InvalidChangeSetError(
                 f"map {name!r}: full dump is at version {full_version}, "
@@ -289,8 +408,8 @@ def _encode_create(actor: str, create: object) -> EncodedCreate:
         raise TypeError(f"transaction creates must be MapCreate, got {type(create).__name__}")
     name = _owned_map(actor, create.name, "creates")
     if create.initial is None:
-        return EncodedCreate(name, 0, [])
-    version, fields = encode_dump(name, create.initial, "initial value")
+        return EncodedCreate(name, 0, Fields(name, [], 0))
+    version, fields = check_dump(name, create.initial, "initial value")
     return EncodedCreate(name, version, fields)
 
 
@@ -325,7 +444,7 @@ def _encode_restore(actor: str, restore: object) -> EncodedRestore:
     if not isinstance(restore, MapRestore):
         raise TypeError(f"transaction restores must be MapRestore, got {type(restore).__name__}")
     name = _owned_map(actor, restore.name, "restores")
-    version, fields = encode_dump(name, restore.dump, "restored dump")
+    version, fields = check_dump(name, restore.dump, "restored dump")
     txid = restore.dump.get("txid") if isinstance(restore.dump, dict) else None
     if txid is not None:
         _check_txid("restored dump txid", txid)

@@ -34,7 +34,7 @@ import functools
 import inspect
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, TypeVar
@@ -64,12 +64,14 @@ from ..base import (
     Transaction,
 )
 from ..wire import (
+    VERSION_FIELD,
     EncodedTransaction,
-    Pairs,
+    Fields,
     check_app,
     check_one_owner,
     check_open,
     decode_checkpoint,
+    decode_version,
     deleted_marker,
     encode_dump,
     encode_transaction,
@@ -340,6 +342,24 @@ class RedisBackend:
                            allowance(0, sum(s[2] for s in before)))
         return decode_all(names, reply)
 
+    async def map_stamp(self, name: str) -> tuple[int, str | None] | None:
+        """The version of ``name`` and the txid that made it (``None``: no
+        such map), without reading its content (see :mod:`.base`)."""
+        check_map_name(name)
+        self._check_open()
+        owner = map_owner(name)
+        # One slot (the owner's hash tag), one round trip, run back to back.
+        version, txid = (await self._router.call(
+            [("HGET", self._keys.map(name), VERSION_FIELD),
+             ("HGET", self._keys.actor(owner, "lineage"), name)],
+            owner, f"map_stamp {name}")).replies
+        for reply in (version, txid):
+            if isinstance(reply, rexc.ResponseError):
+                raise BackendError(f"Redis at {self.url}: map_stamp {name} failed: {reply}")
+        if version is None:
+            return None
+        return decode_version(name, version), _txid(txid) or None
+
     async def _scan(self, name: str, key: str, owner: str, what: str,
                     chunk_time: float) -> _Scan:
         """Read map ``name`` (at ``key``) in HSCAN chunks, each decoded as it
@@ -523,7 +543,7 @@ class RedisBackend:
         return await committer.commit(pending)
 
     async def _stage(self, enc: EncodedTransaction,
-                     big: list[tuple[str, str, Pairs]]) -> dict[str, str]:
+                     big: list[tuple[str, str, Fields]]) -> dict[str, str]:
         """Write the content of each big map the commit writes whole (a create,
         a full dump, a restore: ``big``, from :func:`_big_wholes`) to a hash of
         its own first, in chunks of one round trip each, so that no call
@@ -531,11 +551,14 @@ class RedisBackend:
         seconds). The commit renames it into place, atomically with the rest;
         until then readers see nothing of it. A hash no commit claims expires."""
         staged: dict[str, str] = {}
-        for item, name, pairs in big:
+        for item, name, fields in big:
             key = staged[item] = self._keys.stage(enc, item)
             what = f"commit {enc.txid}: staging map {name}"
-            for n, chunk in enumerate(_chunks(pairs)):
+            # Each chunk is encoded just before it is sent and dropped once
+            # sent: the client never holds the whole map encoded.
+            for n, chunk in enumerate(fields.chunks(STAGE_FIELDS, STAGE_BYTES)):
                 commands: list[Command] = [("HSET", key, *flatten(chunk))]
+                del chunk
                 if n == 0:
                     # What an earlier attempt of this txid staged goes first.
                     commands = [("UNLINK", key), *commands, ("PEXPIRE", key, STAGE_TTL_MS)]
@@ -740,7 +763,7 @@ _TAG = re.compile(rb"\{([^}]*)\}")
 _KEY = re.compile(rb"caf:([A-Za-z0-9_.\-]+):\{([^}]*)\}:(cp|lease|map:.+)")
 
 
-def _big_wholes(enc: EncodedTransaction) -> list[tuple[str, str, Pairs]]:
+def _big_wholes(enc: EncodedTransaction) -> list[tuple[str, str, Fields]]:
     """The whole maps of ``enc`` (creates, full dumps, restores) too big for
     the commit script itself: (item, map name, fields) each, the item naming
     it in the commit's arguments (see :meth:`Keys.commit`)."""
@@ -750,24 +773,8 @@ def _big_wholes(enc: EncodedTransaction) -> list[tuple[str, str, Pairs]]:
               *((f"w{i}", w.name, w.full) for i, w in enumerate(enc.writes)
                 if w.full is not None),
               *((f"r{i}", r.name, r.fields) for i, r in enumerate(enc.restores))]
-    return [(item, name, pairs) for item, name, pairs in wholes
-            if len(pairs) > STAGE_FIELDS or _size(pairs) > STAGE_BYTES]
-
-
-def _size(pairs: Pairs) -> int:
-    return sum(len(key) + len(value) for key, value in pairs)
-
-
-def _chunks(pairs: Pairs) -> Iterator[Pairs]:
-    """``pairs`` in runs of at most STAGE_FIELDS fields and about STAGE_BYTES."""
-    start = 0
-    while start < len(pairs):
-        end, size = start, 0
-        while end < len(pairs) and end - start < STAGE_FIELDS and size < STAGE_BYTES:
-            size += len(pairs[end][0]) + len(pairs[end][1])
-            end += 1
-        yield pairs[start:end]
-        start = end
+    return [(item, name, fields) for item, name, fields in wholes
+            if len(fields) > STAGE_FIELDS or fields.size > STAGE_BYTES]
 
 
 def _registered_maps(actor: str, checkpoint: Checkpoint | None) -> list[str]:

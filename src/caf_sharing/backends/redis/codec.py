@@ -18,7 +18,7 @@ included, share a slot and one script call can touch them all)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import hiredis
@@ -33,7 +33,7 @@ from ...errors import (
 )
 from ...names import map_owner
 from ..base import RECENT_TXIDS, ChangeSet
-from ..wire import EncodedTransaction, Pairs, chain_broken, decode_flat, decode_version
+from ..wire import EncodedTransaction, Fields, chain_broken, decode_flat, decode_version
 from .scripts import COMMIT
 
 __all__ = ["Command", "Keys", "commit_outcome", "decode_all", "decode_txid", "flatten", "pack",
@@ -86,7 +86,7 @@ class Keys:
         keys.extend(f"{prefix}map:{name}" for name in tx.deletes)
         staged = staged or {}
 
-        def items(item: str, pairs: Pairs) -> list[Any]:
+        def items(item: str, pairs: Fields) -> list[Any]:
             stage = staged.get(item)
             if stage is None:
                 return [2 * len(pairs), *flatten(pairs)]
@@ -127,7 +127,7 @@ class StageLostError(BackendError):
     """The staged content of a big map was gone when its commit ran."""
 
 
-def flatten(pairs: Sequence[tuple[str, bytes]]) -> list[str | bytes]:
+def flatten(pairs: Iterable[tuple[str, bytes]]) -> list[str | bytes]:
     flat: list[str | bytes] = []
     for key, value in pairs:
         flat.append(key)
