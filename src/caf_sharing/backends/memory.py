@@ -435,7 +435,8 @@ class MemoryBackend:
                 raise LeaseLostError(tx.actor, tx.node_id, holder)
             raise chain_broken(tx, stored_txid)
         take_lease = holder is None
-        created = {c.name: c.version for c in tx.creates if c.name not in space.maps}
+        created = {c.name: c.version for c in tx.creates if c.name not in space.maps} \
+            if tx.creates else {}
         recreate: set[str] = set()
         missing: list[str] = []
         for write in tx.writes:
@@ -469,7 +470,7 @@ class MemoryBackend:
                     f"{write.base}", name=write.name, expected=write.base, current=current)
         if missing:
             raise MapMissingError(missing)
-        deleted = [name for name in tx.deletes if name in space.maps]
+        deleted = [name for name in tx.deletes if name in space.maps] if tx.deletes else []
         # Every check passed: from here on nothing can fail.
         if take_lease:
             space.leases[tx.actor] = _Lease(tx.node_id, now + tx.lease_ttl_ms / 1000)

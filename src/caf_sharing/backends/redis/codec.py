@@ -80,10 +80,14 @@ class Keys:
         # Every map of a transaction is owned by its actor (checked when encoded).
         prefix = f"caf:{self.app}:{{{tx.actor}}}:"
         keys = [prefix + "cp", prefix + "lease", prefix + "lineage", prefix + "recent"]
-        keys.extend(f"{prefix}map:{c.name}" for c in tx.creates)
+        # The order of KEYS the script reads; most commits only write.
+        if tx.creates:
+            keys += [f"{prefix}map:{c.name}" for c in tx.creates]
         keys += [f"{prefix}map:{w.name}" for w in tx.writes]
-        keys.extend(f"{prefix}map:{r.name}" for r in tx.restores)
-        keys.extend(f"{prefix}map:{name}" for name in tx.deletes)
+        if tx.restores:
+            keys += [f"{prefix}map:{r.name}" for r in tx.restores]
+        if tx.deletes:
+            keys += [f"{prefix}map:{name}" for name in tx.deletes]
         staged = staged or {}
 
         def items(item: str, pairs: Fields) -> list[Any]:
