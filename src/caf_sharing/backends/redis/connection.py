@@ -14,15 +14,21 @@ A round trip whose caller stops waiting (cancelled) leaves the connection
 usable: its replies still arrive in order and are dropped. A time-out or a
 lost connection fails every round trip on it and closes it.
 
-Pub/sub connections stay redis-py's (:mod:`.pubsub`): they are long-lived
-readers, not round trips.
+A pub/sub connection (:mod:`.pubsub`) is one in push mode: after its
+handshake, every reply goes to ``on_push`` as it is parsed, in
+``data_received`` itself, so a change set reaches its replica in the event
+loop's pass that read it, not in a task woken in the next one (whose turn
+may come after other tasks woken by the same pass, such as the commit whose
+reply arrived with it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +40,8 @@ from .codec import Command, pack
 from .options import Endpoint
 
 __all__ = ["Connection", "open_connection"]
+
+_log = logging.getLogger("caf_sharing.backends.redis")
 
 
 @dataclass(eq=False, slots=True)
@@ -57,6 +65,10 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
+        #: Push mode: receives every reply no round trip waits for.
+        self.on_push: Callable[[Any], None] | None = None
+        #: Settles with the error that closed the connection.
+        self.lost: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -67,7 +79,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         reader, waiting = self._reader, self._waiting
         reader.feed(data)
-        while waiting:
+        while waiting or self.on_push is not None:
             try:
                 reply = reader.gets()
             except rexc.InvalidResponse as exc:
@@ -75,12 +87,29 @@ class Connection(asyncio.Protocol):
                 return
             if reply is False:
                 return
+            if not waiting:
+                self._push(reply)
+                if self.closed:
+                    return
+                continue
             trip = waiting[0]
             trip.replies.append(reply)
             if len(trip.replies) == trip.count:
                 waiting.popleft()
                 if not trip.future.done():
                     trip.future.set_result(trip.replies)
+
+    def _push(self, reply: Any) -> None:
+        if isinstance(reply, Exception) and not isinstance(reply, rexc.ResponseError):
+            # A refused connection (NOAUTH...): it is of no use any more.
+            self._fail(reply)
+            return
+        assert self.on_push is not None
+        try:
+            self.on_push(reply)
+        except Exception:
+            # A bug in the handler must not take the connection down with it.
+            _log.exception("handling a pushed reply failed: %.200r", reply)
 
     def eof_received(self) -> bool:
         self._fail(rexc.ConnectionError("the server closed the connection"))
@@ -120,8 +149,16 @@ class Connection(asyncio.Protocol):
         elif oldest.deadline != float("inf"):
             self._timer = loop.call_at(oldest.deadline, self._check)
 
+    def send(self, packed: bytes) -> None:
+        """Write RESP-encoded commands whose replies go to ``on_push``."""
+        if self.closed or self._transport is None:
+            raise rexc.ConnectionError("the connection is closed")
+        self._transport.write(packed)
+
     def _fail(self, error: Exception) -> None:
         """Fail every round trip on this connection and close it."""
+        if not self.lost.done():
+            self.lost.set_result(error)
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()

@@ -28,19 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis import exceptions as rexc
-from redis.asyncio.connection import AbstractConnection
 
 from ...errors import BackendError, BackendUnavailableError
 from ...names import map_owner
 from ..base import MessageHandler
-from .codec import slot_of
+from .codec import pack, slot_of
+from .connection import Connection, open_connection
 from .options import Settings
 from .routing import FATAL, RETRYABLE, Router, Server
 
@@ -128,7 +127,7 @@ class _Link:
         self.server = server
         self.channels: dict[bytes, _Channel] = {}
         self._sent: deque[_Sent] = deque()
-        self._conn: AbstractConnection | None = None
+        self._conn: Connection | None = None
         self._task: asyncio.Task[None] | None = None
         #: Replies and pushes read so far (the health check watches it).
         self.heard = 0
@@ -152,12 +151,12 @@ class _Link:
         """Send ``command`` on the live connection, if there is one (when it
         comes back, the link subscribes all its channels anyway)."""
         conn = self._conn
-        if conn is None or not conn.is_connected:
+        if conn is None or conn.closed:
             return
         # Registered before sending: Redis answers commands in order.
         self._sent.append(_Sent(reply, deque(channels)))
         try:
-            await conn.send_command(command, *(key for key, _ in channels), check_health=False)
+            conn.send(pack([(command, *(key for key, _ in channels))]))
         except RETRYABLE as exc:
             # The reader sees the same failure and reconnects.
             _log.debug("Redis at %s: %s failed: %s", self.server.name, command, exc)
@@ -192,12 +191,11 @@ class _Link:
         failures = 0
         lost = False
         while True:
-            conn = self.server.pool.connect()
             try:
-                async with asyncio.timeout(connect_timeout):
-                    await conn.connect_check_health(check_health=False)
+                conn = await open_connection(self.server.pool.endpoint, connect_timeout)
             except Exception as exc:  # refused, timed out, bad TLS setup...
-                await conn.disconnect(nowait=True)
+                if isinstance(exc, TimeoutError):
+                    exc = rexc.TimeoutError(f"could not connect within {connect_timeout:.3g}s")
                 failures += 1
                 if failures > settings.max_retries:
                     if self.down is None:
@@ -231,63 +229,49 @@ class _Link:
                 self._conn = None
                 for channel in self.channels.values():
                     channel.active = False
-                await conn.disconnect(nowait=True)
+                conn.close()
             lost = True
             if self.hub.router.cluster:
                 await self.hub.relocate()
                 if not self.channels:
                     return
 
-    async def _serve(self, conn: AbstractConnection, reconnected: bool) -> None:
-        """Subscribe everything on a fresh connection, then read it until it
-        fails or, with a health check, stays silent: PINGed once nothing came
-        for ``health_check_interval`` seconds (counted in halves of it), it is
+    async def _serve(self, conn: Connection, reconnected: bool) -> None:
+        """Subscribe everything on a fresh connection, then take what it
+        pushes (:meth:`_on_push`, as the event loop reads it) until it fails
+        or, with a health check, stays silent: PINGed once nothing came for
+        ``health_check_interval`` seconds (counted in halves of it), it is
         dropped when nothing comes back within as long again."""
         self._conn = conn
         self._sent = deque()
         if reconnected:
             for channel in self.channels.values():
                 channel.missed = True
+        conn.on_push = self._on_push
         await self.subscribe(list(self.channels.values()))
-        # The reads go on in a task of their own, with no timeout: a timeout
-        # per read costs a timer per message; this loop looks at the count
-        # of messages read twice per interval instead.
-        reading = asyncio.get_running_loop().create_task(
-            self._read(conn), name=f"caf-sharing pub/sub reader {self.server.name}")
         interval = self.hub.settings.health_check_interval
-        try:
-            heard, quiet = self.heard, 0
-            while not (await asyncio.wait((reading,), timeout=interval / 2 or None))[0]:
-                quiet = 0 if self.heard != heard else quiet + 1
-                heard = self.heard
-                if quiet == 2:
-                    await self.send("PING", b"pong", [])
-                elif quiet == 4:
-                    raise rexc.TimeoutError("pub/sub connection does not answer PING")
-            reading.result()  # what ended the reads
-        finally:
-            reading.cancel()
-            await asyncio.gather(reading, return_exceptions=True)
+        heard, quiet = self.heard, 0
+        while not (await asyncio.wait((conn.lost,), timeout=interval / 2 or None))[0]:
+            quiet = 0 if self.heard != heard else quiet + 1
+            heard = self.heard
+            if quiet == 2:
+                await self.send("PING", b"pong", [])
+            elif quiet == 4:
+                raise rexc.TimeoutError("pub/sub connection does not answer PING")
+        raise conn.lost.result()
 
-    async def _read(self, conn: AbstractConnection) -> None:
-        """Read pushes and replies until the connection fails; count them in
-        ``heard``."""
-        message_kind = self.hub.verbs.message
-        read = conn.read_response
-        while True:
-            try:
-                message = await read(timeout=math.inf)
-            except rexc.ResponseError as exc:
-                self.heard += 1
-                self._on_error(exc)
-                continue
-            self.heard += 1
-            if type(message) is list and message[0] == message_kind:
-                self._dispatch(message[1], message[2])
-            elif isinstance(message, bytes):  # PONG on a connection with no subscription
-                self._on_reply([b"pong", b""])
-            else:
-                self._on_reply(message)
+    def _on_push(self, message: Any) -> None:
+        """A push or a reply read off the connection: count it in ``heard``
+        and hand it on."""
+        self.heard += 1
+        if isinstance(message, rexc.ResponseError):
+            self._on_error(message)
+        elif type(message) is list and message[0] == self.hub.verbs.message:
+            self._dispatch(message[1], message[2])
+        elif isinstance(message, bytes):  # PONG on a connection with no subscription
+            self._on_reply([b"pong", b""])
+        else:
+            self._on_reply(message)
 
     def _on_reply(self, message: list[Any]) -> None:
         """Match a (un)subscribe acknowledgement or a pong to what was sent."""

@@ -43,7 +43,6 @@ from typing import Any
 
 import hiredis
 from redis import exceptions as rexc
-from redis.asyncio.connection import AbstractConnection
 
 from ...errors import BackendError, BackendUnavailableError
 from .codec import Command, pack, slot_of
@@ -111,11 +110,9 @@ class _Pool:
     timeout bounds the whole round trip, connecting included.
     """
 
-    def __init__(self, factory: Callable[[], AbstractConnection], endpoint: Endpoint,
-                 size: int) -> None:
-        #: Opens a redis-py connection to the server, for pub/sub.
-        self.connect = factory
-        self._endpoint = endpoint
+    def __init__(self, endpoint: Endpoint, size: int) -> None:
+        #: How to reach the server (pub/sub opens its own connection with it).
+        self.endpoint = endpoint
         self._idle: list[Connection] = []
         self._all: set[Connection] = set()
         self._slots = asyncio.Semaphore(size)
@@ -157,7 +154,7 @@ class _Pool:
         return replies
 
     async def _open(self, timeout: float | None) -> Connection:
-        endpoint = self._endpoint
+        endpoint = self.endpoint
         try:
             conn = await open_connection(endpoint, timeout)
         except TimeoutError:  # ours, or the system's (then with no timeout of ours)
@@ -233,8 +230,7 @@ class Router:
         server = self._servers.get(address)
         if server is None:
             server = self._servers[address] = Server(
-                address, _Pool(self._settings.connector(address),
-                               self._settings.endpoint(address),
+                address, _Pool(self._settings.endpoint(address),
                                self._settings.max_connections))
         return server
 
