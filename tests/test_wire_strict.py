@@ -337,3 +337,27 @@ async def test_forged_publishes_do_not_pin_a_replica(redis_server: RedisServer) 
             seen = await until_version(reader, v)
             assert seen[0] == v, f"replica at {seen[0]}, writer at {v}"
         assert seen == (v, v - 1)
+
+
+def test_txids_are_checked_once_and_the_memory_of_them_stays_bounded() -> None:
+    from caf_sharing.backends import wire
+
+    for i in range(wire._CHECKED_TXIDS_MAX + 10):
+        assert wire._check_txid("txid", f"ep-{i}") == f"ep-{i}"
+    assert 0 < len(wire._CHECKED_TXIDS) <= wire._CHECKED_TXIDS_MAX
+    assert wire._check_txid("txid", "ep-5") == "ep-5"  # checked again after the clear
+    for bad in ("", "has space", "x" * 65, "é", None, 7):
+        with pytest.raises(ValueError, match="txid must be 1-64"):
+            wire._check_txid("txid", bad)
+
+    class Sly(str):
+        """Equal to a checked txid, but not one itself."""
+
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        def __hash__(self) -> int:
+            return hash("ep-5")
+
+    with pytest.raises(ValueError, match="txid must be 1-64"):
+        wire._check_txid("txid", Sly("bad txid"))

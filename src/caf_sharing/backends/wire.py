@@ -434,9 +434,22 @@ def _check_id(what: str, value: object) -> str:
 _TXID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
 
+# Txids checked already. Most come again: a commit's previous txid and the
+# base txid of every map it writes are one earlier commit's txid, checked when
+# that commit was (a regular expression each, a tenth of a 16-map commit).
+_CHECKED_TXIDS: dict[str, None] = {}
+_CHECKED_TXIDS_MAX = 4096
+
+
 def _check_txid(what: str, value: object) -> str:
+    if type(value) is str and value in _CHECKED_TXIDS:
+        return value
     if not isinstance(value, str) or not _TXID.fullmatch(value):
         raise ValueError(f"{what} must be 1-64 of A-Z a-z 0-9 _ . : -, got {value!r}")
+    if type(value) is str:  # a subclass could compare equal to what it is not
+        if len(_CHECKED_TXIDS) >= _CHECKED_TXIDS_MAX:
+            _CHECKED_TXIDS.clear()
+        _CHECKED_TXIDS[value] = None
     return value
 
 
