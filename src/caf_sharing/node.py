@@ -336,6 +336,8 @@ class _Host:
                 # the state must hold what a map value may hold, nothing that
                 # would come back changed after a restart.
                 _check_state(self.name, state)
+            # A message that changed nothing (the most common kind: reads)
+            # stops here, with no change set to prepare.
             if not force and state_bytes == self.state_bytes and plug.unchanged():
                 return result
             prepared = plug.prepare_now()

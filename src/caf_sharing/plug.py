@@ -33,7 +33,7 @@ often, up to ``RETRY_DELAYS[1]``, until it appears.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeAlias
@@ -363,17 +363,22 @@ class ActorSharing:
         no map; None when ``prepare`` must run instead."""
         if self._pending:
             return None
+        maps = self._maps_json
+        if maps is None:
+            maps = self._maps_json = {alias: info.to_json() for alias, info in self._info.items()}
+        return PreparedSharing(maps=maps, refs=self._prepare_written())
+
+    def _prepare_written(self, deletes: Collection[str] = ()) -> dict[str, MapRef]:
+        """Prepare the change set of every writable map the message changed
+        (but ``deletes``): full name -> its ref."""
         refs: dict[str, MapRef] = {}
         for alias, info in self._info.items():
-            if info.writable:
+            if info.writable and info.name not in deletes:
                 ref = self._refs.get(alias)
                 if isinstance(ref, MapRef) and ref.has_changed:
                     ref.prepare()
                     refs[info.name] = ref
-        maps = self._maps_json
-        if maps is None:
-            maps = self._maps_json = {alias: info.to_json() for alias, info in self._info.items()}
-        return PreparedSharing(maps=maps, refs=refs)
+        return refs
 
     def committed_now(self) -> bool:
         """``committed`` without awaiting; False when ``committed`` must run."""
@@ -400,17 +405,10 @@ class ActorSharing:
         kept = {info.name for info in after.values() if info.writable}
         deletes = sorted({info.name for alias, info in self._info.items()
                           if info.writable and alias not in after} - kept)
-        refs: dict[str, MapRef] = {}
-        for alias, info in self._info.items():
-            ref = self._refs.get(alias)
-            if info.writable and info.name not in deletes and isinstance(ref, MapRef) \
-                    and ref.has_changed:
-                ref.prepare()
-                refs[info.name] = ref
         return PreparedSharing(
             maps={alias: info.to_json() for alias, info in after.items()},
-            refs=refs, creates=creates, registrations_changed=after != self._info,
-            deletes=deletes)
+            refs=self._prepare_written(deletes), creates=creates,
+            registrations_changed=after != self._info, deletes=deletes)
 
     async def committed(self) -> None:
         """The message committed: registrations take effect."""
