@@ -39,9 +39,16 @@ from redis._parsers.base import BaseParser
 from .codec import Command, pack
 from .options import Endpoint
 
-__all__ = ["Connection", "open_connection"]
+__all__ = ["Connection", "TLSNotAnsweredError", "open_connection"]
 
 _log = logging.getLogger("caf_sharing.backends.redis")
+
+
+class TLSNotAnsweredError(rexc.ConnectionError):
+    """A TLS connection got no answer in time: from a server never reached
+    before, most likely a plaintext port (which waits for a line end a TLS
+    hello never sends), and not retried; later, a slow or lost server,
+    retried like any lost connection."""
 
 
 @dataclass(eq=False, slots=True)
@@ -64,11 +71,14 @@ class Connection(asyncio.Protocol):
         self._waiting: deque[_RoundTrip] = deque()
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self.closed = False
         #: Push mode: receives every reply no round trip waits for.
         self.on_push: Callable[[Any], None] | None = None
         #: Settles with the error that closed the connection.
         self.lost: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
+    @property
+    def closed(self) -> bool:
+        return self.lost.done()
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -125,13 +135,11 @@ class Connection(asyncio.Protocol):
         """Send ``count`` commands, RESP-encoded in ``packed``, in one write;
         their replies, a command that failed in Redis giving its error (a
         :class:`redis.exceptions.ResponseError`) as its reply."""
-        if self.closed or self._transport is None:
-            raise rexc.ConnectionError("the connection is closed")
+        self.send(packed)  # its replies cannot come before the round trip is queued
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         deadline = loop.time() + timeout if timeout is not None else float("inf")
         self._waiting.append(_RoundTrip(future, count, [], deadline, timeout or 0.0))
-        self._transport.write(packed)
         if self._timer is None and timeout is not None:
             self._timer = loop.call_at(deadline, self._check)
         return await future
@@ -150,7 +158,8 @@ class Connection(asyncio.Protocol):
             self._timer = loop.call_at(oldest.deadline, self._check)
 
     def send(self, packed: bytes) -> None:
-        """Write RESP-encoded commands whose replies go to ``on_push``."""
+        """Write RESP-encoded commands (whose replies go to ``on_push``,
+        unless :meth:`exchange` waits for them)."""
         if self.closed or self._transport is None:
             raise rexc.ConnectionError("the connection is closed")
         self._transport.write(packed)
@@ -159,7 +168,6 @@ class Connection(asyncio.Protocol):
         """Fail every round trip on this connection and close it."""
         if not self.lost.done():
             self.lost.set_result(error)
-        self.closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -176,11 +184,27 @@ class Connection(asyncio.Protocol):
 
 async def open_connection(endpoint: Endpoint, timeout: float | None) -> Connection:
     """Connect, then authenticate and select the database, within
-    ``timeout`` seconds. An AUTH refused raises
-    :class:`redis.exceptions.AuthenticationError` (or what the server's
-    reply stands for), a SELECT refused its :class:`ResponseError`, a TLS
-    handshake that never ends :class:`TimeoutError` like any connect that
-    takes too long."""
+    ``timeout`` seconds. What fails raises what redis-py raised: a connect
+    that takes too long :class:`redis.exceptions.TimeoutError` (a TLS
+    handshake :class:`TLSNotAnsweredError`), one refused
+    :class:`redis.exceptions.ConnectionError`, an AUTH refused
+    :class:`redis.exceptions.AuthenticationError` (or what the server's reply
+    stands for), a SELECT refused its :class:`ResponseError`."""
+    try:
+        return await _open(endpoint, timeout)
+    except TimeoutError:  # ours, or the system's (then with no timeout of ours)
+        within = "" if timeout is None else f" within {timeout:.3g}s"
+        if endpoint.tls is not None:
+            # A plaintext server waits for a line end that never comes.
+            raise TLSNotAnsweredError(
+                f"the server did not answer TLS{within} (a plaintext port? then use "
+                "redis://)") from None
+        raise rexc.TimeoutError(f"could not connect{within}") from None
+    except OSError as exc:  # ssl.SSLError included
+        raise rexc.ConnectionError(f"could not connect: {exc}") from None
+
+
+async def _open(endpoint: Endpoint, timeout: float | None) -> Connection:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         if isinstance(endpoint.address, str):

@@ -194,8 +194,6 @@ class _Link:
             try:
                 conn = await open_connection(self.server.pool.endpoint, connect_timeout)
             except Exception as exc:  # refused, timed out, bad TLS setup...
-                if isinstance(exc, TimeoutError):
-                    exc = rexc.TimeoutError(f"could not connect within {connect_timeout:.3g}s")
                 failures += 1
                 if failures > settings.max_retries:
                     if self.down is None:

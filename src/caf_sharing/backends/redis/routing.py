@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from redis import exceptions as rexc
 
 from ...errors import BackendError, BackendUnavailableError
 from .codec import Command, pack, slot_of
-from .connection import Connection, open_connection
+from .connection import Connection, TLSNotAnsweredError, open_connection
 from .options import Address, Endpoint, Settings
 from .scripts import SCRIPTS
 
@@ -56,13 +55,6 @@ _log = logging.getLogger("caf_sharing.backends.redis")
 
 #: Errors after which a round trip is tried again (the connection is reset).
 RETRYABLE = (rexc.ConnectionError, rexc.TimeoutError, OSError)
-class TLSNotAnsweredError(rexc.ConnectionError):
-    """A TLS connection got no answer in time: from a server never reached
-    before, most likely a plaintext port (which waits for a line end a TLS
-    hello never sends), and not retried; later, a slow or lost server,
-    retried like any lost connection."""
-
-
 #: Connection errors that retrying cannot fix.
 FATAL = (rexc.AuthenticationError, rexc.AuthorizationError)
 #: Replies after which a command is sent again, after a pause, unchanged.
@@ -154,19 +146,7 @@ class _Pool:
         return replies
 
     async def _open(self, timeout: float | None) -> Connection:
-        endpoint = self.endpoint
-        try:
-            conn = await open_connection(endpoint, timeout)
-        except TimeoutError:  # ours, or the system's (then with no timeout of ours)
-            within = "" if timeout is None else f" within {timeout:.3g}s"
-            if endpoint.tls is not None:
-                # A plaintext server waits for a line end that never comes.
-                raise TLSNotAnsweredError(
-                    f"the server did not answer TLS{within} (a plaintext port? then use "
-                    "redis://)") from None
-            raise rexc.TimeoutError(f"could not connect{within}") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise rexc.ConnectionError(f"could not connect: {exc}") from None
+        conn = await open_connection(self.endpoint, timeout)
         self._all.add(conn)
         return conn
 
