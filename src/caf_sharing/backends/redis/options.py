@@ -1,23 +1,15 @@
 """The Redis backend's settings: its keyword arguments and URL query options,
-checked once, and how to open a connection to one of its servers."""
+checked once, and how to reach one of its servers (:class:`Endpoint`)."""
 
 from __future__ import annotations
 
 import math
 import random
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from redis.asyncio.connection import (
-    AbstractConnection,
-    Connection,
-    SSLConnection,
-    UnixDomainSocketConnection,
-)
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.connection import SSLConnection
 
 from ...errors import ConfigError
 from .. import BackendURL
@@ -128,8 +120,12 @@ class Settings:
     read_chunk_size: int
     health_check_interval: float
     restart_grace: bool
-    conn_class: type[AbstractConnection]
-    conn_kwargs: dict[str, Any]
+    connect_timeout: float
+    username: str | None
+    password: str | None
+    db: int
+    #: The ``ssl_*`` options of a TLS URL (None: plaintext).
+    tls_options: dict[str, Any] | None
 
     @classmethod
     def make(cls, target: BackendURL, *,
@@ -154,38 +150,21 @@ class Settings:
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"option {name} must be a str")
         tls = target.scheme.startswith("rediss")
-        kwargs: dict[str, Any] = {
-            "db": target.db,
-            "username": username if username is not None else target.username,
-            "password": password if password is not None else target.password,
-            "socket_connect_timeout": connect_timeout,
-            # Retries are ours (max_retries/retry_delay), never redis-py's.
-            "retry": Retry(NoBackoff(), 0),
-            # RESP2: reply shapes the code relies on, pub/sub messages as plain
-            # replies, and no HELLO (servers before 6 do not know it).
-            "protocol": 2,
-            # No socket timeout of their own: a round trip is bounded as a
-            # whole, and pub/sub reads wait as long as they must.
-            "socket_timeout": None,
-        }
         given_tls = {k: v for k, v in (
             ("ssl_cert_reqs", ssl_cert_reqs), ("ssl_ca_certs", ssl_ca_certs),
             ("ssl_certfile", ssl_certfile), ("ssl_keyfile", ssl_keyfile),
             ("ssl_check_hostname", ssl_check_hostname)) if v is not None}
+        tls_options = None
         if tls:
-            kwargs.update(_tls_options({**target.options, **given_tls}))
+            tls_options = _tls_options({**target.options, **given_tls})
         elif given_tls:
             raise ConfigError(f"TLS options {', '.join(sorted(given_tls))} need a rediss:// "
                               f"URL, not {target.redacted!r}")
-        conn_class: type[AbstractConnection]
         seeds: tuple[Address, ...]
         if target.scheme == "unix":
-            conn_class = UnixDomainSocketConnection
             assert target.path is not None
             seeds = (target.path,)
         else:
-            conn_class = SSLConnection if tls else Connection
-            kwargs["socket_keepalive"] = True
             assert target.host is not None and target.port is not None
             seeds = target.hosts or ((target.host, target.port),)
         return cls(
@@ -210,8 +189,11 @@ class Settings:
             health_check_interval=_number("health_check_interval", health_check_interval,
                                           zero=True),
             restart_grace=restart_grace,
-            conn_class=conn_class,
-            conn_kwargs=kwargs)
+            connect_timeout=connect_timeout,
+            username=username if username is not None else target.username,
+            password=password if password is not None else target.password,
+            db=target.db,
+            tls_options=tls_options)
 
     def backoff(self, attempt: int, longest: float | None = None) -> float:
         """The pause before retry ``attempt`` (1, 2, ...): ``retry_delay``,
@@ -223,24 +205,14 @@ class Settings:
         return pause * (0.5 + random.random() / 2)
 
     def endpoint(self, address: Address) -> Endpoint:
-        """How command connections reach ``address`` (see :mod:`.connection`)."""
-        kwargs = self.conn_kwargs
+        """How connections reach ``address`` (see :mod:`.connection`)."""
         tls = None
-        if self.conn_class is SSLConnection:
-            # redis-py's own TLS context, defaults included: both kinds of
-            # connection verify the server the same way.
-            tls = cast(SSLConnection, self.connector(address)()).ssl_context.get()
+        if self.tls_options is not None:
+            # redis-py's own TLS context, its defaults included (its
+            # connection is made only to build it; it never connects).
+            assert isinstance(address, tuple)  # a TLS URL names host:port
+            tls = SSLConnection(host=address[0], port=address[1],
+                                **self.tls_options).ssl_context.get()
         return Endpoint(address=address, tls=tls,
                         server_hostname=address[0] if isinstance(address, tuple) else None,
-                        username=kwargs.get("username"), password=kwargs.get("password"),
-                        db=int(kwargs.get("db") or 0))
-
-    def connector(self, address: Address) -> Callable[[], AbstractConnection]:
-        """What opens a new connection to the server at ``address``."""
-        kwargs = dict(self.conn_kwargs)
-        if isinstance(address, str):
-            kwargs["path"] = address
-        else:
-            kwargs["host"], kwargs["port"] = address
-        conn_class = self.conn_class
-        return lambda: conn_class(**kwargs)
+                        username=self.username, password=self.password, db=self.db)

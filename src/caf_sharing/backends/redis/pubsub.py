@@ -186,7 +186,7 @@ class _Link:
         settings = self.hub.settings
         # The handshake too: a server that accepts but never answers (behind
         # a dead link) would otherwise hold the link for good.
-        connect_timeout = settings.conn_kwargs["socket_connect_timeout"] \
+        connect_timeout = settings.connect_timeout \
             + (settings.socket_timeout or 0)
         failures = 0
         lost = False
