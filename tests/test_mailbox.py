@@ -79,3 +79,27 @@ async def test_a_writer_cancelled_after_being_woken_passes_the_room_on() -> None
         await first
     await second
     assert box.get_nowait() == 2 and box.empty()
+
+
+async def test_parked_only_while_the_reader_waits_on_nothing() -> None:
+    box: Mailbox[int] = Mailbox(2)
+    assert not box.parked  # no reader
+    reader = asyncio.create_task(box.get())
+    await asyncio.sleep(0)
+    assert box.parked and box.front() is None
+    box.put_nowait(1)
+    assert not box.parked and box.front() == 1  # woken, not run yet
+    assert await reader == 1
+    assert not box.parked
+
+
+async def test_put_front_goes_first_past_the_bound_and_wakes_the_reader() -> None:
+    box: Mailbox[str] = Mailbox(1)
+    reader = asyncio.create_task(box.get())
+    await asyncio.sleep(0)
+    box.put_front("first")
+    assert await reader == "first"
+    box.put_nowait("queued")
+    box.put_front("ahead")  # past the bound of 1
+    assert box.qsize() == 2
+    assert [box.get_nowait(), box.get_nowait()] == ["ahead", "queued"]

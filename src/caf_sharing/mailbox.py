@@ -6,7 +6,9 @@ through it is only a few microseconds of work, so the bookkeeping it does not
 need is a good part of a message's cost (about 0.9 us of the 6 us a minimal
 queue-and-future actor takes per message). Same behaviour otherwise:
 FIFO, ``put_nowait`` raises :class:`asyncio.QueueFull` at the bound, ``put``
-waits for room.
+waits for room. Beyond a queue: ``parked`` tells that the reader waits with
+nothing queued (the actor is idle), and ``put_front`` queues an item ahead of
+the rest whatever the bound (the rest of a message that began elsewhere).
 """
 
 from __future__ import annotations
@@ -39,15 +41,32 @@ class Mailbox(Generic[T]):
     def empty(self) -> bool:
         return not self._items
 
+    @property
+    def parked(self) -> bool:
+        """The reader waits in :meth:`get`, and nothing is queued."""
+        return self._reader is not None
+
+    def front(self) -> T | None:
+        """The oldest item, left in place (``None`` if there is none)."""
+        return self._items[0] if self._items else None
+
     def put_nowait(self, item: T) -> None:
         if len(self._items) >= self._maxsize:
             raise asyncio.QueueFull
         self._items.append(item)
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
         reader = self._reader
         if reader is not None:
             self._reader = None
             if not reader.done():
                 reader.set_result(None)
+
+    def put_front(self, item: T) -> None:
+        """Queue ``item`` ahead of every other, even past the bound."""
+        self._items.appendleft(item)
+        self._wake_reader()
 
     async def put(self, item: T) -> None:
         """Queue ``item``, waiting for room first if the mailbox is full."""

@@ -23,7 +23,11 @@ lease, before any other node may take the actor.
 
 A caller that gives up on a message (``asyncio.timeout``, a cancelled task)
 withdraws it only while it waits in the mailbox: once it has started, it
-runs to its end and commits, and only its reply is lost. Inside a writing
+runs to its end and commits, and only its reply is lost. A message to an
+idle actor starts at once in its caller's task, as if in the actor's worker
+(its context, its current task), and the worker takes over at its first
+suspension (:mod:`caf_sharing._eager`): one that never suspends costs no
+task switch. Inside a writing
 message, ``ref.version`` of a writable map is the version the message started
 from; the commit makes ``ref.version + 1``.
 
@@ -60,6 +64,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 import orjson
 
+from . import _eager
 from ._fastmap import MapRef, SharedMap
 from .backends import default_url, make_backend
 from .backends.base import Backend, MapCreate
@@ -183,6 +188,9 @@ class ActorHandle(Generic[A_co]):
 #: commits even when it changes nothing (a sync that makes the store catch up).
 _Message = tuple[Callable[..., Coroutine[Any, Any, Any]], tuple[Any, ...], dict[str, Any],
                  "asyncio.Future[Any]", bool]
+#: What a mailbox holds: messages, the rest of a message that began in its
+#: caller's task (:mod:`caf_sharing._eager`), and ``None``, which stops the worker.
+_Item = _Message | _eager.Resumption | None
 
 #: The message running in this task and the tasks it started: a marker per
 #: message, so that an actor calling itself is refused instead of deadlocking.
@@ -199,7 +207,7 @@ class _Host:
         self.actor = actor
         self.plug = ActorSharing(node.service, name, logger=actor.log)
         self.plug.notifier = _Notifications(self)
-        self.mailbox: Mailbox[_Message | None] = Mailbox(node.mailbox_size)
+        self.mailbox: Mailbox[_Item] = Mailbox(node.mailbox_size)
         self.txid: str | None = None
         #: This stay of the actor on the node: its commits are epoch-1, epoch-2...
         self.epoch = uuid.uuid4().hex[:16]
@@ -209,6 +217,11 @@ class _Host:
         self.sync_queued = False
         self.stopping = False
         self.worker: asyncio.Task[None] | None = None
+        #: The worker's context (set as it starts): messages that begin in
+        #: their caller's task run in it too.
+        self.context = contextvars.Context()
+        #: A message began in its caller's task and has not suspended yet.
+        self.eager = False
         #: The marker of the message running now (see ``_running``).
         self.current: object | None = None
         #: Name -> bound method, for the messages checked once already.
@@ -257,7 +270,13 @@ class _Host:
                 f"actor {self.name!r} called itself ({method!r}) from inside one of its "
                 "messages: that would deadlock, as it runs one message at a time (call "
                 "the method directly, e.g. await self.method(...))")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self.mailbox.parked and not self.eager and self.node.eager_budget.take(loop):
+            caller = asyncio.current_task(loop)
+            if caller is not None:
+                self.begin_now(loop, caller, func, args, kwargs, future)
+                return future
         try:
             self.mailbox.put_nowait((func, args, kwargs, future, False))
         except asyncio.QueueFull:
@@ -265,6 +284,21 @@ class _Host:
                 f"mailbox of actor {self.name!r} is full ({self.node.mailbox_size} messages)"
             ) from None
         return future
+
+    def begin_now(self, loop: asyncio.AbstractEventLoop, caller: asyncio.Task[Any],
+                  func: Callable[..., Coroutine[Any, Any, Any]], args: tuple[Any, ...],
+                  kwargs: dict[str, Any], future: asyncio.Future[Any]) -> None:
+        """Run a message to an idle actor in the caller's task up to its first
+        suspension; the worker takes over from there (:mod:`caf_sharing._eager`)."""
+        assert self.worker is not None  # the mailbox is parked: the worker waits on it
+        coro = self.deliver(func, args, kwargs, future, False)
+        self.eager = True
+        try:
+            pending = _eager.first_step(loop, caller, self.worker, self.context, coro)
+        finally:
+            self.eager = False
+        if pending is not _eager.FINISHED:
+            self.mailbox.put_front(_eager.Resumption(coro, pending))
 
     async def run(self) -> None:
         mailbox = self.mailbox
@@ -279,29 +313,47 @@ class _Host:
                 streak += 1
                 if streak % _FAIR_SHARE == 0:
                     await asyncio.sleep(0)
-            item = await mailbox.get()
+            try:
+                item = await mailbox.get()
+            except asyncio.CancelledError as exc:
+                # Cancelled after a message that began in its caller's task
+                # was handed over, before taking it: it is that message
+                # that the cancellation reaches, as it would have here.
+                item = mailbox.front()
+                if type(item) is not _eager.Resumption:
+                    raise
+                mailbox.get_nowait()
+                item.interrupt(exc)
             if item is None:
                 return
+            if isinstance(item, _eager.Resumption):
+                await item
+                continue
             func, args, kwargs, future, force = item
             if force:
                 self.sync_queued = False
-            if future.cancelled():
-                continue
-            try:
-                result = await self.transaction(func, args, kwargs, force=force)
-            except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():  # the worker itself is cancelled
-                    future.cancel()
-                    raise
-                if not future.done():  # the actor's own code was cancelled
-                    future.set_exception(exc)
-            except BaseException as exc:  # handed to the caller, whatever it is
-                if not future.done():
-                    future.set_exception(exc)
-            else:
-                if not future.done():
-                    future.set_result(result)
+            if not future.cancelled():
+                await self.deliver(func, args, kwargs, future, force)
+
+    async def deliver(self, func: Callable[..., Coroutine[Any, Any, Any]],
+                      args: tuple[Any, ...], kwargs: dict[str, Any],
+                      future: asyncio.Future[Any], force: bool) -> None:
+        """Run one message and settle its caller's future with the outcome."""
+        try:
+            result = await self.transaction(func, args, kwargs, force=force)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # the worker itself is cancelled
+                future.cancel()
+                raise
+            if not future.done():  # the actor's own code was cancelled
+                future.set_exception(exc)
+        except BaseException as exc:  # handed to the caller, whatever it is
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(result)
 
     # -- the transaction -------------------------------------------------------
 
@@ -453,8 +505,10 @@ class _Host:
             self.plug.restore(self.restore_state(checkpoint))
             service.host_actor(self.name, self.epoch, self.txid)
             await self.transaction(self.actor.resume)
+        # The worker's context is the caller's as init/resume left it.
+        self.context = contextvars.copy_context()
         self.worker = asyncio.get_running_loop().create_task(
-            self.run(), name=f"caf-sharing actor {self.name}")
+            self.run(), name=f"caf-sharing actor {self.name}", context=self.context)
 
     async def stop(self) -> None:
         """Finish the queued messages, then let go of the maps."""
@@ -472,12 +526,17 @@ class _Host:
     def kill(self) -> None:
         """Stop at once (the lease is gone): queued messages fail."""
         self.stopping = True
+        begun = None
         while not self.mailbox.empty():
             item = self.mailbox.get_nowait()
-            if item is not None and not item[3].done():
+            if isinstance(item, _eager.Resumption):  # begun: it ends as any begun message
+                begun = item
+            elif item is not None and not item[3].done():
                 item[3].set_exception(ActorStoppedError(
                     f"actor {self.name!r} stopped: node {self.node.node_id!r} lost its lease"))
         self.mailbox.put_nowait(None)
+        if begun is not None:
+            self.mailbox.put_front(begun)
 
 
 class _Notifications:
@@ -631,6 +690,8 @@ class Node:
         self.service = SharingService(self.backend, max_updates=max_updates, logger=self.log,
                                       method_limits=method_limits, observer=self.observer)
         self._hosts: dict[str, _Host] = {}
+        #: Messages to idle actors begin in their caller's task, this many a turn.
+        self.eager_budget = _eager.Budget()
         self._starting: set[str] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._finishing: set[asyncio.Task[None]] = set()
