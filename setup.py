@@ -1,4 +1,5 @@
-"""Builds the compiled core; everything else is declared in pyproject.toml."""
+"""Builds the compiled modules (the map core, the Redis command packer);
+everything else is declared in pyproject.toml."""
 
 import os
 
@@ -10,11 +11,15 @@ debug = os.environ.get("CAF_SHARING_DEBUG") == "1"
 
 extensions = [
     Extension(
-        "caf_sharing._fastmap",
-        ["src/caf_sharing/_fastmap.pyx"],
+        name,
+        [source],
         extra_compile_args=["-O3"] if not debug else ["-O0", "-g"],
         define_macros=[("CYTHON_TRACE", "1")] if debug else [],
     )
+    for name, source in [
+        ("caf_sharing._fastmap", "src/caf_sharing/_fastmap.pyx"),
+        ("caf_sharing.backends.redis._resp", "src/caf_sharing/backends/redis/_resp.pyx"),
+    ]
 ]
 
 setup(

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import hiredis
 from redis import exceptions as rexc
 from redis.crc import key_slot
 
@@ -34,6 +33,7 @@ from ...errors import (
 from ...names import map_owner
 from ..base import RECENT_TXIDS, ChangeSet
 from ..wire import EncodedTransaction, Fields, chain_broken, decode_flat, decode_version
+from ._resp import pack_command
 from .scripts import COMMIT
 
 __all__ = ["Command", "Keys", "commit_outcome", "decode_all", "decode_txid", "flatten", "pack",
@@ -140,10 +140,11 @@ def flatten(pairs: Iterable[tuple[str, bytes]]) -> list[str | bytes]:
 
 
 def pack(commands: Sequence[Command]) -> bytes:
-    """RESP-encode ``commands`` (args: bytes, str or int) with hiredis's C
-    packer: redis-py's generic one was the largest client cost of a commit,
-    whose EVALSHA has ~20 arguments."""
-    return b"".join(map(hiredis.pack_command, commands))
+    """RESP-encode ``commands`` (args: bytes, str or int) with our compiled
+    packer (:mod:`._resp`): redis-py's generic one was the largest client
+    cost of a commit, whose EVALSHA has ~35 arguments, and hiredis's took
+    2.4 us of it."""
+    return b"".join(map(pack_command, commands))
 
 
 def commit_outcome(url: str, tx: EncodedTransaction, reply: Any) -> bool:

@@ -40,10 +40,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import hiredis
 from redis import exceptions as rexc
 
 from ...errors import BackendError, BackendUnavailableError
+from ._resp import pack_command
 from .codec import Command, pack, slot_of
 from .connection import Connection, TLSNotAnsweredError, open_connection
 from .options import Address, Endpoint, Settings
@@ -332,7 +332,7 @@ class Router:
         if self.closed:
             raise BackendUnavailableError(f"backend {self.url} is closed")
         settings = self._settings
-        parts = [hiredis.pack_command(c) for c in commands]
+        parts = [pack_command(c) for c in commands]
         extra += allowance(sum(map(len, parts)))
         timeout = None if settings.socket_timeout is None else settings.socket_timeout + extra
         deadline = None if settings.call_timeout is None \
@@ -345,7 +345,7 @@ class Router:
             # One server, and most round trips answer at once: no grouping,
             # no bookkeeping of redirections, unless a reply asks for them.
             limit = _limit(timeout, deadline)
-            whole = parts if tail is None else [*parts, *map(hiredis.pack_command,
+            whole = parts if tail is None else [*parts, *map(pack_command,
                                                             tail(owner_of(0)))]
             first = await self._attempt(to or self._seeds[0], whole, limit)
             if isinstance(first, list) and \
@@ -370,7 +370,7 @@ class Router:
                         sent.append(_ASKING)
                     sent.append(parts[i])
                 if tail is not None:
-                    sent.extend(map(hiredis.pack_command, tail(owner_of(indices[0]))))
+                    sent.extend(map(pack_command, tail(owner_of(indices[0]))))
                 sends.append((server, indices, sent))
             if first is not None:  # what the one server already answered
                 results, first = [first], None
