@@ -45,42 +45,65 @@
 local VERSION = "__ca_version__"
 local CHUNK = 4000 -- stay far below Lua's unpack() limit; even, so pairs never split
 
+-- This script runs at every commit, on the path of every change to its
+-- readers: its own Lua work is kept to what the commit at hand needs.
+-- Numbers the client sent are coerced by arithmetic (cheaper than a
+-- tonumber() call); the tables of creates, full dumps, restores and deletes
+-- exist only when there are some; a function is made anew at every call, and
+-- costs more with upvalues, so the two below read globals (a table lookup
+-- each use: they are seldom used) and ``fill`` is made only when needed.
+
+-- A refused commit leaves no staged hash behind: they are the last KEYS,
+-- after the 4 + C + W + R + D others.
+local function refuse(reply)
+  for k = 5 + ARGV[7] + ARGV[8] + ARGV[9] + ARGV[13], #KEYS do
+    redis.call("UNLINK", KEYS[k])
+  end
+  return reply
+end
+
+-- The ``count`` items at ARGV[at] (or, for count -2, a staged hash's index):
+-- their first index, count, staged hash (or false), and the position after
+-- them.
+local function items(count, at)
+  if count == -2 then
+    return at, 0, KEYS[ARGV[at] + 0], at + 1
+  end
+  return at, count, false, at + count
+end
+
+local call, unpack, KEYS, ARGV = redis.call, unpack, KEYS, ARGV -- read once
+
 -- command key [field value] ARGV[first .. first+count-1], in calls of at
 -- most CHUNK arguments; the optional field/value pair goes with the first.
 local function call_chunked(command, key, first, count, field, value)
   local last = first + count - 1
   if field then
-    local upto = math.min(last, first + CHUNK - 1)
-    redis.call(command, key, field, value, unpack(ARGV, first, upto))
+    local upto = first + CHUNK - 1
+    if upto > last then upto = last end
+    call(command, key, field, value, unpack(ARGV, first, upto))
     first = upto + 1
   end
   while first <= last do
-    local upto = math.min(last, first + CHUNK - 1)
-    redis.call(command, key, unpack(ARGV, first, upto))
+    local upto = first + CHUNK - 1
+    if upto > last then upto = last end
+    call(command, key, unpack(ARGV, first, upto))
     first = upto + 1
   end
 end
 
 local checkpoint, lease, lineage, recent = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local node, txid = ARGV[1], ARGV[2]
-local fixed = 4 -- KEYS before the maps
-local ncreates, nwrites, nrestores = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local ndeletes = tonumber(ARGV[13])
-local first_stage = fixed + ncreates + nwrites + nrestores + ndeletes + 1
+local ncreates, nwrites, nrestores = ARGV[7] + 0, ARGV[8] + 0, ARGV[9] + 0
+local ndeletes = ARGV[13] + 0
+local first_write = 5 + ncreates -- KEYS index of the first written map
+local first_stage = first_write + nwrites + nrestores + ndeletes
 
--- A refused commit leaves no staged hash behind.
-local function refuse(reply)
-  for k = first_stage, #KEYS do
-    redis.call("UNLINK", KEYS[k])
-  end
-  return reply
-end
-
-local stored_txid = redis.call("HGET", checkpoint, "txid")
+local stored_txid = call("HGET", checkpoint, "txid")
 if stored_txid == txid then
   return refuse({"dup"})
 end
-local holder = redis.call("GET", lease)
+local holder = call("GET", lease)
 -- The commits of an actor form a chain of txids: each must follow the one
 -- stored, so a node that missed another node's commit for this actor (its
 -- lease expired meanwhile) can never overwrite it, and a node whose store
@@ -89,7 +112,7 @@ local prev = ARGV[4] == "1" and ARGV[3] or false
 if (holder and holder ~= node) or (stored_txid or false) ~= prev then
   -- A retried commit whose first attempt landed (its reply was lost) is a
   -- success, even after later commits or another node's.
-  if stored_txid and redis.call("LPOS", recent, txid, "MAXLEN", ARGV[11]) then
+  if stored_txid and call("LPOS", recent, txid, "MAXLEN", ARGV[11]) then
     return refuse({"dup"})
   end
   if holder and holder ~= node then
@@ -104,177 +127,200 @@ local reassert = ARGV[10] == "1"
 
 local publish = ARGV[12] == "SPUBLISH" and "SPUBLISH" or "PUBLISH"
 local pos = 15
-local creates = {}
-local staged_ok = true
--- The ``count`` items at ARGV[at] (or, for count -2, a staged hash's index):
--- their first index, count, staged hash (or false), and the position after them.
-local function items(count, at)
-  if count == -2 then
-    local stage = KEYS[tonumber(ARGV[at])]
-    staged_ok = staged_ok and redis.call("EXISTS", stage) == 1
-    return at, 0, stage, at + 1
+local creates
+if ncreates > 0 then
+  creates = {}
+  for i = 1, ncreates do
+    local key = KEYS[4 + i]
+    local c = {key = key, name = ARGV[pos], version = ARGV[pos + 1],
+               absent = call("EXISTS", key) == 0}
+    c.first, c.count, c.stage, pos = items(ARGV[pos + 2] + 0, pos + 3)
+    creates[i] = c
   end
-  return at, count, false, at + count
-end
--- Write a whole map: from the staged hash (renamed into place: O(1)), or
--- from the arguments; the old content goes (UNLINK: freed in the background).
-local function fill(key, first, count, stage, version)
-  redis.call("UNLINK", key)
-  if stage then
-    redis.call("RENAME", stage, key)
-    redis.call("PERSIST", key)
-    redis.call("HSET", key, VERSION, version)
-  else
-    call_chunked("HSET", key, first, count, VERSION, version)
-  end
-end
-
-for i = 1, ncreates do
-  local key = KEYS[fixed + i]
-  local c = {key = key, name = ARGV[pos], version = ARGV[pos + 1],
-             absent = redis.call("EXISTS", key) == 0}
-  c.first, c.count, c.stage, pos = items(tonumber(ARGV[pos + 2]), pos + 3)
-  creates[i] = c
 end
 
 -- A write is read straight from its arguments (its header at ARGV[at[i]]):
--- a table per write cost more than the rest of its work.
-local at, names, whole = {}, {}, {}
+-- a table per write cost more than the rest of its work. Only a write with
+-- a full dump has one, in ``whole`` (made for the first).
+local at, names, whole = {}, {}, false
 for i = 1, nwrites do
   at[i], names[i] = pos, ARGV[pos]
-  local after = pos + 11 + tonumber(ARGV[pos + 8]) + tonumber(ARGV[pos + 9])
-  local full = tonumber(ARGV[pos + 10])
+  local after = pos + 11 + ARGV[pos + 8] + ARGV[pos + 9]
+  local full = ARGV[pos + 10] + 0
   if full ~= -1 then
     local w = {}
     w.first, w.count, w.stage, after = items(full, after)
+    whole = whole or {}
     whole[i] = w
   end
   pos = after
 end
 
 -- The lineage of every written map in one call (a few for thousands of maps,
--- to keep unpack() safe), then each map's version.
-local lineages = {}
+-- to keep unpack() safe: the first reply takes the others), then each map's
+-- version.
+local lineages
 for first = 1, nwrites, CHUNK do
-  local got = redis.call("HMGET", lineage, unpack(names, first, math.min(nwrites, first + CHUNK - 1)))
-  for k = 1, #got do
-    lineages[first + k - 1] = got[k]
+  local last = first + CHUNK - 1
+  if last > nwrites then last = nwrites end
+  local got = call("HMGET", lineage, unpack(names, first, last))
+  if lineages then
+    for k = 1, #got do
+      lineages[first + k - 1] = got[k]
+    end
+  else
+    lineages = got
   end
 end
-local recreate = {}
-local missing = {"missing"}
+local missing
 for i = 1, nwrites do
   local h = at[i]
-  local base, base_txid, rebase_from = ARGV[h + 1], ARGV[h + 5], tonumber(ARGV[h + 4])
-  local full = whole[i] ~= nil
-  local stored = redis.call("HGET", KEYS[fixed + ncreates + i], VERSION)
+  local w = whole and whole[i]
+  local stored = call("HGET", KEYS[first_write + i - 1], VERSION)
   local current, current_txid = stored, false
   if stored then
     current_txid = lineages[i]
-  else
-    local create = creates[tonumber(ARGV[h + 3])]
+  elseif creates then
+    local create = creates[ARGV[h + 3] + 0]
     if create and create.absent then
       current, current_txid = create.version, txid
     end
   end
-  if reassert and full then
-    recreate[i] = true
-  elseif current and tonumber(current) == tonumber(base) then
+  local base = ARGV[h + 1]
+  -- Versions compare as numbers; the client's base is a plain integer, so
+  -- equal strings are equal numbers (the common case, without tonumber()).
+  if reassert and w then
+    w.recreate = true
+  elseif current and (current == base or tonumber(current) == tonumber(base)) then
+    local base_txid = ARGV[h + 5]
     if base_txid ~= "" and current_txid and current_txid ~= base_txid then
       return refuse({"lineage", tostring(i), current, current_txid})
     end
-    recreate[i] = false
-  elseif stored and rebase_from >= 0 and tonumber(stored) == rebase_from
-      and (current_txid or "") == base_txid then
-    recreate[i] = false -- renumbered: the change set applies to the stored content
-  elseif not stored and full then
-    recreate[i] = true
+  elseif stored and ARGV[h + 4] + 0 >= 0 and tonumber(stored) == ARGV[h + 4] + 0
+      and (current_txid or "") == ARGV[h + 5] then
+    -- renumbered: the change set applies to the stored content
+  elseif not stored and w then
+    w.recreate = true
   elseif not current then
+    missing = missing or {"missing"}
     missing[#missing + 1] = tostring(i)
   else
     return refuse({"version", tostring(i), current})
   end
 end
-if #missing > 1 then
+if missing then
   return refuse(missing)
 end
 
-local restores = {}
-for i = 1, nrestores do
-  local r = {key = KEYS[fixed + ncreates + nwrites + i], name = ARGV[pos],
-             version = ARGV[pos + 1], txid = ARGV[pos + 2]}
-  r.first, r.count, r.stage, pos = items(tonumber(ARGV[pos + 3]), pos + 4)
-  restores[i] = r
+local restores
+if nrestores > 0 then
+  restores = {}
+  for i = 1, nrestores do
+    local r = {key = KEYS[first_write + nwrites + i - 1], name = ARGV[pos],
+               version = ARGV[pos + 1], txid = ARGV[pos + 2]}
+    r.first, r.count, r.stage, pos = items(ARGV[pos + 3] + 0, pos + 4)
+    restores[i] = r
+  end
 end
-if not staged_ok then
+-- Each staged hash holds the content of one whole map.
+if #KEYS >= first_stage
+    and call("EXISTS", unpack(KEYS, first_stage, #KEYS)) ~= #KEYS - first_stage + 1 then
   return refuse({"staged"})
 end
 
-local deletes = {}
-for i = 1, ndeletes do
-  deletes[i] = {key = KEYS[fixed + ncreates + nwrites + nrestores + i], name = ARGV[pos],
-                channel = ARGV[pos + 1]}
-  pos = pos + 2
+local deletes
+if ndeletes > 0 then
+  deletes = {}
+  for i = 1, ndeletes do
+    deletes[i] = {key = KEYS[first_write + nwrites + nrestores + i - 1], name = ARGV[pos],
+                  channel = ARGV[pos + 1]}
+    pos = pos + 2
+  end
+end
+
+-- Write a whole map: from the staged hash (renamed into place: O(1)), or
+-- from the arguments; the old content goes (UNLINK: freed in the background).
+-- Made only for a commit that has whole maps (a closure costs every commit).
+local fill
+if creates or whole or restores then
+  function fill(key, first, count, stage, version)
+    call("UNLINK", key)
+    if stage then
+      call("RENAME", stage, key)
+      call("PERSIST", key)
+      call("HSET", key, VERSION, version)
+    else
+      call_chunked("HSET", key, first, count, VERSION, version)
+    end
+  end
 end
 
 -- Every check passed: write everything, then publish.
 if take_lease then
-  redis.call("SET", lease, node, "PX", ARGV[5])
+  call("SET", lease, node, "PX", ARGV[5])
 end
-for _, c in ipairs(creates) do
+for i = 1, ncreates do
+  local c = creates[i]
   if c.absent then
     fill(c.key, c.first, c.count, c.stage, c.version)
-    redis.call("HSET", lineage, c.name, txid)
+    call("HSET", lineage, c.name, txid)
   elseif c.stage then
-    redis.call("UNLINK", c.stage)
+    call("UNLINK", c.stage)
   end
 end
-for _, r in ipairs(restores) do
+for i = 1, nrestores do
+  local r = restores[i]
   fill(r.key, r.first, r.count, r.stage, r.version)
   if r.txid ~= "" then
-    redis.call("HSET", lineage, r.name, r.txid)
+    call("HSET", lineage, r.name, r.txid)
   else
-    redis.call("HDEL", lineage, r.name)
+    call("HDEL", lineage, r.name)
   end
 end
 local made = {}
 for i = 1, nwrites do
-  local h, key, w = at[i], KEYS[fixed + ncreates + i], whole[i]
-  if recreate[i] then
+  local h, key, w = at[i], KEYS[first_write + i - 1], whole and whole[i]
+  if w and w.recreate then
     fill(key, w.first, w.count, w.stage, ARGV[h + 2])
   else
     if w and w.stage then
-      redis.call("UNLINK", w.stage)
+      call("UNLINK", w.stage)
     end
-    local removed = tonumber(ARGV[h + 8])
-    call_chunked("HDEL", key, h + 11, removed)
-    call_chunked("HSET", key, h + 11 + removed, tonumber(ARGV[h + 9]), VERSION, ARGV[h + 2])
+    local removed = ARGV[h + 8] + 0
+    if removed > 0 then
+      call_chunked("HDEL", key, h + 11, removed)
+    end
+    call_chunked("HSET", key, h + 11 + removed, ARGV[h + 9] + 0, VERSION, ARGV[h + 2])
   end
   made[2 * i - 1], made[2 * i] = ARGV[h], txid
 end
-for first = 1, #made, CHUNK do -- every written map's lineage in one call
-  redis.call("HSET", lineage, unpack(made, first, math.min(#made, first + CHUNK - 1)))
+for first = 1, 2 * nwrites, CHUNK do -- every written map's lineage in one call
+  local last = first + CHUNK - 1
+  if last > 2 * nwrites then last = 2 * nwrites end
+  call("HSET", lineage, unpack(made, first, last))
 end
-for _, d in ipairs(deletes) do
-  d.existed = redis.call("UNLINK", d.key) == 1
-  redis.call("HDEL", lineage, d.name)
+for i = 1, ndeletes do
+  local d = deletes[i]
+  d.existed = call("UNLINK", d.key) == 1
+  call("HDEL", lineage, d.name)
 end
 if stored_txid then
   -- Keep the last ARGV[11] txids before this one.
   -- The list holds up to twice that, and is cut back to it when it grows
   -- past: trimming at every commit cost a call a commit.
-  local kept = tonumber(ARGV[11])
-  if redis.call("LPUSH", recent, stored_txid) > 2 * kept then
-    redis.call("LTRIM", recent, 0, kept - 1)
+  if call("LPUSH", recent, stored_txid) > 2 * ARGV[11] then
+    call("LTRIM", recent, 0, ARGV[11] - 1)
   end
 end
-redis.call("HSET", checkpoint, "txid", txid, "blob", ARGV[6])
+call("HSET", checkpoint, "txid", txid, "blob", ARGV[6])
 for i = 1, nwrites do
-  redis.call(publish, ARGV[at[i] + 6], ARGV[at[i] + 7])
+  local h = at[i]
+  call(publish, ARGV[h + 6], ARGV[h + 7])
 end
-for _, d in ipairs(deletes) do
+for i = 1, ndeletes do
+  local d = deletes[i]
   if d.existed then
-    redis.call(publish, d.channel, ARGV[14])
+    call(publish, d.channel, ARGV[14])
   end
 end
 return {"ok"}
