@@ -10,6 +10,7 @@ the data in a real Redis.
 from __future__ import annotations
 
 import json
+import tracemalloc
 import uuid
 from typing import Any
 
@@ -157,6 +158,22 @@ def test_a_write_that_is_not_exactly_one_version_on_is_refused(write: dict[str, 
     with pytest.raises(InvalidChangeSetError, match=match):
         encode_transaction(tx("t", writes=[MapWrite(MAP, write)]))
     encode_transaction(tx("t", writes=[MapWrite(MAP, changes(3, {"a": 1}))]))
+
+
+def test_encoded_values_hold_no_more_memory_than_their_bytes() -> None:
+    """orjson's result keeps a 4 kB buffer however short the JSON: a write's
+    values are copied to their exact size, the store holds them for good."""
+    items = {f"k{i}": i for i in range(2000)}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        encoded = encode_transaction(tx("t", writes=[MapWrite(MAP, changes(3, items))]))
+        encoded.writes[0].payload = b""  # sent once, not kept
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert dict(encoded.writes[0].add) == {key: orjson.dumps(v) for key, v in items.items()}
+    assert held < 200 * len(items)
 
 
 def nested(depth: int) -> Any:
