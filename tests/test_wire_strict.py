@@ -176,6 +176,18 @@ def test_encoded_values_hold_no_more_memory_than_their_bytes() -> None:
     assert held < 200 * len(items)
 
 
+def test_a_list_whose_iterator_runs_out_mid_pair_is_refused() -> None:
+    class Odd(list):  # type: ignore[type-arg]
+        """Says it holds two items, yields one."""
+
+        def __iter__(self) -> Any:
+            return iter(["a"])
+
+    with pytest.raises(InvalidChangeSetError, match="'add' must be a list of key, value pairs"):
+        encode_transaction(tx("t", writes=[MapWrite(MAP, {"version": 3, "remove": [],
+                                                          "add": Odd(["a", 1])})]))
+
+
 def nested(depth: int) -> Any:
     value: Any = 1
     for _ in range(depth):

