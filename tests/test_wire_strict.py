@@ -10,6 +10,7 @@ the data in a real Redis.
 from __future__ import annotations
 
 import json
+import time
 import tracemalloc
 import uuid
 from typing import Any
@@ -390,3 +391,11 @@ def test_txids_are_checked_once_and_the_memory_of_them_stays_bounded() -> None:
 
     with pytest.raises(ValueError, match="txid must be 1-64"):
         wire._check_txid("txid", Sly("bad txid"))
+
+
+def test_every_change_set_of_a_commit_carries_the_commit_s_one_time() -> None:
+    writes = [MapWrite(f"{ACTOR}-m{i}", changes(3, {"a": i})) for i in range(16)]
+    before = time.time_ns() // 1000
+    encoded = encode_transaction(tx("t", writes=writes))
+    stamps = {orjson.loads(w.payload)["ts"] for w in encoded.writes}
+    assert len(stamps) == 1 and before <= stamps.pop() <= time.time_ns() // 1000
