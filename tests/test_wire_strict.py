@@ -10,6 +10,7 @@ the data in a real Redis.
 from __future__ import annotations
 
 import json
+import math
 import time
 import tracemalloc
 import uuid
@@ -391,6 +392,21 @@ def test_txids_are_checked_once_and_the_memory_of_them_stays_bounded() -> None:
 
     with pytest.raises(ValueError, match="txid must be 1-64"):
         wire._check_txid("txid", Sly("bad txid"))
+
+
+def test_lease_ttls_convert_the_same_when_remembered_and_bad_ones_never_are() -> None:
+    from caf_sharing.backends import wire
+
+    for _ in range(2):  # converted, then found
+        assert [wire.ttl_to_ms(t) for t in (10.0, 0.0004, 1.0, 2.5e-3, 1e-9)] == [
+            10000, 1, 1000, 2, 1]
+        assert wire.ttl_to_ms(3) == 3000
+        for bad in (True, 0.0, -0.0, -1.0, math.nan, math.inf, "1", None, 0):
+            with pytest.raises(ValueError, match="lease ttl must be a finite number"):
+                wire.ttl_to_ms(bad)
+    for i in range(1, 2 * wire._TTL_MS_MAX):
+        assert wire.ttl_to_ms(i / 8) == round(i * 125)
+    assert len(wire._TTL_MS) <= wire._TTL_MS_MAX
 
 
 def test_every_change_set_of_a_commit_carries_the_commit_s_one_time() -> None:
