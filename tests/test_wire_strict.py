@@ -415,3 +415,13 @@ def test_every_change_set_of_a_commit_carries_the_commit_s_one_time() -> None:
     encoded = encode_transaction(tx("t", writes=writes))
     stamps = {orjson.loads(w.payload)["ts"] for w in encoded.writes}
     assert len(stamps) == 1 and before <= stamps.pop() <= time.time_ns() // 1000
+
+
+def test_a_change_set_value_orjson_refuses_is_named_and_so_is_a_bad_key() -> None:
+    for bad in (object(), nested(300), 2 ** 64, "\ud800"):
+        with pytest.raises(InvalidChangeSetError,
+                           match=f"map '{MAP}': value of key 'k1' is not JSON data"):
+            encode_transaction(tx("t", writes=[MapWrite(MAP, changes(3, {"k0": 0, "k1": bad}))]))
+    # A key is encoded only in the published change set.
+    with pytest.raises(InvalidChangeSetError, match=f"map '{MAP}': change set is not JSON data"):
+        encode_transaction(tx("t", writes=[MapWrite(MAP, changes(3, {"\ud800": 1}))]))
