@@ -10,6 +10,9 @@ the data in a real Redis.
 from __future__ import annotations
 
 import json
+import math
+import time
+import tracemalloc
 import uuid
 from typing import Any
 
@@ -157,6 +160,34 @@ def test_a_write_that_is_not_exactly_one_version_on_is_refused(write: dict[str, 
     with pytest.raises(InvalidChangeSetError, match=match):
         encode_transaction(tx("t", writes=[MapWrite(MAP, write)]))
     encode_transaction(tx("t", writes=[MapWrite(MAP, changes(3, {"a": 1}))]))
+
+
+def test_encoded_values_hold_no_more_memory_than_their_bytes() -> None:
+    """orjson's result keeps a 4 kB buffer however short the JSON: a write's
+    values are copied to their exact size, the store holds them for good."""
+    items = {f"k{i}": i for i in range(2000)}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        encoded = encode_transaction(tx("t", writes=[MapWrite(MAP, changes(3, items))]))
+        encoded.writes[0].payload = b""  # sent once, not kept
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert dict(encoded.writes[0].add) == {key: orjson.dumps(v) for key, v in items.items()}
+    assert held < 200 * len(items)
+
+
+def test_a_list_whose_iterator_runs_out_mid_pair_is_refused() -> None:
+    class Odd(list):  # type: ignore[type-arg]
+        """Says it holds two items, yields one."""
+
+        def __iter__(self) -> Any:
+            return iter(["a"])
+
+    with pytest.raises(InvalidChangeSetError, match="'add' must be a list of key, value pairs"):
+        encode_transaction(tx("t", writes=[MapWrite(MAP, {"version": 3, "remove": [],
+                                                          "add": Odd(["a", 1])})]))
 
 
 def nested(depth: int) -> Any:
@@ -361,3 +392,36 @@ def test_txids_are_checked_once_and_the_memory_of_them_stays_bounded() -> None:
 
     with pytest.raises(ValueError, match="txid must be 1-64"):
         wire._check_txid("txid", Sly("bad txid"))
+
+
+def test_lease_ttls_convert_the_same_when_remembered_and_bad_ones_never_are() -> None:
+    from caf_sharing.backends import wire
+
+    for _ in range(2):  # converted, then found
+        assert [wire.ttl_to_ms(t) for t in (10.0, 0.0004, 1.0, 2.5e-3, 1e-9)] == [
+            10000, 1, 1000, 2, 1]
+        assert wire.ttl_to_ms(3) == 3000
+        for bad in (True, 0.0, -0.0, -1.0, math.nan, math.inf, "1", None, 0):
+            with pytest.raises(ValueError, match="lease ttl must be a finite number"):
+                wire.ttl_to_ms(bad)
+    for i in range(1, 2 * wire._TTL_MS_MAX):
+        assert wire.ttl_to_ms(i / 8) == round(i * 125)
+    assert len(wire._TTL_MS) <= wire._TTL_MS_MAX
+
+
+def test_every_change_set_of_a_commit_carries_the_commit_s_one_time() -> None:
+    writes = [MapWrite(f"{ACTOR}-m{i}", changes(3, {"a": i})) for i in range(16)]
+    before = time.time_ns() // 1000
+    encoded = encode_transaction(tx("t", writes=writes))
+    stamps = {orjson.loads(w.payload)["ts"] for w in encoded.writes}
+    assert len(stamps) == 1 and before <= stamps.pop() <= time.time_ns() // 1000
+
+
+def test_a_change_set_value_orjson_refuses_is_named_and_so_is_a_bad_key() -> None:
+    for bad in (object(), nested(300), 2 ** 64, "\ud800"):
+        with pytest.raises(InvalidChangeSetError,
+                           match=f"map '{MAP}': value of key 'k1' is not JSON data"):
+            encode_transaction(tx("t", writes=[MapWrite(MAP, changes(3, {"k0": 0, "k1": bad}))]))
+    # A key is encoded only in the published change set.
+    with pytest.raises(InvalidChangeSetError, match=f"map '{MAP}': change set is not JSON data"):
+        encode_transaction(tx("t", writes=[MapWrite(MAP, changes(3, {"\ud800": 1}))]))

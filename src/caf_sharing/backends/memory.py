@@ -411,96 +411,111 @@ class MemoryBackend:
 
     async def commit(self, tx: Transaction) -> bool:
         enc = encode_transaction(tx)
-        self._check_open()
+        if not self._started or self._closed:
+            self._check_open()  # raises
         # No yield here: a node's actor yields between queued messages itself
         # (Node's mailbox loop), and an idle loop would only pay for it.
         with self.store.lock:
             return self._commit_locked(enc)
 
     def _commit_locked(self, tx: EncodedTransaction) -> bool:
+        # Run for every message that writes: fields and dicts are read into
+        # locals once, and what a plain one-map commit does not have (creates,
+        # restores, deletes, subscribers) costs a test, not a loop.
         space = self._space
-        stored_cp = space.checkpoints.get(tx.actor)
+        actor, txid = tx.actor, tx.txid
+        stored_cp = space.checkpoints.get(actor)
         stored_txid = None if stored_cp is None else stored_cp.txid
-        if stored_txid == tx.txid:
+        if stored_txid == txid:
             return False
         now = time.monotonic()
-        holder = space.lease_holder(tx.actor, now)
+        lease = space.leases.get(actor)
+        # A live lease is read here; lease_holder drops an expired one.
+        holder = lease.node_id if lease is not None and lease.expires > now \
+            else space.lease_holder(actor, now)
         fenced = holder is not None and holder != tx.node_id
         if fenced or stored_txid != tx.prev_txid:
             # As the commit script: the window of earlier txids is read only
             # for a commit that would be refused.
-            if stored_cp is not None and tx.txid in stored_cp.recent:
+            if stored_cp is not None and txid in stored_cp.recent:
                 return False
             if fenced:
-                raise LeaseLostError(tx.actor, tx.node_id, holder)
+                raise LeaseLostError(actor, tx.node_id, holder)
             raise chain_broken(tx, stored_txid)
-        take_lease = holder is None
-        created = {c.name: c.version for c in tx.creates if c.name not in space.maps} \
-            if tx.creates else {}
+        maps = space.maps
+        creates, writes, restores = tx.creates, tx.writes, tx.restores
+        created = {c.name: c.version for c in creates if c.name not in maps} if creates else {}
         recreate: set[str] = set()
         missing: list[str] = []
-        for write in tx.writes:
-            if tx.reassert and write.full is not None:
-                recreate.add(write.name)
+        reassert = tx.reassert
+        for write in writes:
+            name = write.name
+            if reassert and write.full is not None:
+                recreate.add(name)
                 continue
-            stored = space.maps.get(write.name)
+            stored = maps.get(name)
             if stored is not None:
                 current: int | None = stored.version
                 current_txid = stored.txid
             else:
-                current, current_txid = created.get(write.name), tx.txid
+                current, current_txid = created.get(name), txid
             if current == write.base:
                 if write.base_txid is not None and current_txid is not None \
                         and current_txid != write.base_txid:
                     raise ConcurrentUpdateError(
-                        f"map {write.name!r} holds version {current} of commit "
+                        f"map {name!r} holds version {current} of commit "
                         f"{current_txid!r}, the change set's base is of {write.base_txid!r}",
-                        name=write.name, expected=write.base, current=current)
+                        name=name, expected=write.base, current=current)
                 continue
             if stored is not None and write.rebase_from == stored.version \
                     and write.base_txid == stored.txid:
                 continue
             if stored is None and write.full is not None:
-                recreate.add(write.name)
+                recreate.add(name)
             elif current is None:
-                missing.append(write.name)
+                missing.append(name)
             else:
                 raise ConcurrentUpdateError(
-                    f"map {write.name!r} is at version {current}, the change set expects "
-                    f"{write.base}", name=write.name, expected=write.base, current=current)
+                    f"map {name!r} is at version {current}, the change set expects "
+                    f"{write.base}", name=name, expected=write.base, current=current)
         if missing:
             raise MapMissingError(missing)
-        deleted = [name for name in tx.deletes if name in space.maps] if tx.deletes else []
+        deleted = [name for name in tx.deletes if name in maps] if tx.deletes else []
         # Every check passed: from here on nothing can fail.
-        if take_lease:
-            space.leases[tx.actor] = _Lease(tx.node_id, now + tx.lease_ttl_ms / 1000)
-        for create in tx.creates:
-            if create.name not in space.maps:
-                space.maps[create.name] = _Map(create.version, dict(create.fields), tx.txid)
-        for restore in tx.restores:
-            space.maps[restore.name] = _Map(restore.version, dict(restore.fields), restore.txid)
-        for write in tx.writes:
-            if write.name in recreate:
+        if holder is None:  # taken back (see the contract)
+            space.leases[actor] = _Lease(tx.node_id, now + tx.lease_ttl_ms / 1000)
+        if creates:
+            for create in creates:
+                if create.name not in maps:
+                    maps[create.name] = _Map(create.version, dict(create.fields), txid)
+        if restores:
+            for restore in restores:
+                maps[restore.name] = _Map(restore.version, dict(restore.fields), restore.txid)
+        for write in writes:
+            name = write.name
+            if recreate and name in recreate:
                 assert write.full is not None
-                space.maps[write.name] = _Map(write.new_version, dict(write.full), tx.txid)
+                maps[name] = _Map(write.new_version, dict(write.full), txid)
                 continue
-            target = space.maps[write.name]
+            target = maps[name]
+            fields = target.fields
             for key in write.remove:
-                target.fields.pop(key, None)
-            target.fields.update(write.add)
+                fields.pop(key, None)
+            fields.update(write.add)
             target.version = write.new_version
-            target.txid = tx.txid
+            target.txid = txid
         for name in deleted:
-            del space.maps[name]
+            del maps[name]
         if stored_cp is None:
-            space.checkpoints[tx.actor] = _Checkpoint(tx.txid, tx.checkpoint)
+            space.checkpoints[actor] = _Checkpoint(txid, tx.checkpoint)
         else:
             stored_cp.recent.append(stored_cp.txid)
-            stored_cp.txid, stored_cp.blob = tx.txid, tx.checkpoint
-        for write in tx.writes:
-            self._publish(write.name, write.payload)
-        for name in deleted:
-            self._publish(name, tx.deleted_payload)
+            stored_cp.txid, stored_cp.blob = txid, tx.checkpoint
+        if space.channels:  # else no map of this app has a subscriber
+            for write in writes:
+                self._publish(write.name, write.payload)
+            for name in deleted:
+                self._publish(name, tx.deleted_payload)
         return True
 
     async def purge(self, expire_after: float | None = None) -> int:
