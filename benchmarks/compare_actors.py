@@ -9,7 +9,11 @@ references in the same run (issue 10's M1 and M3).
       trip of a commit-sized script: <= 1.3x.
 * M3  commits/s through a Node with 100 writer actors (each message sets one
       key), against the same commits made straight through a backend (100
-      actors, one transaction each, no Node): >= 0.7x.
+      actors, one transaction each, no Node): >= 0.7x. Then the same Node
+      writers in K = 1 and 2 processes against the one Redis: commits/s, and
+      the CPU redis-server and the client processes used (in cores, and per
+      commit), to see whether throughput grows with K until Redis's CPU is
+      the limit (on a 2-core machine the clients and Redis share the cores).
 
 Rounds alternate ours and the reference; each keeps its best round.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from caf_sharing import Actor, Node
 from caf_sharing.backends import make_backend
+from compare_cluster import cpu_seconds
 from compare_redis import RAW_SCRIPT, transaction
 from redisserver import RedisServer
 
@@ -169,6 +175,48 @@ async def m3(server: RedisServer, rounds: int, seconds: float) -> dict[str, floa
     return {name: -value for name, value in results.items()}
 
 
+def _m3_process(url: str, index: int, seconds: float, barrier: Any, results: Any) -> None:
+    """One client process of M3's scaling: a Node, 100 writer actors in a loop."""
+    async def run() -> tuple[int, float]:
+        async with Node(url, app="bench-k", restart_grace=False) as node:
+            handles = [await node.start(Writer, f"m3k{index}w{i}-app") for i in range(100)]
+            barrier.wait()  # every process starts its window together
+            started, cpu = time.perf_counter(), time.process_time()
+            until = started + seconds
+
+            async def writer(handle: Any) -> int:
+                done = 0
+                while time.perf_counter() < until:
+                    await handle.call("put", done)
+                    done += 1
+                return done
+
+            counts = await asyncio.gather(*(writer(h) for h in handles))
+            return sum(counts), time.process_time() - cpu
+    results.put(asyncio.run(run()))
+
+
+def m3_processes(server: RedisServer, k: int, seconds: float) -> dict[str, float]:
+    """Commits/s of K processes of Node writers, and the CPU each side used."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(k + 1), ctx.Queue()
+    procs = [ctx.Process(target=_m3_process, args=(server.url, i, seconds, barrier, results))
+             for i in range(k)]
+    for proc in procs:
+        proc.start()
+    barrier.wait()
+    redis_cpu = cpu_seconds([server.pid])
+    outcomes = [results.get(timeout=120) for _ in procs]
+    redis_cpu = cpu_seconds([server.pid]) - redis_cpu
+    for proc in procs:
+        proc.join()
+    commits = sum(count for count, _ in outcomes)
+    client_cpu = sum(cpu for _, cpu in outcomes)
+    return {"rate": commits / seconds, "redis cores": redis_cpu / seconds,
+            "client cores": client_cpu / seconds, "redis us": redis_cpu / commits * 1e6,
+            "client us": client_cpu / commits * 1e6}
+
+
 def row(label: str, ours: float, base: float, target: float, unit: str,
         higher: bool = False) -> bool:
     ratio = ours / base
@@ -190,6 +238,12 @@ async def main() -> int:
     with RedisServer() as server:
         redis_m1 = await m1_redis(server, args.rounds, args.calls // 3)
         m3_rates = await m3(server, max(2, args.rounds // 2), args.seconds)
+        scaling: dict[int, dict[str, float]] = {}
+        for _ in range(2):  # K alternate; each keeps its best round
+            for k in (1, 2):
+                got = m3_processes(server, k, args.seconds)
+                if got["rate"] > scaling.get(k, {"rate": 0.0})["rate"]:
+                    scaling[k] = got
     print(f"{args.rounds} interleaved rounds, best kept")
     met = [
         row("M1 no-op message / minimal actor (memory://)", memory["noop"] * 1e6,
@@ -201,6 +255,11 @@ async def main() -> int:
         row("M3 commits/s through a Node / backend only (100)", m3_rates["node"],
             m3_rates["backend"], 0.7, "/s", higher=True),
     ]
+    for k, got in scaling.items():
+        print(f"M3 K={k} process(es) x 100 Node writers: {got['rate']:8.0f} commits/s; "
+              f"redis-server {got['redis cores']:.2f} cores ({got['redis us']:.1f} us/commit), "
+              f"clients {got['client cores']:.2f} cores ({got['client us']:.1f} us/commit)")
+    print(f"M3 K=2 / K=1 throughput: {scaling[2]['rate'] / scaling[1]['rate']:.2f}x")
     return 1 if args.check and not all(met) else 0
 
 
