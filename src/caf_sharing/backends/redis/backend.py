@@ -767,8 +767,13 @@ def _big_wholes(enc: EncodedTransaction) -> list[tuple[str, str, Fields]]:
     """The whole maps of ``enc`` (creates, full dumps, restores) too big for
     the commit script itself: (item, map name, fields) each, the item naming
     it in the commit's arguments (see :meth:`Keys.commit`)."""
-    if not enc.creates and not enc.restores and all(w.full is None for w in enc.writes):
-        return []  # a plain commit, as nearly all are
+    if not enc.creates and not enc.restores:
+        # A plain commit, as nearly all are (a loop: a generator costs more).
+        for write in enc.writes:
+            if write.full is not None:
+                break
+        else:
+            return []
     wholes = [*((f"c{i}", c.name, c.fields) for i, c in enumerate(enc.creates)),
               *((f"w{i}", w.name, w.full) for i, w in enumerate(enc.writes)
                 if w.full is not None),
