@@ -360,3 +360,67 @@ async def test_a_forged_message_never_moves_a_replica(pair, backend_kind, reques
     assert await writer.write(a=3) == v + 1
     await until(lambda: replica.version == v + 1)
     assert replica.ref().get("a") == 3
+
+
+async def test_a_watcher_stopped_during_a_notification(pair) -> None:
+    """Watchers are notified from the list as it was when the change landed:
+    one that a watcher before it stops still hears of that change, and only
+    of it; the others go on."""
+    wsvc, rsvc = pair
+    writer = Writer(wsvc, "alice-admin", "alice-admin-m")
+    await writer.create(a=1)
+    replica = await rsvc.replica_of("alice-admin-m")
+    assert replica is not None
+    heard: list[str] = []
+    stops: dict[str, Any] = {}
+
+    def first() -> None:
+        heard.append("first")
+        stops.pop("second", lambda: None)()
+
+    stops["first"] = rsvc.watch("alice-admin-m", replica, first)
+    stops["second"] = rsvc.watch("alice-admin-m", replica, lambda: heard.append("second"))
+    rsvc.watch("alice-admin-m", replica, lambda: heard.append("third"))
+    await writer.write(a=2)
+    await until(lambda: len(heard) == 3)
+    assert heard == ["first", "second", "third"]
+    await writer.write(a=3)
+    await until(lambda: len(heard) == 5)
+    assert heard[3:] == ["first", "third"]
+    stops["first"]()
+    stops["first"]()  # stopping twice is harmless
+    await writer.write(a=4)
+    await until(lambda: len(heard) == 6)
+    assert heard[5:] == ["third"]
+
+
+@pytest.mark.parametrize("backend_kind", ["redis"])
+async def test_a_subscription_dropped_during_a_push_is_not_called(backend, backend_kind,
+                                                                  redis_server) -> None:
+    """A handler may drop another subscription of the channel as a push is
+    delivered (an eagerly started actor message releasing a replica, say):
+    the dropped one is not called, the others are, and later pushes reach
+    only those left."""
+    name = "alice-admin-m"
+    heard: list[tuple[str, bytes]] = []
+
+    def second(payload: bytes) -> None:
+        heard.append(("second", payload))
+
+    def first(payload: bytes) -> None:
+        heard.append(("first", payload))
+        drop = backend.unsubscribe(name, second)
+        with pytest.raises(StopIteration):  # runs to its end at once
+            drop.send(None)
+
+    def third(payload: bytes) -> None:
+        heard.append(("third", payload))
+
+    for handler in (first, second, third):
+        await backend.subscribe(name, handler)
+    await publish_raw(backend, name, b"one", redis_server)
+    await until(lambda: len(heard) == 2)
+    await publish_raw(backend, name, b"two", redis_server)
+    await until(lambda: len(heard) == 4)
+    assert heard == [("first", b"one"), ("third", b"one"), ("first", b"two"),
+                     ("third", b"two")]

@@ -166,10 +166,12 @@ class ReplicaLineage:
     def record(self, version: int, txid: str | None) -> None:
         self.txid = txid
         if txid is not None:
-            self.seen[version] = txid
-            self.seen.move_to_end(version)
-            if len(self.seen) > LINEAGE_MEMORY:
-                self.seen.popitem(last=False)
+            seen = self.seen
+            if version in seen:  # else a new key goes last anyway
+                seen.move_to_end(version)
+            seen[version] = txid
+            if len(seen) > LINEAGE_MEMORY:
+                seen.popitem(last=False)
 
     def conflict(self, version: int, sets: Sequence[Any]) -> str | None:
         """Why change sets ``sets`` contradict a replica at ``version``, or

@@ -40,7 +40,8 @@ class LatencySummary:
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
 
     def observe(self, seconds: float) -> None:
-        seconds = max(seconds, 0.0)  # clock skew between machines: never negative
+        if seconds < 0.0:  # clock skew between machines: never negative
+            seconds = 0.0
         self.count += 1
         self.total += seconds
         if seconds > self.max:

@@ -132,7 +132,9 @@ class _Replica:
         self.deleted = False
         #: A deletion marker arrived; the next resync checks the store.
         self.deletion_hint = False
-        self.watchers: list[Watcher] = []
+        #: Replaced, never changed in place: each change walks it while a
+        #: watcher may stop, with no copy per change.
+        self.watchers: tuple[Watcher, ...] = ()
         self.handle: MessageHandler = functools.partial(service._on_message, self)
 
 
@@ -389,16 +391,18 @@ class SharingService:
         replica = self._replicas.get((name, shared.no_exec))
         if replica is None or replica.map is not shared:
             raise SharingError(f"no replica of map {name!r} is held on this node to watch")
-        replica.watchers.append(watcher)
+        replica.watchers += (watcher,)
 
         def stop() -> None:
-            if watcher in replica.watchers:
-                replica.watchers.remove(watcher)
+            watchers = replica.watchers
+            if watcher in watchers:
+                i = watchers.index(watcher)
+                replica.watchers = watchers[:i] + watchers[i + 1:]
 
         return stop
 
     def _changed(self, replica: _Replica) -> None:
-        for watcher in tuple(replica.watchers):
+        for watcher in replica.watchers:
             try:
                 watcher()
             except Exception:
@@ -443,19 +447,20 @@ class SharingService:
 
     def _apply(self, replica: _Replica, data: bytes) -> None:
         shared = replica.map
+        before = shared.version
         try:
             changes = decode_changes(replica.name, data)
+            sets: Sequence[Any]
             if type(changes) is list:
                 sets = changes
+            elif isinstance(changes, dict) and changes.get(DELETED) is True:
+                # Only a hint: a forged marker must not empty a replica, so
+                # the resync it triggers reads the store to confirm it.
+                replica.deletion_hint = True
+                self._schedule_resync(replica)
+                return
             else:
-                if isinstance(changes, dict) and changes.get(DELETED) is True:
-                    # Only a hint: a forged marker must not empty a replica, so
-                    # the resync it triggers reads the store to confirm it.
-                    replica.deletion_hint = True
-                    self._schedule_resync(replica)
-                    return
-                sets = [changes]
-            before = shared.version
+                sets = (changes,)
             fork = replica.lineage.conflict(before, sets)
             if fork is not None:
                 self._forked(replica, fork)
@@ -474,21 +479,27 @@ class SharingService:
             self.stats.applied += 1
             version = shared.version
             if version > before:
-                replica.deleted = False
-                last = sets[-1]
-                replica.lineage.record(version, last.get("txid"))
-                stamp = last.get(TIMESTAMP)
-                seconds = None
-                if type(stamp) is int:
-                    lag = self.propagation_lag.get(replica.name)
-                    if lag is None:
-                        lag = self.propagation_lag[replica.name] = LatencySummary()
-                    seconds = max(time.time() - stamp / 1e6, 0.0)
-                    lag.observe(seconds)
-                if self._observes_apply:
-                    notify(self._observer, "on_apply", replica.name, version, seconds)
-                if replica.watchers:
-                    self._changed(replica)
+                self._advanced(replica, version, sets[-1])
+
+    def _advanced(self, replica: _Replica, version: int, last: ChangeSet) -> None:
+        """``replica`` reached ``version`` from a change set, ``last`` the
+        last one applied: record its lineage and lag, tell who listens."""
+        replica.deleted = False
+        replica.lineage.record(version, last.get("txid"))
+        stamp = last.get(TIMESTAMP)
+        seconds = None
+        if type(stamp) is int:
+            lag = self.propagation_lag.get(replica.name)
+            if lag is None:
+                lag = self.propagation_lag[replica.name] = LatencySummary()
+            seconds = time.time() - stamp / 1e6
+            if seconds < 0.0:  # clock skew between machines: never negative
+                seconds = 0.0
+            lag.observe(seconds)
+        if self._observes_apply:
+            notify(self._observer, "on_apply", replica.name, version, seconds)
+        if replica.watchers:
+            self._changed(replica)
 
     def _forked(self, replica: _Replica, why: str) -> None:
         self.stats.forks += 1

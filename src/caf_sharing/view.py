@@ -205,13 +205,16 @@ class ReplicaView:
     def _changed(self) -> None:
         shared = self._map
         if shared is not None:
-            if self._service.is_deleted(self._name, shared):
+            # A deleted replica is reset to version 0: a map at any other
+            # version needs no look-up (called for each change set applied).
+            if shared.version == 0 and self._service.is_deleted(self._name, shared):
                 if self._ref is not None:
                     self._lives += 1
                 self._ref = None
             else:
                 self._ref = shared.ref(True)
-        self._wake()
+        if self._waiters:
+            self._wake()
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []

@@ -755,7 +755,7 @@ def decode_changes(map_name: str, data: bytes) -> Any:
         changes = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise InvalidChangeSetError(f"map {map_name!r}: message is not JSON: {exc}") from None
-    if _has_digit_run(data):
+    if len(data) >= 19 and _DIGIT_RUN in data.translate(_DIGIT_MAP):  # _has_digit_run, inline
         token = _long_int(data)
         if token is not None:
             raise InvalidChangeSetError(
