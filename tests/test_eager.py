@@ -78,6 +78,10 @@ class Probe(Actor):
     async def get(self, key: str) -> Any:
         return self.sharing.maps.m.get(key)
 
+    async def nap(self) -> None:
+        self.log_.append("nap")
+        await asyncio.sleep(0)
+
 
 class Relay(Actor):
     """Calls the next actor of a chain, or another actor while it is busy."""
@@ -252,3 +256,22 @@ async def test_a_begun_message_survives_a_lost_lease_as_any_begun_message() -> N
         assert call.result() == 1
         assert isinstance(queued.exception(), ActorStoppedError)
         assert probe.actor.log_ == ["begin k", "end k"]
+
+
+async def test_messages_that_suspend_start_eagerly_only_first_in_a_turn() -> None:
+    async with Node("memory://eager-turns", app="eager") as node:
+        a, b = await node.start(Probe, "probe-j"), await node.start(Probe, "probe-k")
+        await a.call("nap")  # each learns that nap suspends
+        await b.call("nap")
+        first = asyncio.ensure_future(a.call("nap"))
+        second = asyncio.ensure_future(b.call("nap"))
+        await asyncio.sleep(0)  # both calls made in this turn of the loop
+        # The first began in its caller's task; the second waits for b's
+        # worker (a burst of such messages is cheaper queued).
+        assert (len(a.actor.log_), len(b.actor.log_)) == (2, 1)
+        await asyncio.gather(first, second)
+        assert (len(a.actor.log_), len(b.actor.log_)) == (2, 2)
+        # Messages that do not suspend still all start eagerly.
+        puts = [asyncio.ensure_future(h.call("put", "k", 1)) for h in (a, b)]
+        await asyncio.sleep(0)  # queued, b's would still wait for its worker
+        assert all(p.done() for p in puts)

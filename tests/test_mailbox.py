@@ -103,3 +103,41 @@ async def test_put_front_goes_first_past_the_bound_and_wakes_the_reader() -> Non
     box.put_front("ahead")  # past the bound of 1
     assert box.qsize() == 2
     assert [box.get_nowait(), box.get_nowait()] == ["ahead", "queued"]
+
+
+async def test_put_front_without_waking_leaves_the_reader_waiting_until_wake() -> None:
+    box: Mailbox[str] = Mailbox(2)
+    reader = asyncio.create_task(box.get())
+    await asyncio.sleep(0)
+    box.put_front("later", wake=False)
+    assert not box.parked  # something is queued: the actor is not idle
+    await asyncio.sleep(0)
+    assert not reader.done()
+    box.wake()
+    assert await reader == "later"
+
+
+async def test_an_item_put_after_a_quiet_put_front_wakes_the_reader_for_both() -> None:
+    box: Mailbox[str] = Mailbox(2)
+    reader = asyncio.create_task(box.get())
+    await asyncio.sleep(0)
+    box.put_front("first", wake=False)
+    box.put_nowait("second")
+    assert await reader == "first"
+    assert box.get_nowait() == "second"
+
+
+async def test_items_put_in_front_do_not_take_room() -> None:
+    box: Mailbox[str] = Mailbox(1)
+    box.put_front("ahead", wake=False)
+    box.put_nowait("queued")  # the bound counts only items put at the back
+    with pytest.raises(asyncio.QueueFull):
+        box.put_nowait("one too many")
+    writer = asyncio.create_task(box.put("waits"))
+    await asyncio.sleep(0)
+    assert box.get_nowait() == "ahead"
+    await asyncio.sleep(0)
+    assert not writer.done()  # taking the front item made no room
+    assert box.get_nowait() == "queued"
+    await writer
+    assert box.get_nowait() == "waits"

@@ -7,8 +7,9 @@ need is a good part of a message's cost (about 0.9 us of the 6 us a minimal
 queue-and-future actor takes per message). Same behaviour otherwise:
 FIFO, ``put_nowait`` raises :class:`asyncio.QueueFull` at the bound, ``put``
 waits for room. Beyond a queue: ``parked`` tells that the reader waits with
-nothing queued (the actor is idle), and ``put_front`` queues an item ahead of
-the rest whatever the bound (the rest of a message that began elsewhere).
+nothing queued (the actor is idle), ``put_front`` queues an item ahead of
+the rest whatever the bound (the rest of a message that began elsewhere),
+and may leave the reader waiting until ``wake``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ T = TypeVar("T")
 class Mailbox(Generic[T]):
     """A FIFO of at most ``maxsize`` items, read by one task at a time."""
 
-    __slots__ = ("_items", "_maxsize", "_reader", "_writers")
+    __slots__ = ("_ahead", "_items", "_maxsize", "_reader", "_writers")
 
     def __init__(self, maxsize: int) -> None:
         self._items: deque[T] = deque()
         self._maxsize = maxsize
+        #: Items at the front put there by put_front: not counted against the bound.
+        self._ahead = 0
         #: The reader's future while it waits for an item.
         self._reader: asyncio.Future[None] | None = None
         #: Futures of the writers waiting for room, oldest first.
@@ -44,33 +47,37 @@ class Mailbox(Generic[T]):
     @property
     def parked(self) -> bool:
         """The reader waits in :meth:`get`, and nothing is queued."""
-        return self._reader is not None
+        return self._reader is not None and not self._items
 
     def front(self) -> T | None:
         """The oldest item, left in place (``None`` if there is none)."""
         return self._items[0] if self._items else None
 
     def put_nowait(self, item: T) -> None:
-        if len(self._items) >= self._maxsize:
+        if len(self._items) - self._ahead >= self._maxsize:
             raise asyncio.QueueFull
         self._items.append(item)
-        self._wake_reader()
+        self.wake()
 
-    def _wake_reader(self) -> None:
+    def wake(self) -> None:
+        """Let a waiting reader take what is queued."""
         reader = self._reader
         if reader is not None:
             self._reader = None
             if not reader.done():
                 reader.set_result(None)
 
-    def put_front(self, item: T) -> None:
-        """Queue ``item`` ahead of every other, even past the bound."""
+    def put_front(self, item: T, *, wake: bool = True) -> None:
+        """Queue ``item`` ahead of every other, even past the bound; without
+        ``wake``, a waiting reader takes it with the next item or :meth:`wake`."""
         self._items.appendleft(item)
-        self._wake_reader()
+        self._ahead += 1
+        if wake:
+            self.wake()
 
     async def put(self, item: T) -> None:
         """Queue ``item``, waiting for room first if the mailbox is full."""
-        while len(self._items) >= self._maxsize:
+        while len(self._items) - self._ahead >= self._maxsize:
             writer = asyncio.get_running_loop().create_future()
             self._writers.append(writer)
             try:
@@ -87,7 +94,9 @@ class Mailbox(Generic[T]):
         if not self._items:
             raise asyncio.QueueEmpty
         item = self._items.popleft()
-        if self._writers:
+        if self._ahead:
+            self._ahead -= 1
+        elif self._writers:
             self._wake_writer()
         return item
 

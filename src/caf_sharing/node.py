@@ -222,6 +222,8 @@ class _Host:
         self.context = contextvars.Context()
         #: A message began in its caller's task and has not suspended yet.
         self.eager = False
+        #: Methods whose last eager start suspended (see :class:`_eager.Budget`).
+        self.suspending: set[str] = set()
         #: The marker of the message running now (see ``_running``).
         self.current: object | None = None
         #: Name -> bound method, for the messages checked once already.
@@ -272,10 +274,11 @@ class _Host:
                 "the method directly, e.g. await self.method(...))")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if self.mailbox.parked and not self.eager and self.node.eager_budget.take(loop):
+        if self.mailbox.parked and not self.eager \
+                and self.node.eager_budget.take(loop, method in self.suspending):
             caller = asyncio.current_task(loop)
             if caller is not None:
-                self.begin_now(loop, caller, func, args, kwargs, future)
+                self.begin_now(loop, caller, method, func, args, kwargs, future)
                 return future
         try:
             self.mailbox.put_nowait((func, args, kwargs, future, False))
@@ -286,8 +289,9 @@ class _Host:
         return future
 
     def begin_now(self, loop: asyncio.AbstractEventLoop, caller: asyncio.Task[Any],
-                  func: Callable[..., Coroutine[Any, Any, Any]], args: tuple[Any, ...],
-                  kwargs: dict[str, Any], future: asyncio.Future[Any]) -> None:
+                  method: str, func: Callable[..., Coroutine[Any, Any, Any]],
+                  args: tuple[Any, ...], kwargs: dict[str, Any],
+                  future: asyncio.Future[Any]) -> None:
         """Run a message to an idle actor in the caller's task up to its first
         suspension; the worker takes over from there (:mod:`caf_sharing._eager`)."""
         assert self.worker is not None  # the mailbox is parked: the worker waits on it
@@ -297,8 +301,13 @@ class _Host:
             pending = _eager.first_step(loop, caller, self.worker, self.context, coro)
         finally:
             self.eager = False
-        if pending is not _eager.FINISHED:
-            self.mailbox.put_front(_eager.Resumption(coro, pending))
+        if pending is _eager.FINISHED:
+            self.suspending.discard(method)
+            return
+        self.suspending.add(method)
+        # The worker takes it over once what it waits on is done.
+        mailbox = self.mailbox
+        mailbox.put_front(_eager.Resumption(coro, pending, mailbox.wake), wake=False)
 
     async def run(self) -> None:
         mailbox = self.mailbox
