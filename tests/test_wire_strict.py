@@ -38,6 +38,7 @@ from caf_sharing.errors import BackendError, InvalidChangeSetError
 from conftest import until_version
 from redisserver import RedisServer
 from test_backend_contract import ACTOR, MAP, NODE, V, changes, dump, tx
+from test_fuzz_wire import nested
 
 # -- versions ------------------------------------------------------------------
 
@@ -188,13 +189,6 @@ def test_a_list_whose_iterator_runs_out_mid_pair_is_refused() -> None:
     with pytest.raises(InvalidChangeSetError, match="'add' must be a list of key, value pairs"):
         encode_transaction(tx("t", writes=[MapWrite(MAP, {"version": 3, "remove": [],
                                                           "add": Odd(["a", 1])})]))
-
-
-def nested(depth: int) -> Any:
-    value: Any = 1
-    for _ in range(depth):
-        value = [value]
-    return value
 
 
 def test_a_whole_map_is_checked_whole_before_anything_is_encoded_for_good() -> None:
