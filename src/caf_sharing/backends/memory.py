@@ -429,10 +429,7 @@ class MemoryBackend:
         if stored_txid == txid:
             return False
         now = time.monotonic()
-        lease = space.leases.get(actor)
-        # A live lease is read here; lease_holder drops an expired one.
-        holder = lease.node_id if lease is not None and lease.expires > now \
-            else space.lease_holder(actor, now)
+        holder = space.lease_holder(actor, now)
         fenced = holder is not None and holder != tx.node_id
         if fenced or stored_txid != tx.prev_txid:
             # As the commit script: the window of earlier txids is read only
