@@ -375,6 +375,8 @@ class SharingService:
     def is_deleted(self, name: str, shared: SharedMap) -> bool:
         """Whether the replica ``shared`` of ``name`` stands for a map that
         was deleted (and not created again since)."""
+        if shared.version:  # a deleted replica is reset to version 0
+            return False
         replica = self._replicas.get((name, shared.no_exec))
         return replica is not None and replica.map is shared and replica.deleted
 

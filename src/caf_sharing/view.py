@@ -205,9 +205,7 @@ class ReplicaView:
     def _changed(self) -> None:
         shared = self._map
         if shared is not None:
-            # A deleted replica is reset to version 0: a map at any other
-            # version needs no look-up (called for each change set applied).
-            if shared.version == 0 and self._service.is_deleted(self._name, shared):
+            if self._service.is_deleted(self._name, shared):
                 if self._ref is not None:
                     self._lives += 1
                 self._ref = None
