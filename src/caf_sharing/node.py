@@ -329,7 +329,7 @@ class _Host:
                 # was handed over, before taking it: it is that message
                 # that the cancellation reaches, as it would have here.
                 item = mailbox.front()
-                if type(item) is not _eager.Resumption:
+                if not isinstance(item, _eager.Resumption):
                     raise
                 mailbox.get_nowait()
                 item.interrupt(exc)
