@@ -1,5 +1,6 @@
-"""Builds the compiled modules (the map core, the Redis command packer);
-everything else is declared in pyproject.toml."""
+"""Builds the compiled modules (the map core, the Redis command packer, and
+the plain-Python modules of the commit and read paths); everything else is
+declared in pyproject.toml."""
 
 import os
 
@@ -8,6 +9,17 @@ from setuptools import Extension, setup
 
 # CAF_SHARING_DEBUG=1 keeps bounds checks and line tracing for profiling.
 debug = os.environ.get("CAF_SHARING_DEBUG") == "1"
+
+# Plain-Python modules compiled as they are: every commit and every change set
+# a reader applies goes through them, and compiled they take about 40% less
+# time (validating and encoding a one-key change set: 4.5 -> 2.7 us on a slow
+# 2-core machine). Each starts with a ``# cython:`` line that keeps its type
+# hints as hints (annotation_typing=False): a wrong type still gets the
+# module's own error, not Cython's. Without a build, the .py runs as it is.
+COMPILED = [
+    ("caf_sharing.backends.wire", "src/caf_sharing/backends/wire.py"),
+    ("caf_sharing.backends.redis.codec", "src/caf_sharing/backends/redis/codec.py"),
+]
 
 extensions = [
     Extension(
@@ -19,6 +31,7 @@ extensions = [
     for name, source in [
         ("caf_sharing._fastmap", "src/caf_sharing/_fastmap.pyx"),
         ("caf_sharing.backends.redis._resp", "src/caf_sharing/backends/redis/_resp.pyx"),
+        *COMPILED,
     ]
 ]
 

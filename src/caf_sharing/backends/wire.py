@@ -1,3 +1,5 @@
+# cython: language_level=3, annotation_typing=False, binding=True
+# Plain Python, also compiled by Cython when built (setup.py): see COMPILED there.
 """Validation and encoding shared by the backends.
 
 Both backends store a map as ``field -> orjson bytes`` plus an integer version

@@ -1,3 +1,5 @@
+# cython: language_level=3, annotation_typing=False, binding=True
+# Plain Python, also compiled by Cython when built (setup.py): see COMPILED there.
 """What the Redis backend sends and reads back: key and channel names, RESP
 packing, the commit script's arguments and replies, and the read script's
 replies decoded into dumps.
