@@ -23,8 +23,10 @@ from caf_sharing import Actor, FrozenDict, FrozenList, Node, SharedMap
 from caf_sharing._fastmap import MAX_DEPTH, load_fields
 from caf_sharing.backends import MapWrite, make_backend
 from caf_sharing.backends.redis.backend import _Scan
+from caf_sharing.backends.redis.codec import commit_outcome
 from caf_sharing.backends.wire import (
     MAX_VERSION,
+    EncodedTransaction,
     check_dump,
     decode_changes,
     decode_fields,
@@ -34,7 +36,7 @@ from caf_sharing.backends.wire import (
     encode_dump,
     encode_transaction,
 )
-from caf_sharing.errors import BackendError, InvalidChangeSetError
+from caf_sharing.errors import BackendError, InvalidChangeSetError, SharingError
 from conftest import until_version
 from redisserver import RedisServer
 from test_backend_contract import ACTOR, MAP, NODE, V, changes, dump, tx
@@ -419,3 +421,35 @@ def test_a_change_set_value_orjson_refuses_is_named_and_so_is_a_bad_key() -> Non
     # A key is encoded only in the published change set.
     with pytest.raises(InvalidChangeSetError, match=f"map '{MAP}': change set is not JSON data"):
         encode_transaction(tx("t", writes=[MapWrite(MAP, changes(3, {"\ud800": 1}))]))
+
+
+def test_a_commit_s_reply_reads_the_same_once_its_writes_are_dropped() -> None:
+    """A Redis commit in flight keeps only what its reply needs (drop_writes):
+    every refusal still names the write it is about."""
+    writes = [MapWrite(f"{ACTOR}-m{i}", {**changes(3 + i, {"a": i}), "base_txid": f"b{i}"})
+              for i in range(3)]
+    writes.append(MapWrite(f"{ACTOR}-m3", changes(0, {"a": 3})))  # no lineage
+    replies = [[b"version", b"2", b"9"], [b"lineage", b"1", b"3", b"other"],
+               [b"lineage", b"4", b"0", b"other"], [b"missing", b"1", b"3"],
+               [b"chain", b"t0"], [b"lease", b"n2"], [b"ok"], [b"dup"]]
+
+    def outcomes(encoded: EncodedTransaction) -> list[Any]:
+        seen: list[Any] = []
+        for reply in replies:
+            try:
+                seen.append(commit_outcome("redis://x", encoded, reply))
+            except SharingError as exc:
+                seen.append((type(exc), str(exc),
+                             *(getattr(exc, a, None) for a in ("name", "expected", "current",
+                                                                "names", "stored_txid"))))
+        return seen
+
+    kept = encode_transaction(tx("t", prev="t0", writes=writes))
+    dropped = encode_transaction(tx("t", prev="t0", writes=writes))
+    dropped.drop_writes()
+    assert dropped.writes == [] and kept.writes
+    assert [dropped.written(i) for i in range(4)] == [kept.written(i) for i in range(4)] == [
+        (f"{ACTOR}-m{i}", 3 + i, f"b{i}") for i in range(3)] + [(f"{ACTOR}-m3", 0, None)]
+    assert outcomes(dropped) == outcomes(kept)
+    assert outcomes(kept)[0][2:5] == (f"{ACTOR}-m1", 4, 9)
+    assert outcomes(kept)[3][5] == [f"{ACTOR}-m0", f"{ACTOR}-m2"]

@@ -520,6 +520,7 @@ class RedisBackend:
 
     async def commit(self, tx: Transaction) -> bool:
         enc = encode_transaction(tx)
+        del tx  # not held while in flight (see EncodedTransaction.drop_writes)
         self._check_open()
         try:
             return await self._commit(enc)
@@ -532,8 +533,10 @@ class RedisBackend:
     async def _commit(self, enc: EncodedTransaction) -> bool:
         big = _big_wholes(enc)
         staged = await self._stage(enc, big) if big else None
-        pending = PendingCommit(enc, self._keys.commit(enc, self._pubsub.publish, staged),
-                                asyncio.get_running_loop().create_future())
+        command = self._keys.commit(enc, self._pubsub.publish, staged)
+        if staged is None:  # else StageLostError sends it again, writes and all
+            enc.drop_writes()
+        pending = PendingCommit(enc, command, asyncio.get_running_loop().create_future())
         server = self._router.server_for(enc.actor)
         committer = self._committers.get(server)
         if committer is None:

@@ -165,20 +165,20 @@ def commit_outcome(url: str, tx: EncodedTransaction, reply: Any) -> bool:
     if status == b"chain":
         raise chain_broken(tx, reply[1].decode(errors="replace") or None)
     if status == b"lineage":
-        write = tx.writes[int(reply[1]) - 1]
-        current = decode_version(write.name, reply[2])
+        name, base, base_txid = tx.written(int(reply[1]) - 1)
+        current = decode_version(name, reply[2])
         raise ConcurrentUpdateError(
-            f"map {write.name!r} holds version {current} of commit "
+            f"map {name!r} holds version {current} of commit "
             f"{reply[3].decode(errors='replace')!r}, the change set's base is of "
-            f"{write.base_txid!r}", name=write.name, expected=write.base, current=current)
+            f"{base_txid!r}", name=name, expected=base, current=current)
     if status == b"version":
-        write = tx.writes[int(reply[1]) - 1]
-        current = decode_version(write.name, reply[2])
+        name, base, _ = tx.written(int(reply[1]) - 1)
+        current = decode_version(name, reply[2])
         raise ConcurrentUpdateError(
-            f"map {write.name!r} is at version {current}, the change set expects "
-            f"{write.base}", name=write.name, expected=write.base, current=current)
+            f"map {name!r} is at version {current}, the change set expects "
+            f"{base}", name=name, expected=base, current=current)
     if status == b"missing":
-        raise MapMissingError([tx.writes[int(i) - 1].name for i in reply[1:]])
+        raise MapMissingError([tx.written(int(i) - 1)[0] for i in reply[1:]])
     if status == b"staged":
         raise StageLostError(f"Redis at {url}: commit {tx.txid} of {tx.actor}: a staged map "
                              "vanished before the commit (the server lost data?)")
