@@ -693,15 +693,14 @@ class SharingService:
         # again for a retry, from the same refs and primaries): a commit in
         # flight holding an object per map it writes made the cyclic
         # collector run more often with many maps a message.
+        parts = (actor, node_id, txid, prev_txid, checkpoint, lease_ttl, refs, creates, deletes)
         try:
-            await self.backend.commit(self._transaction(
-                actor, node_id, txid, prev_txid, checkpoint, lease_ttl, refs, creates, deletes))
+            await self.backend.commit(self._transaction(*parts))
         except MapMissingError as exc:
             missing = set(exc.names)
             self._log.warning("backend lost maps %s; re-creating them from %s",
                               sorted(missing), actor, extra={"actor": actor})
-            tx = self._transaction(actor, node_id, txid, prev_txid, checkpoint, lease_ttl, refs,
-                                   creates, deletes)
+            tx = self._transaction(*parts)
             full = tuple(MapWrite(w.name, w.changes,
                                   self._full(refs[w.name], txid) if w.name in missing else None,
                                   w.rebase_from)
@@ -710,9 +709,7 @@ class SharingService:
         except ChainError as exc:
             if self._stays.relation(actor, exc.stored_txid, prev_txid) != "behind":
                 raise
-            await self._reassert(self._transaction(actor, node_id, txid, prev_txid, checkpoint,
-                                                   lease_ttl, refs, creates, deletes),
-                                 exc.stored_txid, refs)
+            await self._reassert(self._transaction(*parts), exc.stored_txid, refs)
         for name, ref in refs.items():
             primary = primaries[name]
             primary.map.commit(ref)
