@@ -14,6 +14,11 @@ connection, open or new:
 * ``drop_replies()`` — requests reach the server, its replies are thrown
   away: a commit lands but its reply is lost.
 
+``trickle(chunk, pause)`` slows what comes back, in any mode that lets it
+through: ``chunk`` bytes at a time, ``pause`` seconds apart (a slow link,
+on which a server's reply or push arrives in pieces); ``trickle(None)``
+ends it.
+
 ``cut()`` resets every open connection; ``switch(port)`` makes new
 connections go to another server and cuts the open ones (a failover behind a
 stable address). A connection the target refuses is closed at once, as a
@@ -44,6 +49,8 @@ class Relay:
         self.host = host
         self.target_port = target_port
         self.mode: Mode = "forward"
+        #: (chunk, pause) of what comes back, or None: all at once.
+        self.slow: tuple[int, float] | None = None
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test relay",
@@ -112,6 +119,12 @@ class Relay:
     def drop_replies(self) -> None:
         self._set_mode("drop_replies")
 
+    def trickle(self, chunk: int | None, pause: float = 0.0) -> None:
+        async def change() -> None:
+            self.slow = None if chunk is None else (chunk, pause)
+
+        self._run(change)
+
     def cut(self) -> None:
         """Reset every open connection (new ones are accepted as usual)."""
         async def reset() -> None:
@@ -178,8 +191,17 @@ class Relay:
         try:
             while data := await source.read(_CHUNK):
                 passes = self.mode == "forward" or (upstream and self.mode == "drop_replies")
-                if passes and sink is not None:
+                if not passes or sink is None:
+                    continue
+                slow = None if upstream else self.slow
+                if slow is None:
                     sink.write(data)
                     await sink.drain()
+                    continue
+                chunk, pause = slow
+                for at in range(0, len(data), chunk):
+                    sink.write(data[at:at + chunk])
+                    await sink.drain()
+                    await asyncio.sleep(pause)
         except OSError:
             pass

@@ -204,6 +204,92 @@ async def test_resyncs_never_tear_the_maps_of_one_message(server: RedisServer) -
         assert (observations, torn) == (200, 0)
 
 
+class held_changes:
+    """Hold back the change sets a node's pub/sub connections receive, as if
+    still on their way, and deliver them in order on exit; (un)subscribe
+    confirmations pass. A read on the command connection then overtakes them."""
+
+    def __init__(self, node: Node) -> None:
+        self._conns = [link._conn for link in  # type: ignore[attr-defined]
+                       node.service.backend._pubsub._links.values()]
+        self.held: list[tuple[Any, Any]] = []
+
+    def __enter__(self) -> held_changes:
+        for conn in self._conns:
+            def hold(push: Any, deliver: Any = conn.on_push) -> None:
+                if type(push) is list and push[0] in (b"message", b"smessage"):
+                    self.held.append((deliver, push))
+                else:
+                    deliver(push)
+            conn.on_push = hold
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for conn in self._conns:
+            conn.on_push = conn.on_push.__defaults__[0]
+        for deliver, push in self.held:
+            deliver(push)
+
+
+async def test_a_map_opened_beside_its_sibling_shows_both_at_one_commit(
+        server: RedisServer) -> None:
+    async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode, \
+            Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+        writer = await wnode.start(Writer, "ann-writer")
+        await writer.call("bump")
+        service = rnode.service
+        first = await service.replica_of("ann-writer-m")
+        assert first is not None and first.ref().get("n") == 1
+        with held_changes(rnode) as held:
+            await writer.call("bump")
+            second = await service.replica_of("ann-writer-m2")
+            assert second is not None and held.held
+            # Read alone, m2 would show commit 2 beside m at commit 1.
+            assert (first.ref().get("n"), second.ref().get("n")) == (2, 2)
+        assert service.stats.resyncs == 0  # a first load is no resync
+        await writer.call("bump")
+
+        async def caught_up() -> bool:
+            return second.ref().get("n") == 3
+        await until(caught_up)
+        assert first.ref().get("n") == 3
+
+
+class Grower(Actor):
+    """Writes ``m``, then creates ``m2`` in the commit that writes ``m`` again."""
+
+    async def init(self) -> None:
+        self.sharing.add_writable_map("m", "m", initial_value={"n": 0})
+
+    async def grow(self) -> None:
+        self.sharing.add_writable_map("m2", "m2", initial_value={"n": 1})
+        self.sharing.maps.m.set("n", 1)
+
+
+class LateReader(Actor):
+    async def init(self) -> None:
+        self.sharing.add_read_only_map("m", "ann-writer-m")
+        self.sharing.add_read_only_map("m2", "ann-writer-m2", best_effort=True)
+
+    async def read(self) -> tuple[int, int | None]:
+        m2 = self.sharing.maps.m2
+        return self.sharing.maps.m.get("n"), None if m2 is None else m2.get("n")
+
+
+async def test_a_message_that_opens_a_map_snapshots_every_map_after(server: RedisServer) -> None:
+    async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode, \
+            Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+        writer = await wnode.start(Grower, "ann-writer")
+        reader = await rnode.start(LateReader, "ann-reader")
+        assert await reader.call("read") == (0, None)
+        with held_changes(rnode) as held:
+            await writer.call("grow")
+            # The message opens m2 (m's change set is still on its way): taken
+            # before that, m's snapshot would show the commit before m2's.
+            assert await reader.call("read") == (1, 1)
+            assert held.held
+
+
 async def test_commit_whose_reply_was_lost_is_reported_committed_after_a_takeover(
         server: RedisServer) -> None:
     with Relay(server.port) as relay:

@@ -559,6 +559,52 @@ async def test_silent_pubsub_link_is_dropped_and_its_replicas_resynced(
             await writer.close()
 
 
+async def test_a_commit_split_on_the_wire_lands_on_its_readers_at_once(
+        fresh_server: RedisServer) -> None:
+    # A slow link hands the reader each change set in pieces: the event loop
+    # runs between those of m and m2, and must never show them at two commits.
+    app = f"f{uuid.uuid4().hex[:12]}"
+    with Relay(fresh_server.port) as relay:
+        reader = make_backend(relay.url, app=app, **{**FAST, **NO_GRACE})
+        writer = make_backend(fresh_server.url, app=app, **{**FAST, **NO_GRACE})
+        await reader.start()
+        await writer.start()
+        await writer.acquire_lease("alice-admin", "writer-node", 30)
+        wsvc, rsvc = SharingService(writer), SharingService(reader)
+        try:
+            m = Writer(wsvc, "alice-admin", "alice-admin-m")
+            await m.create(n=0)
+            m2 = Writer(wsvc, "alice-admin", "alice-admin-m2", stay=m.stay)
+            await m2.create(n=0)
+            first = await rsvc.replica_of("alice-admin-m")
+            second = await rsvc.replica_of("alice-admin-m2")
+            assert first is not None and second is not None
+            relay.trickle(4096, 0.002)
+            looks = torn = 0
+            for n in range(1, 4):
+                refs = {}
+                for name in (m.name, m2.name):
+                    ref = (await wsvc.primary(name)).ref()
+                    ref.set("n", n).set("blob", f"{n}" * 40_000)
+                    ref.prepare()
+                    refs[name] = ref
+                await m.commit_refs(refs)
+                async with asyncio.timeout(10):
+                    while True:  # a look at every turn of the event loop
+                        seen = first.ref().get("n"), second.ref().get("n")
+                        looks, torn = looks + 1, torn + (seen[0] != seen[1])
+                        if seen == (n, n):
+                            break
+                        await asyncio.sleep(0)
+            assert looks > 30 and torn == 0
+            assert (rsvc.stats.gaps, rsvc.stats.resyncs, rsvc.stats.applied) == (0, 0, 6)
+        finally:
+            await wsvc.close()
+            await rsvc.close()
+            await reader.close()
+            await writer.close()
+
+
 async def test_quiet_pubsub_link_that_answers_ping_is_kept(backends: Backends) -> None:
     backend = await backends(health_check_interval=0.3)
     reconnects: list[Sequence[str]] = []

@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from caf_sharing import SharedMap
+from caf_sharing import service as service_module
 from caf_sharing.aggregate import DEFAULT_RETRY_DELAYS
 from caf_sharing.backends import Backend, MapCreate
 from caf_sharing.backends.redis.codec import Keys
@@ -360,6 +361,86 @@ async def test_a_forged_message_never_moves_a_replica(pair, backend_kind, reques
     assert await writer.write(a=3) == v + 1
     await until(lambda: replica.version == v + 1)
     assert replica.ref().get("a") == 3
+
+
+async def two_maps(wsvc: SharingService, rsvc: SharingService, *,
+                   twin: bool = False) -> tuple[Writer, list[SharedMap]]:
+    """alice-admin's maps m and m2 (a=1), and replicas of both on ``rsvc``
+    (with ``twin``, a no_exec replica of m too)."""
+    m = Writer(wsvc, "alice-admin", "alice-admin-m")
+    await m.create(a=1)
+    await Writer(wsvc, "alice-admin", "alice-admin-m2", stay=m.stay).create(a=1)
+    names = ["alice-admin-m", "alice-admin-m2"]
+    replicas = [await rsvc.replica_of(name) for name in names]
+    if twin:
+        replicas.append(await rsvc.replica_of("alice-admin-m", no_exec=True))
+    assert all(replica is not None for replica in replicas)
+    return m, replicas  # type: ignore[return-value]
+
+
+async def write_both(writer: Writer, a: int) -> None:
+    refs = {}
+    for name in ("alice-admin-m", "alice-admin-m2"):
+        ref = (await writer.service.primary(name)).ref()
+        ref.set("a", a)
+        ref.prepare()
+        refs[name] = ref
+    await writer.commit_refs(refs)
+
+
+async def test_a_commit_s_change_sets_land_together_on_every_replica(pair) -> None:
+    wsvc, rsvc = pair
+    writer, replicas = await two_maps(wsvc, rsvc, twin=True)
+    for a in (2, 3):
+        await write_both(writer, a)
+        await until(lambda: all(r.ref().get("a") == a for r in replicas))  # noqa: B023
+    # Each change set said what followed it, and nothing had to be read again.
+    assert (rsvc.stats.applied, rsvc.stats.gaps, rsvc.stats.resyncs) == (6, 0, 0)
+    assert not rsvc._groups
+
+
+async def test_a_forged_promise_of_more_change_sets_holds_nothing_for_long(
+        pair, backend_kind, request, monkeypatch) -> None:
+    monkeypatch.setattr(service_module, "GROUP_WAIT", 0.2)
+    wsvc, rsvc = pair
+    server = raw_target(request, backend_kind)
+    writer, (first, second) = await two_maps(wsvc, rsvc)
+    v = first.version
+    forged = {"version": v, "remove": [], "add": ["a", 666], "txid": "forged",
+              "more": ["m2"]}
+    await publish_raw(rsvc.backend, "alice-admin-m", orjson.dumps(forged), server)
+    await until(lambda: rsvc.stats.gaps == 1 and rsvc.stats.resyncs >= 1)
+    # Held, never shown; then given up for a read of the store.
+    assert first.version == v and first.ref().get("a") == 1 and not rsvc._groups
+    await write_both(writer, 2)
+    await until(lambda: first.ref().get("a") == second.ref().get("a") == 2)
+
+
+@pytest.mark.parametrize("more", ["m2", [2], {"m2": 1}])
+async def test_a_malformed_promise_of_more_change_sets_is_refused(
+        pair, backend_kind, request, more) -> None:
+    wsvc, rsvc = pair
+    server = raw_target(request, backend_kind)
+    writer, (first, second) = await two_maps(wsvc, rsvc)
+    v = first.version
+    forged = {"version": v, "remove": [], "add": ["a", 666], "txid": "forged", "more": more}
+    await publish_raw(rsvc.backend, "alice-admin-m", orjson.dumps(forged), server)
+    await until(lambda: rsvc.stats.malformed == 1 and rsvc.stats.resyncs >= 1)
+    assert first.version == v and first.ref().get("a") == 1 and not rsvc._groups
+    await write_both(writer, 2)
+    await until(lambda: first.ref().get("a") == second.ref().get("a") == 2)
+
+
+async def test_a_released_sibling_is_not_waited_for(pair, backend_kind, request) -> None:
+    wsvc, rsvc = pair
+    server = raw_target(request, backend_kind)
+    _, (first, second) = await two_maps(wsvc, rsvc)
+    v = first.version
+    part = {"version": v, "remove": [], "add": ["a", 2], "txid": "t-held", "more": ["m2"]}
+    await publish_raw(rsvc.backend, "alice-admin-m", orjson.dumps(part), server)
+    await until(lambda: bool(rsvc._groups))
+    await rsvc.release_replica("alice-admin-m2", second)
+    assert not rsvc._groups and first.ref().get("a") == 2
 
 
 async def test_a_watcher_stopped_during_a_notification(pair) -> None:

@@ -26,6 +26,7 @@ from caf_sharing.backends.redis.backend import _Scan
 from caf_sharing.backends.redis.codec import commit_outcome
 from caf_sharing.backends.wire import (
     MAX_VERSION,
+    MORE,
     EncodedTransaction,
     check_dump,
     decode_changes,
@@ -411,6 +412,23 @@ def test_every_change_set_of_a_commit_carries_the_commit_s_one_time() -> None:
     encoded = encode_transaction(tx("t", writes=writes))
     stamps = {orjson.loads(w.payload)["ts"] for w in encoded.writes}
     assert len(stamps) == 1 and before <= stamps.pop() <= time.time_ns() // 1000
+
+
+def test_each_change_set_of_a_commit_names_the_maps_published_after_it() -> None:
+    names = ["m", "b_2", "a"]  # publish order is the writes' order, not sorted
+    writes = [MapWrite(f"{ACTOR}-{name}", changes(3, {"x": 1})) for name in names]
+    payloads = [orjson.loads(w.payload) for w in encode_transaction(tx("t", writes=writes)).writes]
+    assert [p.get(MORE) for p in payloads] == [["b_2", "a"], ["a"], None]
+    # One map: nothing follows. A "more" handed in is never what is published.
+    forged = MapWrite(f"{ACTOR}-m", {**changes(3, {"x": 1}), MORE: ["b_2"]})
+    assert MORE not in orjson.loads(encode_transaction(tx("t", writes=[forged])).writes[0]
+                                    .payload)
+    first = orjson.loads(encode_transaction(tx("t", writes=[forged, writes[2]])).writes[0]
+                         .payload)
+    assert first[MORE] == ["a"]
+    last = orjson.loads(encode_transaction(tx("t", writes=[writes[2], forged])).writes[1]
+                        .payload)
+    assert MORE not in last
 
 
 def test_a_change_set_value_orjson_refuses_is_named_and_so_is_a_bad_key() -> None:

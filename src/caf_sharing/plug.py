@@ -314,18 +314,27 @@ class ActorSharing:
 
     async def begin(self) -> None:
         self._pending.clear()
-        self._refs.clear()
+        refs, objects = self._refs, self._objects
+        refs.clear()
         for alias, info in self._info.items():
-            obj = self._objects.get(alias)
-            if obj is None:
-                obj = await self._open(info)
-                self._objects[alias] = obj
+            if objects.get(alias) is None:
+                objects[alias] = await self._open(info)
                 self._changed()
-            snap = await _snapshot(obj, info)
-            if isinstance(obj, SharedMap) and not info.writable and \
-                    self._service.is_deleted(info.name, obj):
-                snap = None
-            self._refs[alias] = snap
+        # Every map's snapshot with no await between two: a change set landing
+        # in between would show the message one writer's maps at two commits.
+        aggregates: list[tuple[str, AggregateMap]] = []
+        is_deleted = self._service.is_deleted
+        for alias, info in self._info.items():
+            obj = objects[alias]
+            if isinstance(obj, AggregateMap):
+                aggregates.append((alias, obj))
+                refs[alias] = None  # keeps the aliases' order
+            elif obj is None or (not info.writable and is_deleted(info.name, obj)):
+                refs[alias] = None
+            else:
+                refs[alias] = obj.ref(read_only=not info.writable)
+        for alias, aggregate in aggregates:
+            refs[alias] = await aggregate.assemble()
         self._sync_watches()
 
     def _make_plan(self) -> list[tuple[str, SharedMap, bool, str]] | None:
@@ -581,11 +590,3 @@ class ActorSharing:
 
 _BEST_EFFORT_HINT = ("add it with add_read_only_map(..., best_effort=True) to read None "
                      "until its owner creates it")
-
-
-async def _snapshot(obj: MapObject | None, info: MapInfo) -> Snapshot | None:
-    if obj is None:
-        return None
-    if isinstance(obj, AggregateMap):
-        return await obj.assemble()
-    return obj.ref(read_only=not info.writable)

@@ -9,6 +9,10 @@ One service per node sits between the actors' sharing plugs and the backend:
   reads them and reference counted: the backend subscription is dropped when
   the last reader lets go. A replica subscribes first, then reads the map,
   then applies what arrived in between, so no update falls in a window.
+  The replicas of one writer's maps move together, so that a message finds
+  them at one commit: a replica loads in one read with its open siblings,
+  and the change sets of one commit are held until all that this node reads
+  came, then applied at once (see :data:`~.backends.wire.MORE`).
   Gaps and malformed messages trigger a resync from a full read. Watchers
   (:meth:`SharingService.watch`) hear of every change of a replica's content;
   views and ``on_change`` notifications are built on them.
@@ -48,7 +52,7 @@ from .backends.base import (
     MessageHandler,
     Transaction,
 )
-from .backends.wire import TIMESTAMP, decode_changes
+from .backends.wire import MORE, TIMESTAMP, decode_changes
 from .errors import (
     ChainError,
     InvalidChangeSetError,
@@ -69,7 +73,7 @@ from .lineage import (
 )
 from .methods import MethodLimits, check_limits
 from .metrics import LatencySummary, Observer, notify
-from .names import map_owner
+from .names import SEPARATOR, map_owner
 
 __all__ = ["ServiceStats", "SharingService", "Watcher", "txid_of"]
 
@@ -115,8 +119,8 @@ Watcher = Callable[[], None]
 class _Replica:
     """One subscribed replica, its lineage and the state of its catch-up protocol."""
 
-    __slots__ = ("buffer", "buffered", "count", "deleted", "deletion_hint", "handle", "lineage",
-                 "map", "name", "owner", "watchers")
+    __slots__ = ("buffer", "buffered", "count", "deleted", "deletion_hint", "error", "found",
+                 "handle", "lineage", "map", "name", "owner", "watchers")
 
     def __init__(self, service: SharingService, name: str, shared: SharedMap) -> None:
         self.name = name
@@ -132,10 +136,32 @@ class _Replica:
         self.deleted = False
         #: A deletion marker arrived; the next resync checks the store.
         self.deletion_hint = False
+        #: What the last read of the writer's maps said of this one: whether
+        #: the store has it, and why it could not be read (see _load).
+        self.found = False
+        self.error: SharingError | None = None
         #: Replaced, never changed in place: each change walks it while a
         #: watcher may stop, with no copy per change.
         self.watchers: tuple[Watcher, ...] = ()
         self.handle: MessageHandler = functools.partial(service._on_message, self)
+
+
+#: Seconds a reader waits for the rest of a commit's change sets (see
+#: :data:`~caf_sharing.backends.wire.MORE`) before it resyncs instead: they
+#: follow each other on one connection, so only a lost or forged one takes long.
+GROUP_WAIT = 5.0
+
+
+@dataclass(eq=False, slots=True)
+class _Group:
+    """Change sets of one commit held until all that this node reads came,
+    so that they land together."""
+
+    txid: object
+    parts: list[tuple[_Replica, dict[str, Any]]]
+    #: The replicas whose change set of the commit is still to come.
+    waiting: set[_Replica]
+    timer: asyncio.TimerHandle
 
 
 @dataclass(slots=True)
@@ -190,8 +216,14 @@ class SharingService:
         self._stays = Stays()
         self._replicas: dict[tuple[str, bool], _Replica] = {}
         self._retired: OrderedDict[tuple[str, bool], _Replica] = OrderedDict()
+        # Replicas subscribed and waiting for their first read (see _load).
+        self._opening: set[_Replica] = set()
         self._resyncs: dict[str, asyncio.Task[None]] = {}
         self._resync_again: set[str] = set()
+        # Owners with a replica that may have missed or mistaken a change set.
+        self._troubled: set[str] = set()
+        # Per owner: the change sets of a commit held until all came.
+        self._groups: dict[str, _Group] = {}
         self._aggregates: dict[tuple[str, str, bool], _Aggregate] = {}
         self._closed = False
         backend.add_reconnect_listener(self._on_reconnect)
@@ -349,19 +381,46 @@ class SharingService:
             self._retire(key, retired)
             raise
         try:
-            dump = await self.backend.read_map(name)
-            if dump is not None:
-                self._install(replica, dump)
-            elif retired is None or retired.deleted:
+            await self._load(replica)
+            if not replica.found and (retired is None or retired.deleted):
                 raise MapNotFoundError(name)
-            # else the store lost the map: stay readable at the version
-            # already shown until its writer re-creates it.
+            # else found, or the store lost the map: stay readable at the
+            # version already shown until its writer re-creates it.
         except BaseException:
             self._retire(key, retired)
             await self.backend.unsubscribe(name, replica.handle)
             raise
-        self._drain(replica)
         return replica
+
+    async def _load(self, replica: _Replica) -> None:
+        """Read ``replica`` (subscribed, buffering) from the store, together
+        with every other replica of its writer.
+
+        Readers isolation and writer atomicity hold across maps only if a
+        message finds all of one writer's maps at one commit. Read alone, a
+        map could come out a commit ahead of a sibling whose change set is
+        still on its way over pub/sub (another connection), and a message
+        would see both. So the load is a resync of the writer's maps that the
+        new replica joins: one consistent read, installed into all of them at
+        once (:meth:`_resync`), never beside another read of them.
+        """
+        self._opening.add(replica)
+        try:
+            self._schedule_read(replica)
+            while (task := self._resyncs.get(replica.owner)) is not None:
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    if not (task.cancelled() and self._closed):
+                        raise
+                    break
+            if replica.buffer is not None:  # the service closed meanwhile
+                raise SharingError(f"the service closed while map {replica.name!r} opened")
+            if replica.error is not None:
+                raise replica.error
+        finally:
+            self._opening.discard(replica)
+            replica.error = None
 
     async def release_replica(self, name: str, shared: SharedMap) -> None:
         """Drop one reference; unsubscribe when it was the last one."""
@@ -369,6 +428,11 @@ class SharingService:
         replica = self._drop_reference(self._replicas, key, shared)
         if replica is None:
             return
+        group = self._groups.get(replica.owner)
+        if group is not None and replica in group.waiting:
+            group.waiting.discard(replica)
+            if not group.waiting:
+                self._apply_group(replica.owner)
         self._retire(key, replica)
         await self.backend.unsubscribe(name, replica.handle)
 
@@ -434,7 +498,7 @@ class SharingService:
 
     def _on_message(self, replica: _Replica, data: bytes) -> None:
         if replica.buffer is None:
-            self._apply(replica, data)
+            self._apply(replica, data, True)
             return
         replica.buffer.append(data)
         replica.buffered += len(data)
@@ -447,12 +511,13 @@ class SharingService:
             replica.buffer, replica.buffered = [], 0
             self._schedule_resync(replica)
 
-    def _apply(self, replica: _Replica, data: bytes) -> None:
-        shared = replica.map
-        before = shared.version
+    def _apply(self, replica: _Replica, data: bytes, live: bool = False) -> None:
+        """Apply the message ``data`` to ``replica``; a ``live`` one (not
+        replayed from a buffer) may wait for its siblings (:class:`_Group`)."""
         try:
             changes = decode_changes(replica.name, data)
             sets: Sequence[Any]
+            more = None
             if type(changes) is list:
                 sets = changes
             elif isinstance(changes, dict) and changes.get(DELETED) is True:
@@ -463,6 +528,20 @@ class SharingService:
                 return
             else:
                 sets = (changes,)
+                if type(changes) is dict:
+                    more = changes.pop(MORE, None)
+            if live and (more is not None or replica.owner in self._groups) \
+                    and self._grouped(replica, changes, more):
+                return
+        except (InvalidChangeSetError, TypeError, ValueError) as exc:
+            self._malformed(replica, exc)
+            return
+        self._take(replica, changes, sets)
+
+    def _take(self, replica: _Replica, changes: Any, sets: Sequence[Any]) -> None:
+        shared = replica.map
+        before = shared.version
+        try:
             fork = replica.lineage.conflict(before, sets)
             if fork is not None:
                 self._forked(replica, fork)
@@ -473,15 +552,82 @@ class SharingService:
             self._log.debug("replica %s missed updates (%s): resync", replica.name, exc)
             self._schedule_resync(replica)
         except (InvalidChangeSetError, TypeError, ValueError) as exc:
-            self.stats.malformed += 1
-            self._log.warning("malformed message on map %s ignored (%s): resync",
-                              replica.name, exc, extra={"map": replica.name})
-            self._schedule_resync(replica)
+            self._malformed(replica, exc)
         else:
             self.stats.applied += 1
             version = shared.version
             if version > before:
                 self._advanced(replica, version, sets[-1])
+
+    def _malformed(self, replica: _Replica, exc: Exception) -> None:
+        self.stats.malformed += 1
+        self._log.warning("malformed message on map %s ignored (%s): resync",
+                          replica.name, exc, extra={"map": replica.name})
+        self._schedule_resync(replica)
+
+    def _grouped(self, replica: _Replica, changes: Any, more: object) -> bool:
+        """Whether the change set ``changes`` of ``replica`` went into its
+        commit's group (applied with it, held, or dropped with it)."""
+        owner = replica.owner
+        group = self._groups.get(owner)
+        txid = changes.get("txid") if type(changes) is dict else None
+        if group is None:
+            waiting = self._siblings(replica, more)
+            if not waiting:
+                return False
+            # The same change set comes next for a twin replica (the other no_exec).
+            twin = self._replicas.get((replica.name, not replica.map.no_exec))
+            if twin is not None and twin.buffer is None:
+                waiting.add(twin)
+            self._groups[owner] = _Group(txid, [(replica, changes)], waiting,
+                                         asyncio.get_running_loop().call_later(
+                                             GROUP_WAIT, self._group_lost, owner))
+            return True
+        if replica not in group.waiting or type(changes) is not dict or txid != group.txid:
+            # The change set awaited never came (forged, or lost): read them all.
+            self._group_lost(owner)
+            return True
+        # The first change set that came named every later one: this one's
+        # names are among them.
+        group.waiting.discard(replica)
+        group.parts.append((replica, changes))
+        if not group.waiting:
+            self._apply_group(owner)
+        return True
+
+    def _siblings(self, replica: _Replica, more: object) -> set[_Replica]:
+        """The live replicas here of the maps ``more`` names (see :data:`MORE`)."""
+        if more is None:
+            return set()
+        if type(more) is not list:
+            raise InvalidChangeSetError(f"map {replica.name!r}: {MORE!r} must be a list")
+        prefix, replicas, found = replica.owner + SEPARATOR, self._replicas, set()
+        for local in more:
+            if type(local) is not str:
+                raise InvalidChangeSetError(
+                    f"map {replica.name!r}: {MORE!r} must hold map names")
+            for no_exec in (False, True):
+                sibling = replicas.get((prefix + local, no_exec))
+                # One loading or resyncing takes its change set from a read.
+                if sibling is not None and sibling.buffer is None and sibling is not replica:
+                    found.add(sibling)
+        return found
+
+    def _apply_group(self, owner: str) -> None:
+        group = self._groups.pop(owner)
+        group.timer.cancel()
+        for replica, changes in group.parts:
+            self._take(replica, changes, (changes,))
+
+    def _group_lost(self, owner: str) -> None:
+        group = self._groups.pop(owner, None)
+        if group is None:
+            return
+        group.timer.cancel()
+        self.stats.gaps += 1
+        self._log.warning("change sets of commit %s on maps of %s did not all come: resync",
+                          group.txid, owner, extra={"txid": group.txid})
+        self._schedule_resync(group.parts[0][0])
 
     def _advanced(self, replica: _Replica, version: int, last: ChangeSet) -> None:
         """``replica`` reached ``version`` from a change set, ``last`` the
@@ -560,47 +706,69 @@ class SharingService:
             self._apply(replica, data)
 
     def _owned_by(self, owner: str) -> list[_Replica]:
-        return [r for r in self._replicas.values() if r.owner == owner]
+        """The replicas of ``owner``'s maps, open and opening."""
+        owned = [r for r in self._replicas.values() if r.owner == owner]
+        owned.extend(r for r in self._opening if r.owner == owner and r not in owned)
+        return owned
 
     def _schedule_resync(self, replica: _Replica) -> None:
+        self._troubled.add(replica.owner)
+        self._schedule_read(replica)
+
+    def _schedule_read(self, replica: _Replica) -> None:
+        """Read every replica of ``replica``'s writer again, at once."""
         if self._closed:
             return
         owner = replica.owner
-        task = self._resyncs.get(owner)
-        if task is not None and not task.done():
-            self._resync_again.add(owner)
-            return
-        # Every replica of the owner waits for the resync, so that they are
-        # all installed at once, from one read.
+        # Every replica of the owner waits for the read, so that they are all
+        # installed at once, from one read. So none is live while a read runs,
+        # and a commit's change sets held here are older than the read to come.
         for other in self._owned_by(owner):
             if other.buffer is None:
                 other.buffer = []
         if replica.buffer is None:
             replica.buffer = []
+        group = self._groups.pop(owner, None)
+        if group is not None:  # the read brings what it held
+            group.timer.cancel()
+        task = self._resyncs.get(owner)
+        if task is not None and not task.done():
+            self._resync_again.add(owner)
+            return
         self._resyncs[owner] = asyncio.get_running_loop().create_task(self._resync(owner))
 
     async def _resync(self, owner: str) -> None:
         while True:
             self._resync_again.discard(owner)
-            names = sorted({r.name for r in self._owned_by(owner)})
-            dumps: Mapping[str, ChangeSet | None] = {}
-            read = False
-            try:
-                if names:
-                    dumps = await self.backend.read_maps(names)
-                    read = True
-            except SharingError as exc:
-                self._log.warning("resync of %s failed (%s); keeping their versions",
-                                  ", ".join(names), exc)
-            self.stats.resyncs += 1
+            troubled = owner in self._troubled
+            self._troubled.discard(owner)
+            # Subscribed and buffering before the read: it misses none of their messages.
             replicas = self._owned_by(owner)
-            for replica in replicas:
-                notify(self._observer, "on_resync", replica.name)
+            dumps: Mapping[str, ChangeSet | None] = {}
+            error: SharingError | None = None
+            try:
+                if replicas:
+                    dumps = await self.backend.read_maps(sorted({r.name for r in replicas}))
+            except SharingError as exc:
+                error = exc
+            owned = set(self._owned_by(owner))  # less those released meanwhile
+            replicas = [r for r in replicas if r in owned]
+            # The first load of a replica beside its siblings is no resync of them.
+            shown = [r for r in replicas if r not in self._opening] if troubled else []
+            if shown:
+                if error is not None:
+                    self._log.warning("resync of %s failed (%s); keeping their versions",
+                                      ", ".join(r.name for r in shown), error)
+                self.stats.resyncs += 1
+                for replica in shown:
+                    notify(self._observer, "on_resync", replica.name)
             for replica in replicas:
                 dump = dumps.get(replica.name)
                 hinted, replica.deletion_hint = replica.deletion_hint, False
+                opening = replica in self._opening
+                replica.found, replica.error = dump is not None, error if opening else None
                 if dump is None:
-                    if hinted and read:
+                    if hinted and error is None:
                         self._deleted(replica)
                     continue
                 try:
@@ -608,6 +776,8 @@ class SharingService:
                 except SharingError as exc:
                     self.stats.malformed += 1
                     self._log.warning("unusable dump of %s (%s)", replica.name, exc)
+                    if opening:
+                        replica.error = exc
             for replica in replicas:
                 self._drain(replica)
             if owner not in self._resync_again or self._closed:
@@ -778,6 +948,9 @@ class SharingService:
         for task in self._resyncs.values():
             task.cancel()
         self._resyncs.clear()
+        for group in self._groups.values():
+            group.timer.cancel()
+        self._groups.clear()
         for replica in replicas:
             try:
                 await self.backend.unsubscribe(replica.name, replica.handle)

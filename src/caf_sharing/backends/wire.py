@@ -43,6 +43,7 @@ from .base import DELETED, ChangeSet, MapCreate, MapRestore, MapWrite, Transacti
 
 __all__ = [
     "MAX_VERSION",
+    "MORE",
     "VERSION_FIELD",
     "EncodedCreate",
     "EncodedRestore",
@@ -76,6 +77,11 @@ Pairs = list[tuple[str, bytes]]
 #: The field of a published change set holding its commit's time, in
 #: microseconds since the epoch (the writer's clock).
 TIMESTAMP = "ts"
+#: The field of a published change set naming the maps (relative to their
+#: owner, in order) whose change sets of the same commit follow it: a reader
+#: holding several of them applies them together (writer atomicity), even
+#: when the stream splits between two. Absent from a commit's last one.
+MORE = "more"
 
 _APP = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 
@@ -389,8 +395,10 @@ def encode_dump(map_name: str, dump: object, what: str = "dump") -> tuple[int, P
     return version, list(fields)
 
 
-def _encode_write(actor: str, txid: str, write: object, ts: int) -> EncodedWrite:
-    """``write`` checked and encoded; ``ts`` is the commit's time (µs)."""
+def _encode_write(actor: str, txid: str, write: object, ts: int,
+                  more: list[str] | None) -> EncodedWrite:
+    """``write`` checked and encoded; ``ts`` is the commit's time (µs),
+    ``more`` the maps whose change sets follow it (see :data:`MORE`)."""
     if not isinstance(write, MapWrite):
         raise TypeError(f"transaction writes must be MapWrite, got {type(write).__name__}")
     name = _owned_map(actor, write.name, "writes")
@@ -429,7 +437,13 @@ def _encode_write(actor: str, txid: str, write: object, ts: int) -> EncodedWrite
     try:
         # The commit's time rides along ("ts", µs since the epoch) so that
         # readers can tell their propagation lag; Caf.js ignores the field.
-        payload = orjson.dumps({**changes, TIMESTAMP: ts})
+        if more:
+            payload = orjson.dumps({**changes, TIMESTAMP: ts, MORE: more})
+        elif MORE in changes:  # only the commit says what follows
+            payload = orjson.dumps({key: value for key, value in {**changes, TIMESTAMP: ts}
+                                    .items() if key != MORE})
+        else:
+            payload = orjson.dumps({**changes, TIMESTAMP: ts})
     except TypeError as exc:
         raise InvalidChangeSetError(f"map {name!r}: change set is not JSON data: {exc}") from None
     return EncodedWrite(name, base, new_version, remove, add, full, payload, base_txid,
@@ -556,8 +570,18 @@ def encode_transaction(tx: Transaction) -> EncodedTransaction:
     creates = [_encode_create(actor, c) for c in tx.creates] if tx.creates else []
     ts = time.time_ns() // 1000
     writes: list[EncodedWrite] = []
-    for write in tx.writes:
-        writes.append(_encode_write(actor, txid, write, ts))
+    if len(tx.writes) == 1:
+        writes.append(_encode_write(actor, txid, tx.writes[0], ts, None))
+    elif tx.writes:
+        # From the last: each change set names the maps published after it
+        # (``after`` grows once encoded into the payload: no copy per write).
+        after: list[str] = []
+        skip = len(actor) + 1
+        for write in reversed(tx.writes):
+            encoded = _encode_write(actor, txid, write, ts, after)
+            writes.append(encoded)
+            after.insert(0, encoded.name[skip:])
+        writes.reverse()
     restores = [_encode_restore(actor, r) for r in tx.restores] if tx.restores else []
     deletes = [_owned_map(actor, name, "deletes") for name in tx.deletes] if tx.deletes else []
     if len(creates) > 1:
