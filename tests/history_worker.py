@@ -6,7 +6,9 @@ message its actors process (the records :mod:`history` judges):
 
 * ``writer``: actor ``w-writer`` commits, per message, one counter and one
   token into maps ``m`` and ``m2``, ``self.state`` and map ``log`` (counter ->
-  token, so the final store shows which commits it holds); a read-only
+  token, so the final store shows which commits it holds); every
+  ``PAD_EVERY``-th message also a value of ``PAD`` bytes into ``m`` and
+  ``m2``, so that its change sets reach readers in pieces; a read-only
   ``peek`` after each acknowledged commit records the maps it left. It exits
   with status 3 when its node loses the actor (another incarnation took over).
 * ``reader``: ``--actors`` actors ``<proc>-a``, ``<proc>-b``... read ``m`` and
@@ -45,6 +47,11 @@ WRITER = "w-writer"
 WINDOW = 8
 #: Exit status of a writer whose node lost the actor.
 LOST = 3
+#: Every PAD_EVERY-th commit writes PAD bytes into each of m and m2: more
+#: than Redis writes to a client at once (64 KB), so a reader is handed the
+#: commit in pieces, and runs other work between them.
+PAD_EVERY = 4
+PAD = 96 * 1024
 #: Backend options of every node of a run: fail fast, so faults show up as
 #: failed messages within a run rather than as minutes of retries.
 NODE_OPTIONS: dict[str, Any] = {"max_retries": 3, "retry_delay": 0.05, "socket_timeout": 2.0}
@@ -75,6 +82,8 @@ class HistoryWriter(Actor):
         tok = uuid.uuid4().hex[:12]
         for ref in (m, m2):
             ref.set("n", n).set("tok", tok).set(f"c{n % WINDOW}", tok)
+            if n % PAD_EVERY == 0:
+                ref.set("pad", tok * (PAD // len(tok)))
         log.set(str(n), tok)
         self.state["n"] = n
         return {"n": n, "tok": tok, "begin": begin}
