@@ -8,6 +8,7 @@ Retry settings are kept small so that failures are reported quickly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 import uuid
@@ -41,7 +42,7 @@ from test_backend_contract import (
     published,
     tx,
 )
-from test_service import Writer, until
+from test_service import Writer, two_maps, until, write_both
 
 pytestmark = pytest.mark.redis
 
@@ -526,83 +527,66 @@ async def test_silent_pubsub_connection_is_detected(backends: Backends) -> None:
     await inbox.wait_for(1)
 
 
-async def test_silent_pubsub_link_is_dropped_and_its_replicas_resynced(
-        fresh_server: RedisServer) -> None:
-    # The reader's link goes dead silently while a change set is published:
-    # the health check must drop it, and the replica get the change by a resync.
+@contextlib.asynccontextmanager
+async def relayed_services(server: RedisServer, **reader_options: Any
+                           ) -> AsyncIterator[tuple[Relay, SharingService, SharingService]]:
+    """A writer's service on ``server`` and a reader's behind a relay."""
     app = f"f{uuid.uuid4().hex[:12]}"
-    with Relay(fresh_server.port) as relay:
-        reader = make_backend(relay.url, app=app, health_check_interval=0.2,
-                              **{**FAST, **NO_GRACE})
-        writer = make_backend(fresh_server.url, app=app, **{**FAST, **NO_GRACE})
+    with Relay(server.port) as relay:
+        reader = make_backend(relay.url, app=app, **{**FAST, **NO_GRACE, **reader_options})
+        writer = make_backend(server.url, app=app, **{**FAST, **NO_GRACE})
         await reader.start()
         await writer.start()
         await writer.acquire_lease("alice-admin", "writer-node", 30)
         wsvc, rsvc = SharingService(writer), SharingService(reader)
         try:
-            author = Writer(wsvc, "alice-admin", "alice-admin-m")
-            await author.create(a=1)
-            replica = await rsvc.replica_of("alice-admin-m")
-            assert replica is not None
-            relay.blackhole()
-            version = await author.write(a=2)  # its message is lost on the way
-            await asyncio.sleep(1.0)  # past 2.5 intervals: the link was dropped
-            assert replica.version < version
-            relay.forward()
-            await until(lambda: replica.version == version)
-            assert replica.ref().get("a") == 2 and rsvc.stats.resyncs >= 1
-            assert rsvc.stats.applied == 0  # it came by the resync
+            yield relay, wsvc, rsvc
         finally:
             await wsvc.close()
             await rsvc.close()
             await reader.close()
             await writer.close()
+
+
+async def test_silent_pubsub_link_is_dropped_and_its_replicas_resynced(
+        fresh_server: RedisServer) -> None:
+    # The reader's link goes dead silently while a change set is published:
+    # the health check must drop it, and the replica get the change by a resync.
+    async with relayed_services(fresh_server, health_check_interval=0.2) as (relay, wsvc,
+                                                                             rsvc):
+        author = Writer(wsvc, "alice-admin", "alice-admin-m")
+        await author.create(a=1)
+        replica = await rsvc.replica_of("alice-admin-m")
+        assert replica is not None
+        relay.blackhole()
+        version = await author.write(a=2)  # its message is lost on the way
+        await asyncio.sleep(1.0)  # past 2.5 intervals: the link was dropped
+        assert replica.version < version
+        relay.forward()
+        await until(lambda: replica.version == version)
+        assert replica.ref().get("a") == 2 and rsvc.stats.resyncs >= 1
+        assert rsvc.stats.applied == 0  # it came by the resync
 
 
 async def test_a_commit_split_on_the_wire_lands_on_its_readers_at_once(
         fresh_server: RedisServer) -> None:
     # A slow link hands the reader each change set in pieces: the event loop
     # runs between those of m and m2, and must never show them at two commits.
-    app = f"f{uuid.uuid4().hex[:12]}"
-    with Relay(fresh_server.port) as relay:
-        reader = make_backend(relay.url, app=app, **{**FAST, **NO_GRACE})
-        writer = make_backend(fresh_server.url, app=app, **{**FAST, **NO_GRACE})
-        await reader.start()
-        await writer.start()
-        await writer.acquire_lease("alice-admin", "writer-node", 30)
-        wsvc, rsvc = SharingService(writer), SharingService(reader)
-        try:
-            m = Writer(wsvc, "alice-admin", "alice-admin-m")
-            await m.create(n=0)
-            m2 = Writer(wsvc, "alice-admin", "alice-admin-m2", stay=m.stay)
-            await m2.create(n=0)
-            first = await rsvc.replica_of("alice-admin-m")
-            second = await rsvc.replica_of("alice-admin-m2")
-            assert first is not None and second is not None
-            relay.trickle(4096, 0.002)
-            looks = torn = 0
-            for n in range(1, 4):
-                refs = {}
-                for name in (m.name, m2.name):
-                    ref = (await wsvc.primary(name)).ref()
-                    ref.set("n", n).set("blob", f"{n}" * 40_000)
-                    ref.prepare()
-                    refs[name] = ref
-                await m.commit_refs(refs)
-                async with asyncio.timeout(10):
-                    while True:  # a look at every turn of the event loop
-                        seen = first.ref().get("n"), second.ref().get("n")
-                        looks, torn = looks + 1, torn + (seen[0] != seen[1])
-                        if seen == (n, n):
-                            break
-                        await asyncio.sleep(0)
-            assert looks > 30 and torn == 0
-            assert (rsvc.stats.gaps, rsvc.stats.resyncs, rsvc.stats.applied) == (0, 0, 6)
-        finally:
-            await wsvc.close()
-            await rsvc.close()
-            await reader.close()
-            await writer.close()
+    async with relayed_services(fresh_server) as (relay, wsvc, rsvc):
+        writer, (first, second) = await two_maps(wsvc, rsvc, n=0)
+        relay.trickle(4096, 0.002)
+        looks = torn = 0
+        for n in range(1, 4):
+            await write_both(writer, n=n, blob=f"{n}" * 40_000)
+            async with asyncio.timeout(10):
+                while True:  # a look at every turn of the event loop
+                    seen = first.ref().get("n"), second.ref().get("n")
+                    looks, torn = looks + 1, torn + (seen[0] != seen[1])
+                    if seen == (n, n):
+                        break
+                    await asyncio.sleep(0)
+        assert looks > 30 and torn == 0
+        assert (rsvc.stats.gaps, rsvc.stats.resyncs, rsvc.stats.applied) == (0, 0, 6)
 
 
 async def test_quiet_pubsub_link_that_answers_ping_is_kept(backends: Backends) -> None:

@@ -279,24 +279,40 @@ async def test_forged_change_set_is_undone_by_the_real_commit(pair, backend_kind
     assert replica.ref().to_dict() == {"a": 3, "b": 4}
 
 
+async def two_maps(wsvc: SharingService, rsvc: SharingService, *, twin: bool = False,
+                   **initial: object) -> tuple[Writer, list[SharedMap]]:
+    """alice-admin's maps m and m2 (``initial``, else a=1), and replicas of
+    both on ``rsvc`` (with ``twin``, a no_exec replica of m too)."""
+    initial = initial or {"a": 1}
+    m = Writer(wsvc, "alice-admin", "alice-admin-m")
+    await m.create(**initial)
+    await Writer(wsvc, "alice-admin", "alice-admin-m2", stay=m.stay).create(**initial)
+    names = ["alice-admin-m", "alice-admin-m2"]
+    replicas = [await rsvc.replica_of(name) for name in names]
+    if twin:
+        replicas.append(await rsvc.replica_of("alice-admin-m", no_exec=True))
+    assert all(replica is not None for replica in replicas)
+    return m, replicas  # type: ignore[return-value]
+
+
+async def write_both(writer: Writer, **values: object) -> None:
+    """One commit setting ``values`` in both of :func:`two_maps`'s maps."""
+    refs = {}
+    for name in ("alice-admin-m", "alice-admin-m2"):
+        ref = (await writer.service.primary(name)).ref()
+        for key, value in values.items():
+            ref.set(key, value)
+        ref.prepare()
+        refs[name] = ref
+    await writer.commit_refs(refs)
+
+
 async def test_replica_reads_several_maps_of_one_writer_at_one_commit(pair) -> None:
     wsvc, rsvc = pair
-    one = Writer(wsvc, "alice-admin", "alice-admin-m")
-    await one.create(n=0)
-    two = Writer(wsvc, "alice-admin", "alice-admin-m2", stay=one.stay)
-    await two.create(n=0)
-    first = await rsvc.replica_of("alice-admin-m")
-    second = await rsvc.replica_of("alice-admin-m2")
-    assert first is not None and second is not None
+    writer, (first, second) = await two_maps(wsvc, rsvc, n=0)
     # Both maps written by each commit; resyncs run all the while.
     for n in range(1, 30):
-        refs = {}
-        for name in ("alice-admin-m", "alice-admin-m2"):
-            ref = (await wsvc.primary(name)).ref()
-            ref.set("n", n)
-            ref.prepare()
-            refs[name] = ref
-        await two.commit_refs(refs)
+        await write_both(writer, n=n)
         if n % 3 == 0:
             resync = asyncio.ensure_future(rsvc.resync_all())
         for _ in range(3):
@@ -363,36 +379,11 @@ async def test_a_forged_message_never_moves_a_replica(pair, backend_kind, reques
     assert replica.ref().get("a") == 3
 
 
-async def two_maps(wsvc: SharingService, rsvc: SharingService, *,
-                   twin: bool = False) -> tuple[Writer, list[SharedMap]]:
-    """alice-admin's maps m and m2 (a=1), and replicas of both on ``rsvc``
-    (with ``twin``, a no_exec replica of m too)."""
-    m = Writer(wsvc, "alice-admin", "alice-admin-m")
-    await m.create(a=1)
-    await Writer(wsvc, "alice-admin", "alice-admin-m2", stay=m.stay).create(a=1)
-    names = ["alice-admin-m", "alice-admin-m2"]
-    replicas = [await rsvc.replica_of(name) for name in names]
-    if twin:
-        replicas.append(await rsvc.replica_of("alice-admin-m", no_exec=True))
-    assert all(replica is not None for replica in replicas)
-    return m, replicas  # type: ignore[return-value]
-
-
-async def write_both(writer: Writer, a: int) -> None:
-    refs = {}
-    for name in ("alice-admin-m", "alice-admin-m2"):
-        ref = (await writer.service.primary(name)).ref()
-        ref.set("a", a)
-        ref.prepare()
-        refs[name] = ref
-    await writer.commit_refs(refs)
-
-
 async def test_a_commit_s_change_sets_land_together_on_every_replica(pair) -> None:
     wsvc, rsvc = pair
     writer, replicas = await two_maps(wsvc, rsvc, twin=True)
     for a in (2, 3):
-        await write_both(writer, a)
+        await write_both(writer, a=a)
         await until(lambda: all(r.ref().get("a") == a for r in replicas))  # noqa: B023
     # Each change set said what followed it, and nothing had to be read again.
     assert (rsvc.stats.applied, rsvc.stats.gaps, rsvc.stats.resyncs) == (6, 0, 0)
@@ -412,7 +403,7 @@ async def test_a_forged_promise_of_more_change_sets_holds_nothing_for_long(
     await until(lambda: rsvc.stats.gaps == 1 and rsvc.stats.resyncs >= 1)
     # Held, never shown; then given up for a read of the store.
     assert first.version == v and first.ref().get("a") == 1 and not rsvc._groups
-    await write_both(writer, 2)
+    await write_both(writer, a=2)
     await until(lambda: first.ref().get("a") == second.ref().get("a") == 2)
 
 
@@ -427,7 +418,7 @@ async def test_a_malformed_promise_of_more_change_sets_is_refused(
     await publish_raw(rsvc.backend, "alice-admin-m", orjson.dumps(forged), server)
     await until(lambda: rsvc.stats.malformed == 1 and rsvc.stats.resyncs >= 1)
     assert first.version == v and first.ref().get("a") == 1 and not rsvc._groups
-    await write_both(writer, 2)
+    await write_both(writer, a=2)
     await until(lambda: first.ref().get("a") == second.ref().get("a") == 2)
 
 
