@@ -161,6 +161,23 @@ async def test_read_maps_reads_maps_of_one_owner_together(backend: Backend) -> N
         await backend.read_maps([MAP, "bob-admin-x"])
 
 
+async def test_read_maps_leaves_out_maps_held_as_stored(backend: Backend) -> None:
+    await backend.acquire_lease(ACTOR, NODE, 10.0)
+    await backend.create_map(MAP)
+    await backend.create_map(MAP2)
+    assert await backend.commit(tx("t1", writes=[MapWrite(MAP, changes(0, {"a": 1})),
+                                                 MapWrite(MAP2, changes(0, {"b": 1}))]))
+    both = await backend.read_maps([MAP, MAP2])
+    missing = f"{ACTOR}-gone"
+    # Held at the stored version and txid: left out; at another, or a map
+    # the store does not have: read as without it.
+    assert await backend.read_maps([MAP, MAP2, missing], {MAP: (1, "t1"), missing: (3, "t0")}) \
+        == {MAP2: both[MAP2], missing: None}
+    for stale in ((0, "t1"), (1, "t0"), (1, None)):
+        assert await backend.read_maps([MAP, MAP2], {MAP: stale}) == both
+    assert await backend.read_maps([MAP, MAP2], {MAP: (1, "t1"), MAP2: (1, "t1")}) == {}
+
+
 async def test_create_with_initial_keeps_an_existing_map(backend: Backend) -> None:
     items = {"a": 1, "b": [1, 2, {"c": None}], "s": "é", "f": 1.5, "t": True}
     created = await backend.create_map(MAP, dump(0, items))

@@ -398,6 +398,26 @@ async def test_large_maps_are_read_in_consistent_chunks(backends: Backends) -> N
     assert stats.chunked_reads > 1 and stats.chunked_read_retries > 0 and stats.whole_reads > 0
 
 
+async def test_a_chunked_read_leaves_out_maps_held_as_stored(backends: Backends) -> None:
+    writer = await backends()
+    reader = await backends(read_chunk_size=500)
+    await writer.acquire_lease(ACTOR, NODE, 30.0)
+    big, small = MAP, f"{ACTOR}-small"
+    await writer.create_map(big, dump(0, {f"f{i}": i for i in range(3000)}))
+    await writer.create_map(small, dump(0, {"a": 1}))
+    held = await reader.read_map(big)
+    assert held is not None and reader.stats.chunked_reads == 1
+    # The big map is held as stored: the read is small enough for one call.
+    assert await reader.read_maps([big, small], {big: (0, None)}) == {
+        small: await reader.read_map(small)}
+    assert reader.stats.chunked_reads == 1
+    # Two big maps, one held: the other is read in chunks, alone.
+    await writer.create_map(f"{ACTOR}-big2", dump(0, {f"g{i}": i for i in range(3000)}))
+    got = await reader.read_maps([big, f"{ACTOR}-big2"], {big: (0, None)})
+    assert list(got) == [f"{ACTOR}-big2"] and len(as_dict(got[f"{ACTOR}-big2"])) == 3001
+    assert reader.stats.chunked_reads == 2
+
+
 CHILD = r"""
 import asyncio, sys
 from caf_sharing.backends import MapWrite, Transaction, make_backend

@@ -390,6 +390,32 @@ async def test_a_commit_s_change_sets_land_together_on_every_replica(pair) -> No
     assert not rsvc._groups
 
 
+async def test_a_sibling_opened_later_reads_again_only_what_is_not_held(pair) -> None:
+    wsvc, rsvc = pair
+    m = Writer(wsvc, "alice-admin", "alice-admin-m")
+    await m.create(a=1)
+    await Writer(wsvc, "alice-admin", "alice-admin-m2", stay=m.stay).create(a=1)
+    first = await rsvc.replica_of("alice-admin-m")
+    assert first is not None
+    reads: list[tuple[list[str], list[str]]] = []
+    read_maps = rsvc.backend.read_maps
+
+    async def counted(names: Any, known: Any = None) -> Any:
+        got = await read_maps(names, known)
+        reads.append((list(names), sorted(got)))
+        return got
+
+    rsvc.backend.read_maps = counted  # type: ignore[method-assign]
+    second = await rsvc.replica_of("alice-admin-m2")
+    # Both read at one instant; m, held as stored, did not come back.
+    assert second is not None and reads == [(["alice-admin-m", "alice-admin-m2"],
+                                             ["alice-admin-m2"])]
+    # A resync reads everything again.
+    await rsvc.resync_all()
+    assert reads[1:] == [(["alice-admin-m", "alice-admin-m2"],
+                          ["alice-admin-m", "alice-admin-m2"])]
+
+
 async def test_a_forged_promise_of_more_change_sets_holds_nothing_for_long(
         pair, backend_kind, request, monkeypatch) -> None:
     monkeypatch.setattr(service_module, "GROUP_WAIT", 0.2)

@@ -744,11 +744,13 @@ class SharingService:
             self._troubled.discard(owner)
             # Subscribed and buffering before the read: it misses none of their messages.
             replicas = self._owned_by(owner)
+            names = sorted({r.name for r in replicas})
             dumps: Mapping[str, ChangeSet | None] = {}
             error: SharingError | None = None
             try:
-                if replicas:
-                    dumps = await self.backend.read_maps(sorted({r.name for r in replicas}))
+                if names:
+                    dumps = await self.backend.read_maps(
+                        names, None if troubled else self._held(replicas))
             except SharingError as exc:
                 error = exc
             owned = set(self._owned_by(owner))  # less those released meanwhile
@@ -763,6 +765,8 @@ class SharingService:
                 for replica in shown:
                     notify(self._observer, "on_resync", replica.name)
             for replica in replicas:
+                if error is None and replica.name not in dumps:
+                    continue  # held as stored: nothing to install
                 dump = dumps.get(replica.name)
                 hinted, replica.deletion_hint = replica.deletion_hint, False
                 opening = replica in self._opening
@@ -785,6 +789,26 @@ class SharingService:
                 return
             for replica in self._owned_by(owner):
                 replica.buffer = []
+
+    def _held(self, replicas: Sequence[_Replica]) -> dict[str, tuple[int, str | None]]:
+        """Version and txid of each map that ``replicas`` show, where all
+        replicas of it show the same and its txid is known: a read that joins
+        a new replica to them leaves those out when the store holds them so
+        (a map read again for each sibling opened would cost its size each
+        time)."""
+        held: dict[str, tuple[int, str | None]] = {}
+        seen: set[str] = set()
+        for replica in replicas:
+            name, stamp = replica.name, (replica.map.version, replica.lineage.txid)
+            if name in seen:
+                if held.get(name) != stamp:
+                    held.pop(name, None)
+                continue
+            seen.add(name)
+            if replica not in self._opening and stamp[1] is not None and not replica.deleted \
+                    and not replica.lineage.forked:
+                held[name] = stamp
+        return held
 
     def _on_reconnect(self, names: Sequence[str]) -> None:
         """The subscriptions of ``names`` were down: those replicas may have

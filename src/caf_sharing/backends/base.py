@@ -68,7 +68,7 @@ Semantics every backend must keep (the contract tests check them on each one):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -78,6 +78,7 @@ __all__ = [
     "Backend",
     "ChangeSet",
     "Checkpoint",
+    "Known",
     "MapCreate",
     "MapRestore",
     "MapWrite",
@@ -101,6 +102,9 @@ DELETED = "deleted"
 
 Checkpoint = dict[str, Any]
 """What an actor stores at each commit: ``{"txid", "state", "maps"}``."""
+
+Known = Mapping[str, tuple[int, str | None]]
+"""Per map name, the version a reader holds and the txid that made it."""
 
 MessageHandler = Callable[[bytes], None]
 ReconnectListener = Callable[[Sequence[str]], None]
@@ -211,9 +215,12 @@ class Backend(Protocol):
         replica loading the dump keeps them instead of copying each."""
         ...
 
-    async def read_maps(self, names: Sequence[str]) -> dict[str, ChangeSet | None]:
+    async def read_maps(self, names: Sequence[str], known: Known | None = None
+                        ) -> dict[str, ChangeSet | None]:
         """Dumps of several maps of one owner, all from one instant (no commit
-        of the owner falls between them)."""
+        of the owner falls between them). A map of ``known`` that the store
+        holds at the version and txid given there is left out: its reader
+        holds it already."""
         ...
 
     async def delete_map(self, name: str) -> bool:

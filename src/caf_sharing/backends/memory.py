@@ -50,6 +50,7 @@ from .base import (
     RECENT_TXIDS,
     ChangeSet,
     Checkpoint,
+    Known,
     MessageHandler,
     ReconnectListener,
     StoredActor,
@@ -238,14 +239,17 @@ class MemoryBackend:
     async def read_map(self, name: str) -> ChangeSet | None:
         return (await self.read_maps([name]))[name]
 
-    async def read_maps(self, names: Sequence[str]) -> dict[str, ChangeSet | None]:
+    async def read_maps(self, names: Sequence[str], known: Known | None = None
+                        ) -> dict[str, ChangeSet | None]:
         check_one_owner(names)
         self._check_open()
+        held = known or {}
         # Decoding outside the lock would need a copy of the fields anyway.
         with self.store.lock:
             found = {name: self._space.maps.get(name) for name in names}
             return {name: None if m is None else self._dump(name, m)
-                    for name, m in found.items()}
+                    for name, m in found.items()
+                    if m is None or held.get(name) != (m.version, m.txid)}
 
     async def map_stamp(self, name: str) -> tuple[int, str | None] | None:
         """The version of ``name`` and the txid that made it (``None``: no

@@ -57,6 +57,7 @@ from .. import BackendURL, parse_url
 from ..base import (
     ChangeSet,
     Checkpoint,
+    Known,
     MessageHandler,
     ReconnectListener,
     StoredActor,
@@ -81,6 +82,7 @@ from ..wire import (
     ttl_to_ms,
 )
 from .codec import (
+    SAME,
     Command,
     Keys,
     StageLostError,
@@ -88,6 +90,7 @@ from .codec import (
     decode_all,
     decode_txid,
     flatten,
+    held_args,
 )
 from .group_commit import GroupCommit, PendingCommit
 from .options import Settings
@@ -303,7 +306,8 @@ class RedisBackend:
     async def read_map(self, name: str) -> ChangeSet | None:
         return (await self.read_maps([name]))[name]
 
-    async def read_maps(self, names: Sequence[str]) -> dict[str, ChangeSet | None]:
+    async def read_maps(self, names: Sequence[str], known: Known | None = None
+                        ) -> dict[str, ChangeSet | None]:
         owner = check_one_owner(names)
         self._check_open()
         if owner is None:
@@ -313,9 +317,10 @@ class RedisBackend:
         chunk = self.settings.read_chunk_size
         # Up to read_chunk_size fields come back per round trip.
         chunk_time = allowance(0, chunk)
+        held = held_args(names, known)
 
         def command(limit: int) -> Command:
-            return ("EVALSHA", READ.sha, len(keys), *keys, limit, *names)
+            return ("EVALSHA", READ.sha, len(keys), *keys, limit, *names, *held)
 
         call = self._router.call_one
         for _ in range(3):
@@ -323,7 +328,8 @@ class RedisBackend:
             if reply[0] == b"all":
                 return decode_all(names, reply)
             before = reply[1:]
-            scans = {name: await self._scan(name, key, owner, what, chunk_time)
+            scans = {name: None if state == SAME
+                     else await self._scan(name, key, owner, what, chunk_time)
                      if state[0] else None
                      for name, key, state in zip(names, keys[1:], before, strict=True)}
             # The same versions and txids before and after: no commit of the
@@ -333,13 +339,14 @@ class RedisBackend:
                 self._stats.chunked_reads += 1
                 return {name: None if scan is None
                         else scan.dump(name, decode_txid(name, state[1]), state[2])
-                        for (name, scan), state in zip(scans.items(), before, strict=True)}
+                        for (name, scan), state in zip(scans.items(), before, strict=True)
+                        if state != SAME}
             self._stats.chunked_read_retries += 1
         # Written too often to scan: one atomic read, stalling Redis briefly.
         self._stats.whole_reads += 1
         _log.info("maps %s kept changing while read in chunks; reading them at once", names)
         reply = await call(command(2**62), owner, what,
-                           allowance(0, sum(s[2] for s in before)))
+                           allowance(0, sum(s[2] for s in before if s != SAME)))
         return decode_all(names, reply)
 
     async def map_stamp(self, name: str) -> tuple[int, str | None] | None:

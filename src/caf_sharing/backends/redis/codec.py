@@ -33,13 +33,13 @@ from ...errors import (
     MapMissingError,
 )
 from ...names import map_owner
-from ..base import RECENT_TXIDS, ChangeSet
+from ..base import RECENT_TXIDS, ChangeSet, Known
 from ..wire import EncodedTransaction, Fields, chain_broken, decode_flat, decode_version
 from ._resp import pack_command
 from .scripts import COMMIT
 
-__all__ = ["Command", "Keys", "commit_outcome", "decode_all", "decode_txid", "flatten", "pack",
-           "slot_of"]
+__all__ = ["SAME", "Command", "Keys", "commit_outcome", "decode_all", "decode_txid", "flatten",
+           "held_args", "pack", "slot_of"]
 
 Command = tuple[Any, ...]
 
@@ -185,10 +185,30 @@ def commit_outcome(url: str, tx: EncodedTransaction, reply: Any) -> bool:
     raise BackendError(f"Redis at {url}: unexpected commit reply {reply!r}")
 
 
+#: What the read script returns for a map its reader holds as stored.
+SAME = b"same"
+
+
+def held_args(names: Sequence[str], known: Known | None) -> list[str | int]:
+    """The read script's arguments saying which version and txid of each of
+    ``names`` its reader holds (none: no argument at all)."""
+    if not known:
+        return []
+    args: list[str | int] = []
+    for name in names:
+        version, txid = known.get(name, ("", ""))
+        args += (version, txid or "")
+    return args
+
+
 def decode_all(names: Sequence[str], reply: Sequence[Any]) -> dict[str, ChangeSet | None]:
-    """The dumps of an "all" reply of the read script."""
+    """The dumps of an "all" reply of the read script (none for a map that
+    came back the same)."""
     out: dict[str, ChangeSet | None] = {}
-    for name, (txid, flat) in zip(names, reply[1:], strict=True):
+    for name, entry in zip(names, reply[1:], strict=True):
+        if entry == SAME:
+            continue
+        txid, flat = entry
         out[name] = decode_flat(name, flat, decode_txid(name, txid)) if flat else None
     return out
 
