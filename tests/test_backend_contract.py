@@ -178,6 +178,23 @@ async def test_read_maps_leaves_out_maps_held_as_stored(backend: Backend) -> Non
     assert await backend.read_maps([MAP, MAP2], {MAP: (1, "t1"), MAP2: (1, "t1")}) == {}
 
 
+@pytest.mark.parametrize(("known", "error"), [
+    ([(MAP, (1, "t1"))], "known must map map names"),
+    ({MAP: 1}, r"known\['alice-admin-x'\] must be \(version, txid or None\), got 1"),
+    ({MAP: (1, "t1", 2)}, "got"),
+    ({MAP: ("1", "t1")}, "got"),
+    ({MAP: (-1, "t1")}, "got"),
+    ({MAP: (2**53, "t1")}, "got"),
+    ({MAP: (True, "t1")}, "got"),
+    ({MAP: (1, b"t1")}, "got"),
+])
+async def test_read_maps_refuses_a_bad_known(backend: Backend, known: Any, error: str) -> None:
+    await backend.create_map(MAP)
+    with pytest.raises((TypeError, ValueError), match=error):
+        await backend.read_maps([MAP], known)
+    assert await backend.read_maps([MAP], {}) == {MAP: await backend.read_map(MAP)}
+
+
 async def test_create_with_initial_keeps_an_existing_map(backend: Backend) -> None:
     items = {"a": 1, "b": [1, 2, {"c": None}], "s": "é", "f": 1.5, "t": True}
     created = await backend.create_map(MAP, dump(0, items))

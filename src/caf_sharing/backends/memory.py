@@ -61,6 +61,7 @@ from .wire import (
     EncodedTransaction,
     chain_broken,
     check_app,
+    check_known,
     check_one_owner,
     check_open,
     decode_checkpoint,
@@ -242,8 +243,8 @@ class MemoryBackend:
     async def read_maps(self, names: Sequence[str], known: Known | None = None
                         ) -> dict[str, ChangeSet | None]:
         check_one_owner(names)
+        held = check_known(known)
         self._check_open()
-        held = known or {}
         # Decoding outside the lock would need a copy of the fields anyway.
         with self.store.lock:
             found = {name: self._space.maps.get(name) for name in names}

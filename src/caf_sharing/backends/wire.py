@@ -23,7 +23,7 @@ import functools
 import math
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -39,7 +39,7 @@ from ..errors import (
     InvalidNameError,
 )
 from ..names import check_actor_name, check_map_name, map_owner
-from .base import DELETED, ChangeSet, MapCreate, MapRestore, MapWrite, Transaction
+from .base import DELETED, ChangeSet, Known, MapCreate, MapRestore, MapWrite, Transaction
 
 __all__ = [
     "MAX_VERSION",
@@ -53,6 +53,7 @@ __all__ = [
     "chain_broken",
     "check_app",
     "check_dump",
+    "check_known",
     "check_one_owner",
     "decode_changes",
     "decode_checkpoint",
@@ -600,6 +601,22 @@ def encode_transaction(tx: Transaction) -> EncodedTransaction:
 def deleted_marker(txid: str | None) -> bytes:
     """What a deleted map's channel carries (see :data:`~.base.DELETED`)."""
     return orjson.dumps({DELETED: True, "txid": txid})
+
+
+def check_known(known: object) -> Known:
+    """Check ``read_maps``' ``known``: map name -> (version, txid or None)."""
+    if known is None:
+        return {}
+    if not isinstance(known, Mapping):
+        raise TypeError("known must map map names to (version, txid), got "
+                        f"{type(known).__name__}")
+    for name, stamp in known.items():
+        if not (type(stamp) is tuple and len(stamp) == 2 and type(stamp[0]) is int
+                and 0 <= stamp[0] < MAX_VERSION
+                and (stamp[1] is None or type(stamp[1]) is str)):
+            raise ValueError(f"known[{name!r}] must be (version, txid or None), "
+                             f"got {stamp!r}")
+    return known
 
 
 def check_one_owner(names: Sequence[str]) -> str | None:

@@ -69,6 +69,7 @@ from ..wire import (
     EncodedTransaction,
     Fields,
     check_app,
+    check_known,
     check_one_owner,
     check_open,
     decode_checkpoint,
@@ -309,6 +310,7 @@ class RedisBackend:
     async def read_maps(self, names: Sequence[str], known: Known | None = None
                         ) -> dict[str, ChangeSet | None]:
         owner = check_one_owner(names)
+        known = check_known(known)
         self._check_open()
         if owner is None:
             return {}
