@@ -8,6 +8,7 @@ Each test runs its own server, since they all take its data away.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -212,21 +213,23 @@ class held_changes:
     def __init__(self, node: Node) -> None:
         self._conns = [link._conn for link in  # type: ignore[attr-defined]
                        node.service.backend._pubsub._links.values()]
+        self._delivers = [conn.on_push for conn in self._conns]
         self.held: list[tuple[Any, Any]] = []
 
     def __enter__(self) -> held_changes:
-        for conn in self._conns:
-            def hold(push: Any, deliver: Any = conn.on_push) -> None:
-                if type(push) is list and push[0] in (b"message", b"smessage"):
-                    self.held.append((deliver, push))
-                else:
-                    deliver(push)
-            conn.on_push = hold
+        for conn, deliver in zip(self._conns, self._delivers, strict=True):
+            conn.on_push = partial(self._hold, deliver)
         return self
 
+    def _hold(self, deliver: Any, push: Any) -> None:
+        if type(push) is list and push[0] in (b"message", b"smessage"):
+            self.held.append((deliver, push))
+        else:
+            deliver(push)
+
     def __exit__(self, *exc_info: object) -> None:
-        for conn in self._conns:
-            conn.on_push = conn.on_push.__defaults__[0]
+        for conn, deliver in zip(self._conns, self._delivers, strict=True):
+            conn.on_push = deliver
         for deliver, push in self.held:
             deliver(push)
 
