@@ -708,7 +708,7 @@ class SharingService:
     def _owned_by(self, owner: str) -> list[_Replica]:
         """The replicas of ``owner``'s maps, open and opening."""
         owned = [r for r in self._replicas.values() if r.owner == owner]
-        owned.extend(r for r in self._opening if r.owner == owner and r not in owned)
+        owned.extend(r for r in self._opening if r.owner == owner)
         return owned
 
     def _schedule_resync(self, replica: _Replica) -> None:
@@ -791,22 +791,22 @@ class SharingService:
                 replica.buffer = []
 
     def _held(self, replicas: Sequence[_Replica]) -> dict[str, tuple[int, str | None]]:
-        """Version and txid of each map that ``replicas`` show, where all
-        replicas of it show the same and its txid is known: a read that joins
-        a new replica to them leaves those out when the store holds them so
-        (a map read again for each sibling opened would cost its size each
+        """Version and txid of each map that ``replicas`` show, where every
+        replica of it is open, shows the same and knows its txid: a read that
+        joins a new replica to them leaves those out when the store holds them
+        so (a map read again for each sibling opened would cost its size each
         time)."""
-        held: dict[str, tuple[int, str | None]] = {}
-        seen: set[str] = set()
+        stamps: dict[str, set[tuple[int, str | None] | None]] = {}
         for replica in replicas:
-            name, stamp = replica.name, (replica.map.version, replica.lineage.txid)
-            if name in seen:
-                if held.get(name) != stamp:
-                    held.pop(name, None)
-                continue
-            seen.add(name)
-            if replica not in self._opening and stamp[1] is not None and not replica.deleted \
-                    and not replica.lineage.forked:
+            lineage = replica.lineage
+            known = replica not in self._opening and lineage.txid is not None \
+                and not replica.deleted and not lineage.forked
+            stamps.setdefault(replica.name, set()).add(
+                (replica.map.version, lineage.txid) if known else None)
+        held: dict[str, tuple[int, str | None]] = {}
+        for name, seen in stamps.items():
+            stamp = seen.pop() if len(seen) == 1 else None
+            if stamp is not None:
                 held[name] = stamp
         return held
 

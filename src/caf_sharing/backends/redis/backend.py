@@ -330,9 +330,8 @@ class RedisBackend:
             if reply[0] == b"all":
                 return decode_all(names, reply)
             before = reply[1:]
-            scans = {name: None if state == SAME
-                     else await self._scan(name, key, owner, what, chunk_time)
-                     if state[0] else None
+            scans = {name: await self._scan(name, key, owner, what, chunk_time)
+                     if state != SAME and state[0] else None
                      for name, key, state in zip(names, keys[1:], before, strict=True)}
             # The same versions and txids before and after: no commit of the
             # owner happened in between, so the chunks make one consistent view.
