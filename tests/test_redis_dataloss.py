@@ -258,6 +258,48 @@ async def test_a_map_opened_beside_its_sibling_shows_both_at_one_commit(
         assert first.ref().get("n") == 3
 
 
+async def test_a_resync_s_read_between_two_change_sets_of_a_commit_shows_neither(
+        server: RedisServer) -> None:
+    # The read of a resync comes back older than a commit of which only one
+    # change set has arrived (the next is still on its way): replayed after
+    # the read, that one must wait for the other, not show beside its sibling.
+    async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode, \
+            Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+        writer = await wnode.start(Writer, "ann-writer")
+        await writer.call("bump")
+        service = rnode.service
+        first = await service.replica_of("ann-writer-m")
+        second = await service.replica_of("ann-writer-m2")
+        assert first is not None and second is not None
+        read_maps, go_on = service.backend.read_maps, asyncio.Event()
+
+        async def late(names: Any, known: Any = None) -> Any:
+            got = await read_maps(names, known)
+            await go_on.wait()  # its reply is on its way while the commit lands
+            return got
+
+        service.backend.read_maps = late  # type: ignore[method-assign]
+        with held_changes(rnode) as held:
+            service._on_reconnect(["ann-writer-m", "ann-writer-m2"])
+            await asyncio.sleep(0.05)  # the read is done, at commit 1
+            await writer.call("bump")
+            async with asyncio.timeout(5):
+                while len(held.held) < 2:
+                    await asyncio.sleep(0.005)
+            assert [push[1].endswith(b"-m") for _, push in held.held] == [True, False]
+            deliver, push = held.held.pop(0)  # m's change set of commit 2 only
+            deliver(push)
+            go_on.set()
+            async with asyncio.timeout(5):
+                while service._resyncs:
+                    await asyncio.sleep(0)
+            # The resync is done: m's change set waits for m2's.
+            assert (first.ref().get("n"), second.ref().get("n")) == (1, 1)
+        # held_changes delivers m2's change set: both land.
+        assert (first.ref().get("n"), second.ref().get("n")) == (2, 2)
+        assert service.stats.gaps == 0
+
+
 class Grower(Actor):
     """Writes ``m``, then creates ``m2`` in the commit that writes ``m`` again."""
 

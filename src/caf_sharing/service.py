@@ -129,7 +129,7 @@ class _Replica:
         self.count = 1
         # Messages that arrive while the replica loads or resyncs wait here,
         # so that nothing published after the full read is lost.
-        self.buffer: list[bytes] | None = []
+        self.buffer: list[tuple[int, bytes]] | None = []
         self.buffered = 0
         self.lineage = ReplicaLineage()
         #: The map was deleted: the replica is empty until it is created again.
@@ -220,6 +220,8 @@ class SharingService:
         self._opening: set[_Replica] = set()
         self._resyncs: dict[str, asyncio.Task[None]] = {}
         self._resync_again: set[str] = set()
+        # Messages buffered so far, numbering each as it arrives (see _drain).
+        self._arrivals = 0
         # Owners with a replica that may have missed or mistaken a change set.
         self._troubled: set[str] = set()
         # Per owner: the change sets of a commit held until all came.
@@ -498,9 +500,11 @@ class SharingService:
 
     def _on_message(self, replica: _Replica, data: bytes) -> None:
         if replica.buffer is None:
-            self._apply(replica, data, True)
+            self._apply(replica, data)
             return
-        replica.buffer.append(data)
+        # Numbered as they arrive: a drain replays a writer's maps in that order.
+        self._arrivals += 1
+        replica.buffer.append((self._arrivals, data))
         replica.buffered += len(data)
         if replica.buffered > MAX_BUFFERED_BYTES:
             # The resync under way will be stale anyway: read again after it.
@@ -511,9 +515,9 @@ class SharingService:
             replica.buffer, replica.buffered = [], 0
             self._schedule_resync(replica)
 
-    def _apply(self, replica: _Replica, data: bytes, live: bool = False) -> None:
-        """Apply the message ``data`` to ``replica``; a ``live`` one (not
-        replayed from a buffer) may wait for its siblings (:class:`_Group`)."""
+    def _apply(self, replica: _Replica, data: bytes) -> None:
+        """Apply the message ``data`` to ``replica``, or hold it until its
+        siblings' change sets of the same commit came (:class:`_Group`)."""
         try:
             changes = decode_changes(replica.name, data)
             sets: Sequence[Any]
@@ -530,7 +534,7 @@ class SharingService:
                 sets = (changes,)
                 if type(changes) is dict:
                     more = changes.pop(MORE, None)
-            if live and (more is not None or replica.owner in self._groups) \
+            if (more is not None or replica.owner in self._groups) \
                     and self._grouped(replica, changes, more):
                 return
         except (InvalidChangeSetError, TypeError, ValueError) as exc:
@@ -700,10 +704,18 @@ class SharingService:
         replica.deleted = True
         self._changed(replica)
 
-    def _drain(self, replica: _Replica) -> None:
-        pending, replica.buffer, replica.buffered = replica.buffer or [], None, 0
-        for data in pending:
-            self._apply(replica, data)
+    def _drain(self, replicas: Sequence[_Replica]) -> None:
+        """Make ``replicas`` (one writer's) live again and replay what they
+        buffered, in the order it came. A commit's change sets may be only
+        partly there (the read's reply can come between two of them): replayed
+        like any message, a part waits for the rest (:class:`_Group`)."""
+        arrived: list[tuple[int, _Replica, bytes]] = []
+        for replica in replicas:
+            arrived.extend((seq, replica, data) for seq, data in replica.buffer or ())
+            replica.buffer, replica.buffered = None, 0
+        arrived.sort(key=lambda item: item[0])
+        for _, replica, data in arrived:
+            self._on_message(replica, data)
 
     def _owned_by(self, owner: str) -> list[_Replica]:
         """The replicas of ``owner``'s maps, open and opening."""
@@ -782,8 +794,7 @@ class SharingService:
                     self._log.warning("unusable dump of %s (%s)", replica.name, exc)
                     if opening:
                         replica.error = exc
-            for replica in replicas:
-                self._drain(replica)
+            self._drain(replicas)
             if owner not in self._resync_again or self._closed:
                 self._resyncs.pop(owner, None)
                 return
