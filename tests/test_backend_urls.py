@@ -3,6 +3,7 @@ password, an ACL user, a Unix socket and TLS."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import uuid
@@ -10,7 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
+from caf_sharing import Actor, Node
 from caf_sharing.backends import (
     BackendURL,
     MemoryBackend,
@@ -187,7 +190,10 @@ def secured_server() -> Iterator[RedisServer]:
     server = RedisServer(["--user", "default", "on", ">adminpw", "~*", "&*", "+@all",
                           "--user", "ann", "on", f">{SECRET}", "~caf:*", "&*", "+@all",
                           "--user", "mute", "on", ">mutepw", "~caf:*", "resetchannels",
-                          "+@all"],
+                          "+@all",
+                          # A node that only reads: it may not publish (see the README).
+                          "--user", "reader", "on", ">readerpw", "~caf:*", "&*", "+@all",
+                          "-publish", "-spublish"],
                          unix_socket=True)
     server.password = "adminpw"
     server.start()
@@ -235,6 +241,46 @@ async def test_a_refused_subscription_fails_instead_of_hanging(
             await backend.subscribe(MAP, print)
     finally:
         await backend.close()
+
+
+class Publisher(Actor):
+    async def init(self) -> None:
+        self.sharing.add_writable_map("m", "m", initial_value={"n": 0})
+
+    async def put(self, n: int) -> None:
+        self.sharing.maps.m.set("n", n)
+
+
+class Reader(Actor):
+    async def init(self) -> None:
+        self.sharing.add_read_only_map("m", "ann-pub-m")
+
+    async def get(self) -> int:
+        return self.sharing.maps.m.get("n")
+
+
+@pytest.mark.redis
+async def test_a_node_that_only_reads_needs_no_right_to_publish(
+        secured_server: RedisServer) -> None:
+    app, port = f"u{uuid.uuid4().hex[:8]}", secured_server.port
+    async with Node(f"redis://:adminpw@127.0.0.1:{port}/0", app=app,
+                    restart_grace=False) as writing, \
+            Node(f"redis://reader:readerpw@127.0.0.1:{port}/0", app=app,
+                 restart_grace=False) as reading:
+        publisher = await writing.start(Publisher, "ann-pub")
+        reader = await reading.start(Reader, "bob-reader")
+        for n in (1, 2):
+            await publisher.call("put", n)
+            async with asyncio.timeout(5):
+                while await reader.call("get") != n:
+                    await asyncio.sleep(0.01)
+        # What a forger on that node would send is refused, straight or by script.
+        with redis.Redis(port=port, username="reader", password="readerpw") as client:
+            channel = f"caf:{app}:{{ann-pub}}:chan:ann-pub-m"
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.spublish(channel, b"{}")
+            with pytest.raises(redis.exceptions.ResponseError, match="can't run this command"):
+                client.eval("return redis.call('SPUBLISH', KEYS[1], 'x')", 1, channel)
 
 
 @pytest.mark.redis
