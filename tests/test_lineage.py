@@ -3,6 +3,7 @@ another node's, and how a replica tells a fork."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -31,8 +32,33 @@ def test_a_node_tells_its_own_commits_by_epoch() -> None:
     assert not stays.own("ann-w", txid_of("e1", 3))
 
 
+def test_a_txid_ends_with_a_tail_nobody_can_guess() -> None:
+    txids = [txid_of("e1", 7) for _ in range(2000)]  # more than one draw of tails
+    assert len(set(txids)) == 2000
+    for txid in txids:
+        stem, _, tail = txid.partition(".")
+        assert stem == "e1-7" and len(tail) == 8 and int(tail, 16) >= 0
+    assert len({txid[-8:] for txid in txids}) == 2000
+
+
+def test_a_forked_process_draws_tails_of_its_own() -> None:
+    txid_of("e1", 1)  # tails drawn in this process, some left for the child
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next tail, then out
+        os.write(write, txid_of("e1", 2).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert child != txid_of("e1", 2)  # the parent's next tail is not the child's
+
+
 @pytest.mark.parametrize(("stored", "held", "relation"), [
     ("e1-5", "e1-5", "same"),
+    ("e1-6.a1b2c3d4", "e1-5.00ff00ff", "ahead"),  # tails do not count
+    ("e1-4.a1b2c3d4", "e1-5", "behind"),
     (None, None, "same"),
     ("e1-6", "e1-5", "ahead"),      # its commit landed, the reply was lost
     ("e1-1", None, "ahead"),        # the first commit of the stay landed

@@ -279,6 +279,33 @@ async def test_forged_change_set_is_undone_by_the_real_commit(pair, backend_kind
     assert replica.ref().to_dict() == {"a": 3, "b": 4}
 
 
+async def test_a_forger_cannot_take_the_txid_of_the_next_commit(pair, backend_kind,
+                                                                request) -> None:
+    wsvc, rsvc = pair
+    server = raw_target(request, backend_kind)
+    writer = Writer(wsvc, "alice-admin", "alice-admin-m")
+    await writer.create(a=1)
+    replica = await rsvc.replica_of("alice-admin-m")
+    assert replica is not None
+    v = await writer.write(a=2)
+    await until(lambda: replica.version == v)
+    # The forger read the channel: the writer's epoch and how far it counted.
+    # Its guess of the next txid goes out ahead of the real commit...
+    seen = writer.txid
+    assert seen is not None
+    epoch, _, count = seen.rpartition("-")
+    guess = f"{epoch}-{int(count.partition('.')[0]) + 1}"
+    forged = {"version": v, "remove": [], "add": ["evil", 1, "__ca_version__", v + 1],
+              "txid": guess, "base_txid": seen}
+    await publish_raw(rsvc.backend, "alice-admin-m", orjson.dumps(forged), server)
+    await until(lambda: replica.version == v + 1)
+    # ... and the real one is not taken for a copy of it: the replica holds
+    # the store's content of that version, not the forger's.
+    assert await writer.write(a=3) == v + 1
+    await until(lambda: replica.ref().to_dict() == {"a": 3})
+    assert replica.version == v + 1 and rsvc.stats.forks == 1
+
+
 async def two_maps(wsvc: SharingService, rsvc: SharingService, *, twin: bool = False,
                    **initial: object) -> tuple[Writer, list[SharedMap]]:
     """alice-admin's maps m and m2 (``initial``, else a=1), and replicas of

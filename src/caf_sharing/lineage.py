@@ -25,15 +25,17 @@ restart, a failover to a lagging replica):
   with other content (unless clocks were skewed by more than the time in
   between).
 * *Writers whose store went back heal it.* A node's txids for an actor are
-  ``<epoch>-<n>``, one epoch per stay of the actor on the node, n counting
-  up (:func:`txid_of`), so the node tells any earlier commit of its own from
-  another node's (:meth:`Stays.relation`). When the store holds an earlier
-  one, or none, the node re-asserts: it puts back the checkpoint and every
-  map of the actor as it holds them.
+  ``<epoch>-<n>.<random tail>``, one epoch per stay of the actor on the
+  node, n counting up (:func:`txid_of`), so the node tells any earlier
+  commit of its own from another node's (:meth:`Stays.relation`); the tail
+  keeps forgers from using a txid before its commit. When the store holds
+  an earlier one, or none, the node re-asserts: it puts back the checkpoint
+  and every map of the actor as it holds them.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -64,14 +66,32 @@ LINEAGE_MEMORY = 256
 Relation = Literal["same", "ahead", "behind", "foreign"]
 
 
+#: Random tails of txids to come (see txid_of), eight hex digits each.
+_nonces: list[str] = []
+# A forked process draws its own: it must not repeat its parent's.
+os.register_at_fork(after_in_child=_nonces.clear)
+
+
 def txid_of(epoch: str, seq: int) -> str:
     """The txid of commit ``seq`` of an actor's stay on a node (``epoch``):
-    the store compares txids only for equality; a node reads its own back."""
-    return f"{epoch}-{seq}"
+    ``<epoch>-<seq>.<random tail>``. The store compares txids only for
+    equality; a node reads its own back (epoch and seq, see :class:`Stays`).
+
+    The tail is what no peer can guess. A forger that reads a map's channel
+    learns the epoch and how far it counted: a change set it sent under the
+    next commit's txid, ahead of the real one, would have replicas take the
+    real one for a copy of it and keep the forged content for good. With a
+    txid it cannot guess, the real change set contradicts the forged one and
+    the replica takes the store's content."""
+    if not _nonces:  # one system random draw serves 512 commits
+        _nonces.extend(os.urandom(2048).hex(" ", 4).split())
+    return f"{epoch}-{seq}.{_nonces.pop()}"
 
 
 def _parse_txid(txid: str | None) -> tuple[str, int] | None:
-    epoch, _, seq = (txid or "").rpartition("-")
+    """Epoch and seq of a txid of ours (with or without its random tail)."""
+    epoch, _, rest = (txid or "").rpartition("-")
+    seq = rest.partition(".")[0]
     return (epoch, int(seq)) if epoch and seq.isdigit() else None
 
 
