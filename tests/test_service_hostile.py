@@ -59,7 +59,7 @@ promises = st.none() | st.lists(st.sampled_from([*LOCAL, "m9", ""]), max_size=3)
 
 # A forged change set, built against the replica's state when it is sent:
 # (version offset, lineage kind, key, value, promise, with a version pair).
-plausible = st.tuples(st.integers(-2, 2), st.sampled_from(["real", "none", "other"]),
+plausible = st.tuples(st.integers(-2, 2), st.sampled_from(["real", "guess", "none", "other"]),
                       st.sampled_from(["a", "b", "__ca_version__"]), json_values, promises,
                       st.booleans())
 
@@ -103,6 +103,11 @@ def _forged(replica: Any, lineage: Any, spec: tuple[Any, ...]) -> dict[str, Any]
         changes["add"] += ["__ca_version__", base + 1]
     if kind == "real":  # a forger can read the channel: the real lineage
         changes["txid"], changes["base_txid"] = f"forged-{uuid.uuid4().hex[:6]}", lineage.txid
+    elif kind == "guess":  # ... and guess the next commit's txid from it
+        epoch, _, count = (lineage.txid or "").rpartition("-")
+        seq = count.partition(".")[0]
+        guess = f"{epoch}-{int(seq) + 1}" if seq.isdigit() else "guess"
+        changes["txid"], changes["base_txid"] = guess, lineage.txid
     elif kind == "other":
         changes["txid"], changes["base_txid"] = "forged", "elsewhere"
     if promise is not None:
