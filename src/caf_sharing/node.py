@@ -209,7 +209,7 @@ class _Host:
         self.plug.notifier = _Notifications(self)
         self.mailbox: Mailbox[_Item] = Mailbox(node.mailbox_size)
         self.txid: str | None = None
-        #: This stay of the actor on the node: its commits are epoch-1, epoch-2...
+        #: This stay of the actor on the node: its commits are epoch-1.<tail>, epoch-2.<tail>...
         self.epoch = uuid.uuid4().hex[:16]
         self.seq = 0
         self.state_bytes = b"{}"
