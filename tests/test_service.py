@@ -16,6 +16,7 @@ from caf_sharing.aggregate import DEFAULT_RETRY_DELAYS
 from caf_sharing.backends import Backend, MapCreate
 from caf_sharing.backends.redis.codec import Keys
 from caf_sharing.errors import MapNotFoundError
+from caf_sharing.lineage import _parse_txid
 from caf_sharing.names import map_owner
 from caf_sharing.service import MAX_BUFFERED_BYTES, SharingService, txid_of
 from rediscluster import RedisCluster
@@ -253,8 +254,8 @@ async def test_aggregate_best_effort_and_release(pair) -> None:
 def guessed_txid(seen: str | None) -> str:
     """A forger's best guess of the txid after ``seen``, read on the channel:
     the same epoch, one commit further (the random tail it cannot know)."""
-    epoch, _, count = (seen or "").rpartition("-")
-    return f"{epoch}-{int(count.partition('.')[0]) + 1}"
+    parsed = _parse_txid(seen)
+    return "guess" if parsed is None else f"{parsed[0]}-{parsed[1] + 1}"
 
 
 @pytest.mark.parametrize("guess", [False, True], ids=["own txid", "next commit's txid"])

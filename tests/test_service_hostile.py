@@ -39,7 +39,7 @@ from caf_sharing.backends.wire import MORE
 from caf_sharing.service import SharingService
 from redisserver import RedisServer
 from test_fuzz_wire import SEEN, SUITE_EXAMPLES
-from test_service import Writer, until
+from test_service import Writer, guessed_txid, until
 
 OWNER = "alice-admin"
 LOCAL = ("m1", "m2", "m3")
@@ -104,10 +104,7 @@ def _forged(replica: Any, lineage: Any, spec: tuple[Any, ...]) -> dict[str, Any]
     if kind == "real":  # a forger can read the channel: the real lineage
         changes["txid"], changes["base_txid"] = f"forged-{uuid.uuid4().hex[:6]}", lineage.txid
     elif kind == "guess":  # ... and guess the next commit's txid from it
-        epoch, _, count = (lineage.txid or "").rpartition("-")
-        seq = count.partition(".")[0]
-        guess = f"{epoch}-{int(seq) + 1}" if seq.isdigit() else "guess"
-        changes["txid"], changes["base_txid"] = guess, lineage.txid
+        changes["txid"], changes["base_txid"] = guessed_txid(lineage.txid), lineage.txid
     elif kind == "other":
         changes["txid"], changes["base_txid"] = "forged", "elsewhere"
     if promise is not None:
