@@ -8,6 +8,8 @@ Each test runs its own server, since they all take its data away.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,14 @@ async def ten_bumps_snapshot_after_five(server: RedisServer, writer: Any,
     return old, top
 
 
+@asynccontextmanager
+async def writer_and_reader_nodes(server: RedisServer) -> AsyncIterator[tuple[Node, Node]]:
+    """A writer's node ("w") and a reader's node ("r") on ``server``."""
+    async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode, \
+            Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+        yield wnode, rnode
+
+
 async def until(predicate: Any, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not await predicate():
@@ -91,8 +101,7 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
 
 
 async def test_older_restart_under_a_live_writer_loses_nothing(server: RedisServer) -> None:
-    async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode, \
-            Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+    async with writer_and_reader_nodes(server) as (wnode, rnode):
         writer = await wnode.start(Writer, "ann-writer")
         reader = await rnode.start(Reader, "ann-reader")
         old, top = await ten_bumps_snapshot_after_five(server, writer, reader)
@@ -188,8 +197,7 @@ async def test_empty_restart_keeps_readers_usable(server: RedisServer) -> None:
 
 
 async def test_resyncs_never_tear_the_maps_of_one_message(server: RedisServer) -> None:
-    async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode, \
-            Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+    async with writer_and_reader_nodes(server) as (wnode, rnode):
         writer = await wnode.start(Writer, "ann-writer")
         reader = await rnode.start(Reader, "ann-reader")
         observations = torn = 0
@@ -236,8 +244,7 @@ class held_changes:
 
 async def test_a_map_opened_beside_its_sibling_shows_both_at_one_commit(
         server: RedisServer) -> None:
-    async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode, \
-            Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+    async with writer_and_reader_nodes(server) as (wnode, rnode):
         writer = await wnode.start(Writer, "ann-writer")
         await writer.call("bump")
         service = rnode.service
@@ -263,8 +270,7 @@ async def test_a_resync_s_read_between_two_change_sets_of_a_commit_shows_neither
     # The read of a resync comes back older than a commit of which only one
     # change set has arrived (the next is still on its way): replayed after
     # the read, that one must wait for the other, not show beside its sibling.
-    async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode, \
-            Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+    async with writer_and_reader_nodes(server) as (wnode, rnode):
         writer = await wnode.start(Writer, "ann-writer")
         await writer.call("bump")
         service = rnode.service
@@ -322,8 +328,7 @@ class LateReader(Actor):
 
 
 async def test_a_message_that_opens_a_map_snapshots_every_map_after(server: RedisServer) -> None:
-    async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode, \
-            Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+    async with writer_and_reader_nodes(server) as (wnode, rnode):
         writer = await wnode.start(Grower, "ann-writer")
         reader = await rnode.start(LateReader, "ann-reader")
         assert await reader.call("read") == (0, None)
@@ -369,8 +374,7 @@ async def test_commit_whose_reply_was_lost_is_reported_committed_after_a_takeove
 
 
 async def test_a_failed_reopen_keeps_what_the_replica_showed(server: RedisServer) -> None:
-    async with Node(server.url, app="f", node_id="w", **OPTIONS) as wnode, \
-            Node(server.url, app="f", node_id="r", **OPTIONS) as rnode:
+    async with writer_and_reader_nodes(server) as (wnode, rnode):
         writer = await wnode.start(Writer, "ann-writer")
         for _ in range(3):
             await writer.call("bump")
